@@ -1,0 +1,112 @@
+"""Record types shared by the store, the cache, auth, admin and the CLI.
+
+Owns: plain data. Must not: do I/O or hold behaviour beyond small derived properties.
+Times are UNIX seconds (float, UTC) everywhere inside Keystile; only the edges format them.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+KeyStatus = Literal["active", "expired", "revoked"]
+PrincipalKind = Literal["user", "service"]
+
+
+class IdentityRecord(msgspec.Struct, frozen=True, array_like=True):
+    """What the hot path needs to know about a key, resolved from its digest.
+
+    Cached in-process and in Redis (msgpack, array-like for size and decode speed). ``scopes`` are
+    the effective scopes: the principal's grant in the project, narrowed by the key's own scopes.
+    ``expires_at`` already accounts for a rotation grace period.
+    """
+
+    key_id: str
+    digest: bytes
+    start: str
+    principal_id: str
+    principal: str
+    project: str
+    scopes: tuple[str, ...]
+    expires_at: float | None
+    env: str
+    # False when the principal holds no grant in the key's project: the key is known but may
+    # reach nothing that needs an identity (403, not 401).
+    member: bool = True
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+class Principal(msgspec.Struct, frozen=True, kw_only=True):
+    id: str
+    name: str
+    kind: PrincipalKind
+    disabled: bool
+    created_at: float
+    grants: dict[str, tuple[str, ...]]  # project -> scopes
+    metadata: dict[str, str] = {}
+
+
+class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
+    """A key as the admin side sees it: never the secret, never the digest."""
+
+    id: str
+    name: str
+    start: str
+    env: str
+    principal_id: str
+    principal: str
+    project: str
+    scopes: tuple[str, ...] | None  # None: all of the principal's grant in the project
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    last_used_at: float | None
+    request_count: int
+    metadata: dict[str, str] = {}
+    # After a rotation with grace, the previous secret keeps working until this time.
+    previous_valid_until: float | None = None
+
+    def status(self, now: float) -> KeyStatus:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
+
+
+class NewKey(msgspec.Struct, frozen=True, kw_only=True):
+    """Everything needed to insert a key; the secret itself is not part of it, only its digest."""
+
+    id: str
+    digest: bytes
+    name: str
+    start: str
+    env: str
+    principal_id: str
+    project: str
+    scopes: tuple[str, ...] | None
+    created_at: float
+    expires_at: float | None
+    metadata: dict[str, str] = {}
+
+
+class UsageUpdate(msgspec.Struct, frozen=True, array_like=True):
+    """A batched bump: the latest use seen and how many requests since the last flush."""
+
+    key_id: str
+    last_used_at: float
+    count: int
+
+
+class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
+    id: int
+    at: float
+    actor: str
+    action: str
+    target_type: str
+    target_id: str
+    before: dict[str, object] | None
+    after: dict[str, object] | None

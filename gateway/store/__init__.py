@@ -1,0 +1,224 @@
+"""The primary store: the interface every backend implements, its errors, and ``open_store``.
+
+Owns: the durable record of principals, grants, keys, usage and audit. Must not: import the cache,
+aiohttp or the app. Every mutating call is one transaction that also writes its audit row, so a
+failed call leaves nothing behind.
+
+Errors::
+
+    StoreError
+    ├── StoreUnavailable   the backend cannot be reached or timed out (HTTP 503)
+    ├── SchemaMismatch     the database schema is newer than this code, or not migrated
+    ├── NotFound           the named principal or key does not exist (404)
+    └── Conflict           the change would break a rule (409)
+        ├── NameTaken      a principal name, or a key name within principal+project, is in use
+        ├── LimitExceeded  the principal already has the maximum of active keys in the project
+        └── HasKeys        a principal with keys cannot be deleted without ``with_keys``
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Literal
+
+import msgspec
+
+from gateway.keys import KeyDigest
+from gateway.models import AuditEvent, IdentityRecord, KeyRecord, KeyStatus, NewKey, Principal, UsageUpdate
+
+
+class StoreError(Exception):
+    code = "store_error"
+
+
+class StoreUnavailable(StoreError):
+    code = "store_unavailable"
+
+
+class SchemaMismatch(StoreError):
+    code = "schema_mismatch"
+
+
+class NotFound(StoreError):
+    code = "not_found"
+
+
+class Conflict(StoreError):
+    code = "conflict"
+
+
+class NameTaken(Conflict):
+    code = "name_taken"
+
+
+class LimitExceeded(Conflict):
+    code = "key_limit_reached"
+
+
+class HasKeys(Conflict):
+    code = "principal_has_keys"
+
+
+class KeyFilter(msgspec.Struct, frozen=True, kw_only=True):
+    principal_id: str | None = None
+    project: str | None = None
+    status: KeyStatus | None = None
+    q: str | None = None  # case-insensitive substring of the name
+    limit: int = 50
+    cursor: str | None = None
+
+
+class KeyChanges(msgspec.Struct, frozen=True, kw_only=True):
+    """Fields to change; ``UNSET`` leaves a field alone, ``None`` clears expiry or scopes."""
+
+    name: str | msgspec.UnsetType = msgspec.UNSET
+    expires_at: float | None | msgspec.UnsetType = msgspec.UNSET
+    scopes: tuple[str, ...] | None | msgspec.UnsetType = msgspec.UNSET
+    metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+
+
+class PrincipalChanges(msgspec.Struct, frozen=True, kw_only=True):
+    grants: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
+    disabled: bool | msgspec.UnsetType = msgspec.UNSET
+    metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+
+
+class AuditFilter(msgspec.Struct, frozen=True, kw_only=True):
+    key_id: str | None = None
+    principal_id: str | None = None
+    since: float | None = None
+    until: float | None = None
+    limit: int = 100
+    cursor: str | None = None
+
+
+class Page(msgspec.Struct, frozen=True):
+    items: list[KeyRecord]
+    next_cursor: str | None
+
+
+class AuditPage(msgspec.Struct, frozen=True):
+    items: list[AuditEvent]
+    next_cursor: str | None
+
+
+class Store(ABC):
+    """A primary store. Methods raise the errors above; nothing else escapes."""
+
+    backend: Literal["sqlite", "postgresql"]
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    # schema
+    @abstractmethod
+    async def migrate(self) -> list[int]:
+        """Apply pending migrations; returns the versions applied."""
+
+    @abstractmethod
+    async def schema_version(self) -> int: ...
+
+    async def check_schema(self) -> None:
+        """Refuse a database that is not migrated or is newer than this code."""
+        from gateway.store.migrations import latest_version
+
+        current, latest = await self.schema_version(), latest_version(self.backend)
+        if current > latest:
+            raise SchemaMismatch(
+                f"database schema is version {current}, newer than this Keystile ({latest}); "
+                "upgrade Keystile"
+            )
+        if current < latest:
+            raise SchemaMismatch(
+                f"database schema is version {current}, this Keystile needs {latest}; "
+                "run: keystile migrate"
+            )
+
+    async def ping(self) -> None:
+        await self.schema_version()
+
+    # the hot-path loader
+    @abstractmethod
+    async def find_identities(
+        self, digests: Sequence[KeyDigest], now: float
+    ) -> dict[KeyDigest, IdentityRecord]:
+        """Resolve many digests in one query; unknown, revoked or disabled ones are absent."""
+
+    async def find_identity(self, digest: KeyDigest, now: float) -> IdentityRecord | None:
+        return (await self.find_identities([digest], now)).get(digest)
+
+    # principals
+    @abstractmethod
+    async def create_principal(self, principal: Principal, actor: str) -> Principal: ...
+
+    @abstractmethod
+    async def get_principal(self, ref: str) -> Principal:
+        """By id or by name."""
+
+    @abstractmethod
+    async def list_principals(self, limit: int, cursor: str | None) -> tuple[list[Principal], str | None]: ...
+
+    @abstractmethod
+    async def update_principal(
+        self, ref: str, changes: PrincipalChanges, actor: str
+    ) -> tuple[Principal, list[KeyDigest]]:
+        """Returns the new principal and the digests of its keys, for invalidation."""
+
+    @abstractmethod
+    async def delete_principal(self, ref: str, actor: str, *, with_keys: bool) -> list[KeyDigest]: ...
+
+    # keys
+    @abstractmethod
+    async def create_key(self, new: NewKey, *, max_active: int, actor: str) -> KeyRecord: ...
+
+    @abstractmethod
+    async def get_key(self, key_id: str) -> KeyRecord: ...
+
+    @abstractmethod
+    async def list_keys(self, flt: KeyFilter, now: float) -> Page: ...
+
+    @abstractmethod
+    async def update_key(
+        self, key_id: str, changes: KeyChanges, actor: str, *, max_active: int, now: float
+    ) -> tuple[KeyRecord, list[KeyDigest]]: ...
+
+    @abstractmethod
+    async def revoke_key(self, key_id: str, actor: str, now: float) -> tuple[KeyRecord, list[KeyDigest]]: ...
+
+    @abstractmethod
+    async def delete_key(self, key_id: str, actor: str) -> list[KeyDigest]: ...
+
+    @abstractmethod
+    async def rotate_key(
+        self,
+        key_id: str,
+        *,
+        digest: KeyDigest,
+        start: str,
+        previous_valid_until: float | None,
+        actor: str,
+        now: float,
+    ) -> tuple[KeyRecord, list[KeyDigest]]:
+        """Give the key a new secret; the old digest stays valid until ``previous_valid_until``."""
+
+    # usage and audit
+    @abstractmethod
+    async def record_usage(self, updates: Sequence[UsageUpdate]) -> None:
+        """One statement: last_used_at only moves forward, counts add up."""
+
+    @abstractmethod
+    async def list_audit(self, flt: AuditFilter) -> AuditPage: ...
+
+
+async def open_store(url: str, *, timeout: float = 5.0, pool_min: int = 2, pool_max: int = 10) -> Store:
+    """Open the backend named by ``url`` (``sqlite:///path`` or ``postgresql://...``)."""
+    if url.startswith("sqlite:"):
+        from gateway.store.sqlite import SQLiteStore
+
+        return await SQLiteStore.open(url, timeout=timeout)
+    if url.startswith(("postgresql:", "postgres:")):
+        from gateway.store.postgres import PostgresStore
+
+        return await PostgresStore.open(url, timeout=timeout, pool_min=pool_min, pool_max=pool_max)
+    raise StoreError(f"unsupported store URL scheme: {url.split(':', 1)[0]!r}")

@@ -1,0 +1,627 @@
+"""The lifecycle logic shared by the SQL backends, written once over a small connection seam.
+
+Owns: every query and rule of the store (limits, unique names, audit rows, usage merge). A backend
+supplies ``_tx()`` (a transaction that serialises writers for one principal), ``_read()`` (a
+connection for plain reads) and the few dialect differences below. Must not: import the cache or
+aiohttp. SQL is written with ``$1``-style placeholders; SQLite receives them as ``?1``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+from abc import abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Protocol
+
+import msgspec
+
+from gateway.keys import KeyDigest
+from gateway.models import AuditEvent, IdentityRecord, KeyRecord, NewKey, Principal, UsageUpdate
+from gateway.store import (
+    AuditFilter,
+    AuditPage,
+    HasKeys,
+    KeyChanges,
+    KeyFilter,
+    LimitExceeded,
+    NameTaken,
+    NotFound,
+    Page,
+    PrincipalChanges,
+    Store,
+    StoreError,
+)
+
+Row = Sequence[Any]
+_json_enc = msgspec.json.Encoder()
+_scopes_dec = msgspec.json.Decoder(tuple[str, ...])
+_meta_dec = msgspec.json.Decoder(dict[str, str])
+_obj_dec = msgspec.json.Decoder(dict[str, Any])
+_cursor_dec = msgspec.json.Decoder(tuple[float, str])
+
+
+class Conn(Protocol):
+    async def fetch(self, sql: str, *args: Any) -> list[Row]: ...
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None: ...
+    async def execute(self, sql: str, *args: Any) -> None: ...
+
+
+def _j(value: object) -> str:
+    return _json_enc.encode(value).decode()
+
+
+def encode_cursor(at: float, ident: str) -> str:
+    return base64.urlsafe_b64encode(_json_enc.encode((at, ident))).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """Raises ValueError for anything this store did not hand out."""
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        return _cursor_dec.decode(raw)
+    except (binascii.Error, msgspec.DecodeError, ValueError):
+        raise ValueError("invalid cursor") from None
+
+
+_KEY_COLS = (
+    "k.id, k.name, k.start, k.env, k.principal_id, p.name, k.project, k.scopes, k.created_at, "
+    "k.expires_at, k.revoked_at, k.last_used_at, k.request_count, k.metadata, k.previous_valid_until"
+)
+_KEY_FROM = "FROM keys k JOIN principals p ON p.id = k.principal_id"
+_PRINCIPAL_COLS = "id, name, kind, disabled, created_at, metadata"
+
+
+def _key(row: Row) -> KeyRecord:
+    return KeyRecord(
+        id=row[0],
+        name=row[1],
+        start=row[2],
+        env=row[3],
+        principal_id=row[4],
+        principal=row[5],
+        project=row[6],
+        scopes=None if row[7] is None else _scopes_dec.decode(row[7]),
+        created_at=row[8],
+        expires_at=row[9],
+        revoked_at=row[10],
+        last_used_at=row[11],
+        request_count=row[12],
+        metadata=_meta_dec.decode(row[13]),
+        previous_valid_until=row[14],
+    )
+
+
+def _public(rec: KeyRecord | Principal) -> dict[str, Any]:
+    data: dict[str, Any] = msgspec.to_builtins(rec)
+    return data
+
+
+class SQLStore(Store):
+    # Dialect: how to take the larger of two values, and case-insensitive LIKE.
+    greatest = "GREATEST"
+    ilike = "ILIKE"
+
+    @abstractmethod
+    def _tx(self, principal_id: str | None = None) -> AbstractAsyncContextManager[Conn]:
+        """A transaction; writers for one principal must be serialised by it."""
+
+    @abstractmethod
+    def _read(self) -> AbstractAsyncContextManager[Conn]: ...
+
+    @abstractmethod
+    async def _usage(self, conn: Conn, updates: Sequence[UsageUpdate]) -> None:
+        """The one-statement usage merge."""
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    async def _audit(
+        self,
+        conn: Conn,
+        *,
+        at: float,
+        actor: str,
+        action: str,
+        target_type: str,
+        target_id: str,
+        principal_id: str | None,
+        before: dict[str, Any] | None,
+        after: dict[str, Any] | None,
+    ) -> None:
+        await conn.execute(
+            "INSERT INTO audit (at, actor, action, target_type, target_id, principal_id, before, after) "
+            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            at,
+            actor,
+            action,
+            target_type,
+            target_id,
+            principal_id,
+            None if before is None else _j(before),
+            None if after is None else _j(after),
+        )
+
+    async def _principal(self, conn: Conn, ref: str) -> Principal:
+        row = await conn.fetchrow(
+            f"SELECT {_PRINCIPAL_COLS} FROM principals WHERE id = $1 OR name = $1", ref
+        )
+        if row is None:
+            raise NotFound(f"principal {ref!r} not found")
+        grants = await conn.fetch(
+            "SELECT project, scopes FROM grants WHERE principal_id = $1 ORDER BY project", row[0]
+        )
+        return Principal(
+            id=row[0],
+            name=row[1],
+            kind=row[2],
+            disabled=bool(row[3]),
+            created_at=row[4],
+            metadata=_meta_dec.decode(row[5]),
+            grants={g[0]: _scopes_dec.decode(g[1]) for g in grants},
+        )
+
+    async def _key_row(self, conn: Conn, key_id: str) -> KeyRecord:
+        row = await conn.fetchrow(f"SELECT {_KEY_COLS} {_KEY_FROM} WHERE k.id = $1", key_id)
+        if row is None:
+            raise NotFound(f"key {key_id!r} not found")
+        return _key(row)
+
+    async def _digests(self, conn: Conn, where: str, arg: str) -> list[KeyDigest]:
+        rows = await conn.fetch(f"SELECT digest, previous_digest FROM keys WHERE {where} = $1", arg)
+        return [bytes(d) for r in rows for d in r if d is not None]
+
+    async def _count_active(self, conn: Conn, principal_id: str, project: str, now: float) -> int:
+        row = await conn.fetchrow(
+            "SELECT COUNT(*) FROM keys WHERE principal_id = $1 AND project = $2 "
+            "AND revoked_at IS NULL AND (expires_at IS NULL OR expires_at > $3)",
+            principal_id,
+            project,
+            now,
+        )
+        assert row is not None
+        return int(row[0])
+
+    async def _name_free(
+        self, conn: Conn, principal_id: str, project: str, name: str, except_id: str | None
+    ) -> None:
+        row = await conn.fetchrow(
+            "SELECT id FROM keys WHERE principal_id = $1 AND project = $2 AND name = $3",
+            principal_id,
+            project,
+            name,
+        )
+        if row is not None and row[0] != except_id:
+            raise NameTaken(f"a key named {name!r} already exists for this principal and project")
+
+    # -- hot-path loader -------------------------------------------------------------------
+
+    async def find_identities(
+        self, digests: Sequence[KeyDigest], now: float
+    ) -> dict[KeyDigest, IdentityRecord]:
+        if not digests:
+            return {}
+        out: dict[KeyDigest, IdentityRecord] = {}
+        async with self._read() as conn:
+            for i in range(0, len(digests), 500):
+                chunk = list(digests[i : i + 500])
+                marks = ", ".join(f"${n}" for n in range(1, len(chunk) + 1))
+                rows = await conn.fetch(
+                    "SELECT k.id, k.digest, k.previous_digest, k.previous_valid_until, k.start, "
+                    "k.principal_id, p.name, k.project, k.scopes, k.expires_at, k.env, g.scopes "
+                    f"{_KEY_FROM} LEFT JOIN grants g "
+                    "ON g.principal_id = k.principal_id AND g.project = k.project "
+                    f"WHERE (k.digest IN ({marks}) OR k.previous_digest IN ({marks})) "
+                    "AND k.revoked_at IS NULL AND NOT p.disabled",
+                    *chunk,
+                )
+                wanted = set(chunk)
+                for r in rows:
+                    granted = None if r[11] is None else _scopes_dec.decode(r[11])
+                    own = None if r[8] is None else _scopes_dec.decode(r[8])
+                    if granted is None:
+                        scopes: tuple[str, ...] = ()
+                    elif own is None:
+                        scopes = granted
+                    else:
+                        scopes = tuple(s for s in own if s in granted)
+                    base = dict(
+                        key_id=r[0],
+                        start=r[4],
+                        principal_id=r[5],
+                        principal=r[6],
+                        project=r[7],
+                        scopes=scopes,
+                        env=r[10],
+                        member=granted is not None,
+                    )
+                    current, previous = bytes(r[1]), None if r[2] is None else bytes(r[2])
+                    if current in wanted:
+                        out[current] = IdentityRecord(digest=current, expires_at=r[9], **base)
+                    if previous is not None and previous in wanted and r[3] is not None and r[3] > now:
+                        until = r[3] if r[9] is None else min(r[3], r[9])
+                        out[previous] = IdentityRecord(digest=previous, expires_at=until, **base)
+        return out
+
+    # -- principals ------------------------------------------------------------------------
+
+    async def create_principal(self, principal: Principal, actor: str) -> Principal:
+        async with self._tx() as conn:
+            if await conn.fetchrow("SELECT 1 FROM principals WHERE name = $1 OR id = $1", principal.name):
+                raise NameTaken(f"a principal named {principal.name!r} already exists")
+            await conn.execute(
+                f"INSERT INTO principals ({_PRINCIPAL_COLS}) VALUES ($1, $2, $3, $4, $5, $6)",
+                principal.id,
+                principal.name,
+                principal.kind,
+                principal.disabled,
+                principal.created_at,
+                _j(principal.metadata),
+            )
+            for project, scopes in principal.grants.items():
+                await conn.execute(
+                    "INSERT INTO grants (principal_id, project, scopes) VALUES ($1, $2, $3)",
+                    principal.id,
+                    project,
+                    _j(sorted(set(scopes))),
+                )
+            created = await self._principal(conn, principal.id)
+            await self._audit(
+                conn,
+                at=principal.created_at,
+                actor=actor,
+                action="principal.create",
+                target_type="principal",
+                target_id=principal.id,
+                principal_id=principal.id,
+                before=None,
+                after=_public(created),
+            )
+            return created
+
+    async def get_principal(self, ref: str) -> Principal:
+        async with self._read() as conn:
+            return await self._principal(conn, ref)
+
+    async def list_principals(self, limit: int, cursor: str | None) -> tuple[list[Principal], str | None]:
+        after = decode_cursor(cursor)[1] if cursor else ""
+        async with self._read() as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM principals WHERE name > $1 ORDER BY name LIMIT $2", after, limit + 1
+            )
+            items = [await self._principal(conn, r[0]) for r in rows[:limit]]
+        nxt = encode_cursor(0, items[-1].name) if len(rows) > limit else None
+        return items, nxt
+
+    async def update_principal(
+        self, ref: str, changes: PrincipalChanges, actor: str
+    ) -> tuple[Principal, list[KeyDigest]]:
+        async with self._read() as conn:
+            pid = (await self._principal(conn, ref)).id
+        async with self._tx(pid) as conn:
+            before = await self._principal(conn, pid)
+            if not isinstance(changes.disabled, msgspec.UnsetType):
+                await conn.execute("UPDATE principals SET disabled = $1 WHERE id = $2", changes.disabled, pid)
+            if not isinstance(changes.metadata, msgspec.UnsetType):
+                await conn.execute("UPDATE principals SET metadata = $1 WHERE id = $2", _j(changes.metadata), pid)
+            if not isinstance(changes.grants, msgspec.UnsetType):
+                await conn.execute("DELETE FROM grants WHERE principal_id = $1", pid)
+                for project, scopes in changes.grants.items():
+                    await conn.execute(
+                        "INSERT INTO grants (principal_id, project, scopes) VALUES ($1, $2, $3)",
+                        pid,
+                        project,
+                        _j(sorted(set(scopes))),
+                    )
+            after = await self._principal(conn, pid)
+            if isinstance(changes.disabled, bool) and before.disabled != changes.disabled:
+                action = "principal.disable" if changes.disabled else "principal.enable"
+            else:
+                action = "principal.update"
+            await self._audit(
+                conn,
+                at=time.time(),
+                actor=actor,
+                action=action,
+                target_type="principal",
+                target_id=pid,
+                principal_id=pid,
+                before=_public(before),
+                after=_public(after),
+            )
+            return after, await self._digests(conn, "principal_id", pid)
+
+    async def delete_principal(self, ref: str, actor: str, *, with_keys: bool) -> list[KeyDigest]:
+        async with self._read() as conn:
+            pid = (await self._principal(conn, ref)).id
+        async with self._tx(pid) as conn:
+            before = await self._principal(conn, pid)
+            digests = await self._digests(conn, "principal_id", pid)
+            row = await conn.fetchrow("SELECT COUNT(*) FROM keys WHERE principal_id = $1", pid)
+            assert row is not None
+            if row[0] and not with_keys:
+                raise HasKeys(
+                    f"principal {before.name!r} still has {row[0]} key(s); "
+                    "delete them first or pass with_keys=true"
+                )
+            await conn.execute("DELETE FROM keys WHERE principal_id = $1", pid)
+            await conn.execute("DELETE FROM grants WHERE principal_id = $1", pid)
+            await conn.execute("DELETE FROM principals WHERE id = $1", pid)
+            await self._audit(
+                conn,
+                at=time.time(),
+                actor=actor,
+                action="principal.delete",
+                target_type="principal",
+                target_id=pid,
+                principal_id=pid,
+                before={**_public(before), "keys_deleted": int(row[0])},
+                after=None,
+            )
+            return digests
+
+    # -- keys ------------------------------------------------------------------------------
+
+    async def create_key(self, new: NewKey, *, max_active: int, actor: str) -> KeyRecord:
+        async with self._tx(new.principal_id) as conn:
+            await self._principal(conn, new.principal_id)
+            await self._name_free(conn, new.principal_id, new.project, new.name, None)
+            active = await self._count_active(conn, new.principal_id, new.project, new.created_at)
+            if active >= max_active:
+                hint = (
+                    " (one key per principal and project: rotate the existing key instead)"
+                    if max_active == 1
+                    else ""
+                )
+                raise LimitExceeded(
+                    f"principal already has {active} active key(s) in project {new.project!r}; "
+                    f"the limit is {max_active}{hint}"
+                )
+            await conn.execute(
+                "INSERT INTO keys (id, digest, name, start, env, principal_id, project, scopes, "
+                "metadata, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                new.id,
+                new.digest,
+                new.name,
+                new.start,
+                new.env,
+                new.principal_id,
+                new.project,
+                None if new.scopes is None else _j(sorted(set(new.scopes))),
+                _j(new.metadata),
+                new.created_at,
+                new.expires_at,
+            )
+            rec = await self._key_row(conn, new.id)
+            await self._audit(
+                conn,
+                at=new.created_at,
+                actor=actor,
+                action="key.create",
+                target_type="key",
+                target_id=new.id,
+                principal_id=new.principal_id,
+                before=None,
+                after=_public(rec),
+            )
+            return rec
+
+    async def get_key(self, key_id: str) -> KeyRecord:
+        async with self._read() as conn:
+            return await self._key_row(conn, key_id)
+
+    async def list_keys(self, flt: KeyFilter, now: float) -> Page:
+        where: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if flt.principal_id is not None:
+            where.append(f"(k.principal_id = {arg(flt.principal_id)} OR p.name = ${len(args)})")
+        if flt.project is not None:
+            where.append(f"k.project = {arg(flt.project)}")
+        if flt.status == "revoked":
+            where.append("k.revoked_at IS NOT NULL")
+        elif flt.status == "expired":
+            where.append(f"k.revoked_at IS NULL AND k.expires_at <= {arg(now)}")
+        elif flt.status == "active":
+            where.append(f"k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > {arg(now)})")
+        if flt.q:
+            pattern = "%" + flt.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+            where.append(f"k.name {self.ilike} {arg(pattern)} ESCAPE '\\'")
+        if flt.cursor:
+            at, kid = decode_cursor(flt.cursor)
+            where.append(f"(k.created_at < {arg(at)} OR (k.created_at = ${len(args)} AND k.id < {arg(kid)}))")
+        sql = f"SELECT {_KEY_COLS} {_KEY_FROM}"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY k.created_at DESC, k.id DESC LIMIT {arg(flt.limit + 1)}"
+        async with self._read() as conn:
+            rows = await conn.fetch(sql, *args)
+        items = [_key(r) for r in rows[: flt.limit]]
+        nxt = encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > flt.limit else None
+        return Page(items, nxt)
+
+    async def update_key(
+        self, key_id: str, changes: KeyChanges, actor: str, *, max_active: int, now: float
+    ) -> tuple[KeyRecord, list[KeyDigest]]:
+        owner = await self.get_key(key_id)
+        async with self._tx(owner.principal_id) as conn:
+            before = await self._key_row(conn, key_id)
+            sets: list[str] = []
+            args: list[Any] = []
+            if not isinstance(changes.name, msgspec.UnsetType):
+                await self._name_free(conn, before.principal_id, before.project, changes.name, key_id)
+                args.append(changes.name)
+                sets.append(f"name = ${len(args)}")
+            if not isinstance(changes.expires_at, msgspec.UnsetType):
+                reviving = before.status(now) == "expired" and (
+                    changes.expires_at is None or changes.expires_at > now
+                )
+                if reviving and await self._count_active(conn, before.principal_id, before.project, now) >= max_active:
+                    raise LimitExceeded(
+                        f"extending this expired key would exceed the limit of {max_active} active keys"
+                    )
+                args.append(changes.expires_at)
+                sets.append(f"expires_at = ${len(args)}")
+            if not isinstance(changes.scopes, msgspec.UnsetType):
+                args.append(None if changes.scopes is None else _j(sorted(set(changes.scopes))))
+                sets.append(f"scopes = ${len(args)}")
+            if not isinstance(changes.metadata, msgspec.UnsetType):
+                args.append(_j(changes.metadata))
+                sets.append(f"metadata = ${len(args)}")
+            if sets:
+                args.append(key_id)
+                await conn.execute(f"UPDATE keys SET {', '.join(sets)} WHERE id = ${len(args)}", *args)
+            after = await self._key_row(conn, key_id)
+            await self._audit(
+                conn,
+                at=now,
+                actor=actor,
+                action="key.update",
+                target_type="key",
+                target_id=key_id,
+                principal_id=before.principal_id,
+                before=_public(before),
+                after=_public(after),
+            )
+            return after, await self._digests(conn, "id", key_id)
+
+    async def revoke_key(self, key_id: str, actor: str, now: float) -> tuple[KeyRecord, list[KeyDigest]]:
+        owner = await self.get_key(key_id)
+        async with self._tx(owner.principal_id) as conn:
+            before = await self._key_row(conn, key_id)
+            digests = await self._digests(conn, "id", key_id)
+            if before.revoked_at is None:
+                await conn.execute(
+                    "UPDATE keys SET revoked_at = $1, previous_digest = NULL, previous_valid_until = NULL "
+                    "WHERE id = $2",
+                    now,
+                    key_id,
+                )
+            after = await self._key_row(conn, key_id)
+            await self._audit(
+                conn,
+                at=now,
+                actor=actor,
+                action="key.revoke",
+                target_type="key",
+                target_id=key_id,
+                principal_id=before.principal_id,
+                before=_public(before),
+                after=_public(after),
+            )
+            return after, digests
+
+    async def delete_key(self, key_id: str, actor: str) -> list[KeyDigest]:
+        owner = await self.get_key(key_id)
+        async with self._tx(owner.principal_id) as conn:
+            before = await self._key_row(conn, key_id)
+            digests = await self._digests(conn, "id", key_id)
+            await conn.execute("DELETE FROM keys WHERE id = $1", key_id)
+            await self._audit(
+                conn,
+                at=time.time(),
+                actor=actor,
+                action="key.delete",
+                target_type="key",
+                target_id=key_id,
+                principal_id=before.principal_id,
+                before=_public(before),
+                after=None,
+            )
+            return digests
+
+    async def rotate_key(
+        self,
+        key_id: str,
+        *,
+        digest: KeyDigest,
+        start: str,
+        previous_valid_until: float | None,
+        actor: str,
+        now: float,
+    ) -> tuple[KeyRecord, list[KeyDigest]]:
+        owner = await self.get_key(key_id)
+        async with self._tx(owner.principal_id) as conn:
+            before = await self._key_row(conn, key_id)
+            if before.status(now) != "active":
+                raise StoreError(f"key {key_id!r} is {before.status(now)}; only an active key can be rotated")
+            old = await self._digests(conn, "id", key_id)
+            row = await conn.fetchrow("SELECT digest FROM keys WHERE id = $1", key_id)
+            assert row is not None
+            keep = previous_valid_until is not None and previous_valid_until > now
+            await conn.execute(
+                "UPDATE keys SET digest = $1, start = $2, previous_digest = $3, previous_valid_until = $4 "
+                "WHERE id = $5",
+                digest,
+                start,
+                bytes(row[0]) if keep else None,
+                previous_valid_until if keep else None,
+                key_id,
+            )
+            after = await self._key_row(conn, key_id)
+            await self._audit(
+                conn,
+                at=now,
+                actor=actor,
+                action="key.rotate",
+                target_type="key",
+                target_id=key_id,
+                principal_id=before.principal_id,
+                before=_public(before),
+                after=_public(after),
+            )
+            return after, old
+
+    # -- usage and audit -------------------------------------------------------------------
+
+    async def record_usage(self, updates: Sequence[UsageUpdate]) -> None:
+        if not updates:
+            return
+        async with self._tx() as conn:
+            await self._usage(conn, updates)
+
+    async def list_audit(self, flt: AuditFilter) -> AuditPage:
+        where: list[str] = []
+        args: list[Any] = []
+
+        def arg(value: Any) -> str:
+            args.append(value)
+            return f"${len(args)}"
+
+        if flt.key_id is not None:
+            where.append(f"target_type = 'key' AND target_id = {arg(flt.key_id)}")
+        if flt.principal_id is not None:
+            where.append(f"principal_id = {arg(flt.principal_id)}")
+        if flt.since is not None:
+            where.append(f"at >= {arg(flt.since)}")
+        if flt.until is not None:
+            where.append(f"at < {arg(flt.until)}")
+        if flt.cursor:
+            where.append(f"id < {arg(int(decode_cursor(flt.cursor)[1]))}")
+        sql = "SELECT id, at, actor, action, target_type, target_id, before, after FROM audit"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += f" ORDER BY id DESC LIMIT {arg(flt.limit + 1)}"
+        async with self._read() as conn:
+            rows = await conn.fetch(sql, *args)
+        items = [
+            AuditEvent(
+                id=int(r[0]),
+                at=r[1],
+                actor=r[2],
+                action=r[3],
+                target_type=r[4],
+                target_id=r[5],
+                before=None if r[6] is None else _obj_dec.decode(r[6]),
+                after=None if r[7] is None else _obj_dec.decode(r[7]),
+            )
+            for r in rows[: flt.limit]
+        ]
+        nxt = encode_cursor(0, str(items[-1].id)) if len(rows) > flt.limit else None
+        return AuditPage(items, nxt)
+

@@ -1,0 +1,203 @@
+"""The embedded SQLite backend.
+
+Owns: the SQLite connections and the SQLite dialect of the shared SQL store. Must not: import the
+cache or aiohttp. sqlite3 blocks, so each connection lives on its own single thread: one writer
+(transactions serialised by an asyncio lock, ``BEGIN IMMEDIATE``) and one reader (WAL lets it read
+while a write is in progress). Placeholders ``$n`` become SQLite's ``?n``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import msgspec
+
+from gateway.models import UsageUpdate
+from gateway.store import SchemaMismatch, StoreError, StoreUnavailable
+from gateway.store.migrations import migrations
+from gateway.store.sql import Conn, Row, SQLStore
+
+T = TypeVar("T")
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+_enc = msgspec.json.Encoder()
+
+
+def _sql(text: str) -> str:
+    return _PLACEHOLDER.sub(r"?\1", text)
+
+
+def path_of(url: str) -> str:
+    """``sqlite:///rel/path.db`` -> ``rel/path.db``; ``sqlite:////abs.db`` -> ``/abs.db``."""
+    rest = url.removeprefix("sqlite:")
+    if rest.startswith("///"):
+        rest = rest[3:]
+    elif rest.startswith("//"):
+        rest = rest[2:]
+    if not rest:
+        raise StoreError("sqlite URL names no file (use sqlite:///path/to/keystile.db)")
+    return rest
+
+
+class _Thread:
+    """One sqlite3 connection confined to one thread."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keystile-sqlite")
+        self._path = path
+        self._timeout = timeout
+        self.db: sqlite3.Connection | None = None
+
+    async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        def call() -> T:
+            if self.db is None:
+                self.db = sqlite3.connect(
+                    self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+                )
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.execute("PRAGMA foreign_keys=ON")
+            return fn(self.db)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+        except sqlite3.OperationalError as e:
+            if "locked" in str(e) or "unable to open" in str(e) or "disk" in str(e):
+                raise StoreUnavailable(f"sqlite: {e}") from None
+            raise StoreError(f"sqlite: {e}") from None
+        except sqlite3.IntegrityError as e:
+            raise StoreError(f"sqlite: {e}") from None
+
+    async def close(self) -> None:
+        def shut() -> None:
+            if self.db is not None:
+                self.db.close()
+                self.db = None
+
+        await asyncio.get_running_loop().run_in_executor(self._pool, shut)
+        self._pool.shutdown(wait=True)
+
+
+class _Conn(Conn):
+    def __init__(self, thread: _Thread) -> None:
+        self._t = thread
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        q = _sql(sql)
+        return await self._t.run(lambda db: db.execute(q, args).fetchall())
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        q = _sql(sql)
+        row: Row | None = await self._t.run(lambda db: db.execute(q, args).fetchone())
+        return row
+
+    async def execute(self, sql: str, *args: Any) -> None:
+        q = _sql(sql)
+        await self._t.run(lambda db: db.execute(q, args))
+
+
+class SQLiteStore(SQLStore):
+    backend: Literal["sqlite", "postgresql"] = "sqlite"
+    greatest = "MAX"
+    ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII
+
+    def __init__(self, path: str, timeout: float) -> None:
+        self.path = path
+        self._writer = _Thread(path, timeout)
+        self._reader = _Thread(path, timeout)
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def open(cls, url: str, *, timeout: float = 5.0) -> SQLiteStore:
+        path = path_of(url)
+        if path != ":memory:":
+            parent = Path(path).parent
+            if not parent.is_dir():
+                raise StoreUnavailable(f"sqlite: directory {parent} does not exist")
+        store = cls(path, timeout)
+        await store._writer.run(lambda db: db.execute("SELECT 1"))
+        return store
+
+    async def close(self) -> None:
+        await self._writer.close()
+        await self._reader.close()
+
+    @asynccontextmanager
+    async def _tx(self, principal_id: str | None = None) -> AsyncIterator[Conn]:
+        async with self._lock:
+            await self._writer.run(lambda db: db.execute("BEGIN IMMEDIATE"))
+            try:
+                yield _Conn(self._writer)
+            except BaseException:
+                await asyncio.shield(self._writer.run(lambda db: db.execute("ROLLBACK")))
+                raise
+            else:
+                await self._writer.run(lambda db: db.execute("COMMIT"))
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[Conn]:
+        yield _Conn(self._reader)
+
+    async def _usage(self, conn: Conn, updates: Sequence[UsageUpdate]) -> None:
+        await conn.execute(
+            "UPDATE keys SET last_used_at = MAX(COALESCE(keys.last_used_at, 0), u.t), "
+            "request_count = keys.request_count + u.c "
+            "FROM (SELECT value ->> 0 AS id, value ->> 1 AS t, value ->> 2 AS c FROM json_each($1)) AS u "
+            "WHERE keys.id = u.id",
+            _enc.encode([[u.key_id, u.last_used_at, u.count] for u in updates]).decode(),
+        )
+
+    async def schema_version(self) -> int:
+        def read(db: sqlite3.Connection) -> int:
+            exists = db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+            ).fetchone()
+            if not exists:
+                return 0
+            row = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()
+            return int(row[0])
+
+        return await self._reader.run(read)
+
+    async def migrate(self) -> list[int]:
+        steps = migrations("sqlite")
+        latest = steps[-1][0] if steps else 0
+
+        def apply(db: sqlite3.Connection) -> list[int]:
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.execute(
+                    "CREATE TABLE IF NOT EXISTS schema_migrations "
+                    "(version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)"
+                )
+                current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_migrations").fetchone()[0]
+                if current > latest:
+                    raise SchemaMismatch(f"database schema {current} is newer than this Keystile ({latest})")
+                done = []
+                for version, sql in steps:
+                    if version <= current:
+                        continue
+                    body = "\n".join(ln for ln in sql.splitlines() if not ln.lstrip().startswith("--"))
+                    for statement in body.split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                    db.execute(
+                        "INSERT INTO schema_migrations (version, applied_at) VALUES (?, ?)",
+                        (version, time.time()),
+                    )
+                    done.append(version)
+                db.execute("COMMIT")
+                return done
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+
+        async with self._lock:
+            return await self._writer.run(apply)
