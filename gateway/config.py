@@ -30,6 +30,7 @@ from gateway.keys import valid_prefix
 ENV_PREFIX = "KEYSTILE_"
 HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET"
 ADMIN_TOKENS_ENV = "KEYSTILE_ADMIN_TOKENS"
+CONFIG_ENV = "KEYSTILE_CONFIG"
 MIN_SECRET_BYTES = 32
 
 Seconds = Annotated[float, Meta(gt=0)]
@@ -355,6 +356,12 @@ def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Confi
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{source}: invalid TOML: {e}"]) from None
     return decode(data, source, environ)
+
+
+def config_path(explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """The config file to read: the ``--config`` flag, else ``KEYSTILE_CONFIG``, else none."""
+    environ = os.environ if env is None else env
+    return explicit or environ.get(CONFIG_ENV) or None
 
 
 def load_secrets(

@@ -94,6 +94,23 @@ def _key(row: Row) -> KeyRecord:
     )
 
 
+def merge_usage(updates: Sequence[UsageUpdate]) -> list[UsageUpdate]:
+    """One update per key (latest time, summed count).
+
+    ``UPDATE ... FROM`` applies only one arbitrary joined row to a target row, in PostgreSQL and
+    SQLite alike, so a batch naming a key twice would lose counts unless merged first.
+    """
+    merged: dict[str, UsageUpdate] = {}
+    for u in updates:
+        seen = merged.get(u.key_id)
+        merged[u.key_id] = (
+            u
+            if seen is None
+            else UsageUpdate(u.key_id, max(seen.last_used_at, u.last_used_at), seen.count + u.count)
+        )
+    return list(merged.values())
+
+
 def _public(rec: KeyRecord | Principal) -> dict[str, Any]:
     data: dict[str, Any] = msgspec.to_builtins(rec)
     return data
@@ -113,7 +130,7 @@ class SQLStore(Store):
 
     @abstractmethod
     async def _usage(self, conn: Conn, updates: Sequence[UsageUpdate]) -> None:
-        """The one-statement usage merge."""
+        """The one-statement usage merge; ``updates`` names each key at most once."""
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -583,7 +600,7 @@ class SQLStore(Store):
         if not updates:
             return
         async with self._tx() as conn:
-            await self._usage(conn, updates)
+            await self._usage(conn, merge_usage(updates))
 
     async def list_audit(self, flt: AuditFilter) -> AuditPage:
         where: list[str] = []

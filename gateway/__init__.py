@@ -1,0 +1,3 @@
+"""Keystile: an API-key authentication gateway."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,94 @@
+"""Authentication: which key a request presents, what it resolves to, and the 401/403 decision.
+
+Owns: reading the key from the configured places, the format check, the digest, the cache lookup
+and the scope check. Must not: forward requests or call the store (it only sees the cache front).
+
+Precedence: ``Authorization: Bearer`` wins over ``X-API-Key`` when both are sent (a bearer token is
+the stronger statement of who is calling); ``Authorization`` with another scheme is ignored and
+passed to the upstream. Sending the key header twice is refused as invalid.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+from multidict import CIMultiDictProxy, MultiDictProxy
+
+from gateway.cache import MISS, IdentityCache
+from gateway.config import Config
+from gateway.keys import KeyFormat, digest
+from gateway.models import IdentityRecord
+from gateway.routing import Route
+
+OK: Final = "ok"
+MISSING: Final = "missing"
+INVALID: Final = "invalid"
+EXPIRED: Final = "expired"
+INSUFFICIENT_SCOPE: Final = "insufficient_scope"
+UNAVAILABLE: Final = "unavailable"
+
+
+class Presented:
+    """Where the key came from, so the forwarder strips exactly that."""
+
+    __slots__ = ("from_bearer", "key")
+
+    def __init__(self, key: str | None, from_bearer: bool) -> None:
+        self.key = key
+        self.from_bearer = from_bearer
+
+
+class Authenticator:
+    def __init__(self, cfg: Config, secret: bytes, cache: IdentityCache) -> None:
+        self._headers = tuple(cfg.proxy.key_headers)
+        self._bearer = cfg.proxy.bearer
+        self._query = cfg.proxy.query_param
+        self._format = KeyFormat(cfg.keys.prefix)
+        self._secret = secret
+        self.cache = cache
+
+    def presented(self, headers: CIMultiDictProxy[str], query: MultiDictProxy[str] | None) -> Presented:
+        """The key a request carries, or ``Presented(None)``; ``""`` means "sent but unusable"."""
+        if self._bearer:
+            auth = headers.getall("Authorization", ())
+            if len(auth) == 1 and auth[0][:7].lower() == "bearer ":
+                return Presented(auth[0][7:].strip(), True)
+        for name in self._headers:
+            values = headers.getall(name, ())
+            if len(values) == 1:
+                return Presented(values[0].strip(), False)
+            if values:
+                return Presented("", False)
+        if self._query and query is not None:
+            values = query.getall(self._query, ())
+            if values:
+                return Presented(values[0] if len(values) == 1 else "", False)
+        return Presented(None, False)
+
+    async def identify(self, key: str | None) -> tuple[str, IdentityRecord | None]:
+        """(outcome, identity). Never raises: a failed lookup is ``UNAVAILABLE``, never "unknown"."""
+        if key is None:
+            return MISSING, None
+        if not self._format.well_formed(key):
+            return INVALID, None
+        d = digest(self._secret, key)
+        ident = self.cache.peek(d)
+        if ident is MISS:
+            try:
+                ident = await self.cache.resolve(d)
+            except Exception:
+                return UNAVAILABLE, None
+        if ident is None:
+            return INVALID, None
+        assert isinstance(ident, IdentityRecord)
+        if ident.expires_at is not None and time.time() >= ident.expires_at:
+            return EXPIRED, ident
+        return OK, ident
+
+
+def permits(route: Route, ident: IdentityRecord) -> bool:
+    """Whether an authenticated identity may use ``route``."""
+    if not ident.member:
+        return False
+    return route.scopes.issubset(ident.scopes)

@@ -1,0 +1,168 @@
+"""The identity cache: one front, ``IdentityCache``, over the in-process tier and a loader.
+
+Owns: remembering what a digest resolved to (including "unknown", for a short time), coalescing
+concurrent misses and batching the misses of one event-loop turn into one loader call.
+Must not: touch HTTP or call the store directly; the loader it is given does that (and may itself
+go through Redis first, see ``gateway.cache.redis_tier``).
+
+Invalidation: ``invalidate(digests)`` drops local entries and bumps a generation counter; a load
+that started before an invalidation does not fill the cache, so a lookup racing a revocation can
+never put the revoked identity back. Errors from the loader are never cached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Final
+
+from gateway.keys import KeyDigest
+from gateway.models import IdentityRecord
+
+Loader = Callable[[Sequence[KeyDigest]], Awaitable[dict[KeyDigest, IdentityRecord]]]
+
+
+class _Miss:
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "MISS"
+
+
+MISS: Final = _Miss()
+
+
+class LocalTier:
+    """A bounded in-process map with per-entry expiry; ``None`` values are negative entries.
+
+    Eviction is oldest-inserted first (dicts keep insertion order): cheap, and an entry that stays
+    hot is simply re-inserted when it expires.
+    """
+
+    def __init__(self, ttl: float, negative_ttl: float, max_entries: int) -> None:
+        self.ttl = ttl
+        self.negative_ttl = negative_ttl
+        self.max_entries = max_entries
+        self._data: dict[KeyDigest, tuple[float, IdentityRecord | None]] = {}
+        self.hits = 0
+        self.negative_hits = 0
+        self.misses = 0
+
+    def get(self, digest: KeyDigest, now: float) -> IdentityRecord | None | _Miss:
+        entry = self._data.get(digest)
+        if entry is None:
+            self.misses += 1
+            return MISS
+        if entry[0] <= now:
+            del self._data[digest]
+            self.misses += 1
+            return MISS
+        if entry[1] is None:
+            self.negative_hits += 1
+        else:
+            self.hits += 1
+        return entry[1]
+
+    def put(self, digest: KeyDigest, value: IdentityRecord | None, now: float) -> None:
+        ttl = self.ttl if value is not None else min(self.negative_ttl, self.ttl)
+        if ttl <= 0:
+            return
+        data = self._data
+        if digest not in data and len(data) >= self.max_entries:
+            del data[next(iter(data))]
+        data[digest] = (now + ttl, value)
+
+    def discard(self, digest: KeyDigest) -> None:
+        self._data.pop(digest, None)
+
+    def clear(self) -> None:
+        self._data.clear()
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class IdentityCache:
+    def __init__(self, local: LocalTier, loader: Loader) -> None:
+        self.local = local
+        self._loader = loader
+        self._generation = 0
+        self._inflight: dict[KeyDigest, asyncio.Future[IdentityRecord | None]] = {}
+        self._batch: list[KeyDigest] = []
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.loads = 0
+        self.load_errors = 0
+        self.invalidations = 0
+
+    def peek(self, digest: KeyDigest) -> IdentityRecord | None | _Miss:
+        """The in-process answer, if any: no I/O, no await."""
+        return self.local.get(digest, time.monotonic())
+
+    async def resolve(self, digest: KeyDigest) -> IdentityRecord | None:
+        """Go past the local tier. Raises what the loader raises (e.g. StoreUnavailable)."""
+        fut = self._inflight.get(digest)
+        if fut is None:
+            fut = asyncio.get_running_loop().create_future()
+            self._inflight[digest] = fut
+            if not self._batch:
+                asyncio.get_running_loop().call_soon(self._start_batch)
+            self._batch.append(digest)
+        # shield: a client that disconnects must not cancel the lookup other requests share.
+        return await asyncio.shield(fut)
+
+    async def lookup(self, digest: KeyDigest) -> IdentityRecord | None:
+        hit = self.peek(digest)
+        if hit is not MISS:
+            return hit  # type: ignore[return-value]
+        return await self.resolve(digest)
+
+    def invalidate(self, digests: Iterable[KeyDigest]) -> None:
+        self._generation += 1
+        self.invalidations += 1
+        for d in digests:
+            self.local.discard(d)
+
+    def clear(self) -> None:
+        self._generation += 1
+        self.local.clear()
+
+    def _start_batch(self) -> None:
+        batch, self._batch = self._batch, []
+        task = asyncio.get_running_loop().create_task(self._load(batch))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _load(self, batch: list[KeyDigest]) -> None:
+        generation = self._generation
+        self.loads += 1
+        try:
+            found = await self._loader(batch)
+        except BaseException as e:
+            self.load_errors += 1
+            for d in batch:
+                fut = self._inflight.pop(d)
+                if not fut.done():
+                    fut.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
+                    fut.exception()  # mark retrieved: nobody may be waiting any more
+            if not isinstance(e, Exception):
+                raise
+            return
+        fill = generation == self._generation
+        now = time.monotonic()
+        for d in batch:
+            value = found.get(d)
+            if fill:
+                self.local.put(d, value, now)
+            fut = self._inflight.pop(d)
+            if not fut.done():
+                fut.set_result(value)
+
+    async def aclose(self) -> None:
+        for t in list(self._tasks):
+            t.cancel()
+        for t in list(self._tasks):
+            try:
+                await t
+            except BaseException:  # noqa: S110 - shutting down
+                pass

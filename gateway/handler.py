@@ -1,0 +1,179 @@
+"""The proxy listener's request pipeline: sanity checks, route, authenticate, forward, log.
+
+Owns: the order of decisions for one request and turning outcomes into responses. Must not: parse
+keys, query the store or speak to upstreams itself; it calls ``auth``, ``routing`` and ``proxy``.
+A request refused here never reaches an upstream.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from typing import Final
+
+import msgspec
+from aiohttp import web
+
+from gateway import auth, errors
+from gateway.auth import Authenticator
+from gateway.config import Config
+from gateway.models import IdentityRecord
+from gateway.observability import Metrics
+from gateway.paths import BadPath, parse_target
+from gateway.proxy import Forwarder, UpstreamFailure
+from gateway.routing import RouteTable
+from gateway.usage import UsageRecorder
+
+access_log = logging.getLogger("keystile.access")
+log = logging.getLogger("keystile.proxy")
+
+_OUTCOME_ERRORS: Final = {
+    auth.MISSING: errors.MISSING_KEY,
+    auth.INVALID: errors.INVALID_KEY,
+    auth.EXPIRED: errors.EXPIRED_KEY,
+    auth.UNAVAILABLE: errors.AUTH_UNAVAILABLE,
+    auth.INSUFFICIENT_SCOPE: errors.INSUFFICIENT_SCOPE,
+}
+
+
+class WhoAmI(msgspec.Struct, frozen=True):
+    key_id: str
+    start: str
+    principal: str
+    principal_id: str
+    project: str
+    scopes: list[str]
+    env: str
+    expires_at: float | None
+    last_used_at: float | None = None
+
+
+_whoami_enc = msgspec.json.Encoder()
+
+
+class _Seen:
+    """What one request revealed, for the access log and counters."""
+
+    __slots__ = ("ident", "outcome", "route", "upstream_ms", "upstream_status")
+
+    def __init__(self) -> None:
+        self.route = "-"
+        self.outcome: str | None = None
+        self.ident: IdentityRecord | None = None
+        self.upstream_status: int | None = None
+        self.upstream_ms: float | None = None
+
+
+def bad_request(message: str) -> web.Response:
+    return errors.error_response(400, "bad_request", message)
+
+
+class ProxyHandler:
+    """Callable handed to aiohttp's low-level ``web.Server``; one instance per config generation."""
+
+    def __init__(
+        self,
+        cfg: Config,
+        routes: RouteTable,
+        authenticator: Authenticator,
+        forwarder: Forwarder,
+        usage: UsageRecorder,
+        metrics: Metrics,
+    ) -> None:
+        self.cfg = cfg
+        self.routes = routes
+        self.auth = authenticator
+        self.forwarder = forwarder
+        self.usage = usage
+        self.metrics = metrics
+        self._whoami = cfg.proxy.whoami_path
+        self._query_keys = bool(cfg.proxy.query_param)
+        self._log_access = cfg.logging.access_log
+        self._sample = cfg.logging.access_sample
+
+    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+        started = time.perf_counter()
+        seen = _Seen()
+        resp = await self._handle(request, seen)
+        self.metrics.request(seen.route, resp.status, seen.outcome)
+        if self._log_access and (
+            resp.status >= 400 or self._sample >= 1.0 or random.random() < self._sample  # noqa: S311
+        ):
+            self._access(request, resp.status, started, seen)
+        return resp
+
+    async def _handle(self, request: web.BaseRequest, seen: _Seen) -> web.StreamResponse:
+        hosts = request.headers.getall("Host", ())
+        if len(hosts) > 1:
+            return bad_request("more than one Host header")
+        try:
+            target = parse_target(request.raw_path)
+        except BadPath as e:
+            return bad_request(str(e))
+        presented = self.auth.presented(request.headers, request.query if self._query_keys else None)
+
+        if target.path == self._whoami:
+            seen.route = "whoami"
+            seen.outcome, seen.ident = await self.auth.identify(presented.key)
+            if seen.outcome != auth.OK or seen.ident is None:
+                return _OUTCOME_ERRORS[seen.outcome].response()
+            return self._whoami_response(seen.ident)
+
+        route = self.routes.match(request.method, hosts[0] if hosts else "", target)
+        if route is None:
+            return errors.NO_ROUTE.response()
+        seen.route = route.name
+        ident = None
+        if route.auth != "none" and not (route.auth == "optional" and presented.key is None):
+            outcome, ident = await self.auth.identify(presented.key)
+            if outcome == auth.OK and ident is not None and not auth.permits(route, ident):
+                outcome = auth.INSUFFICIENT_SCOPE
+            seen.outcome, seen.ident = outcome, ident
+            if outcome != auth.OK or ident is None:
+                return _OUTCOME_ERRORS[outcome].response()
+            self.usage.bump(ident.key_id, time.time())
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        headers = self.forwarder.upstream_headers(request, route, presented.from_bearer, ident)
+        up_started = time.perf_counter()
+        try:
+            resp, seen.upstream_status = await self.forwarder.forward(
+                request, route, target, headers, strip_query_key=presented.key is not None
+            )
+        except UpstreamFailure as e:
+            log.warning("upstream failure on route %s: %s", route.name, e)
+            self.metrics.upstream_errors[e.spec.code] += 1
+            resp = e.spec.response()
+        seen.upstream_ms = (time.perf_counter() - up_started) * 1000
+        return resp
+
+    def _whoami_response(self, ident: IdentityRecord) -> web.Response:
+        body = _whoami_enc.encode(
+            WhoAmI(
+                key_id=ident.key_id,
+                start=ident.start + "…",
+                principal=ident.principal,
+                principal_id=ident.principal_id,
+                project=ident.project,
+                scopes=list(ident.scopes),
+                env=ident.env,
+                expires_at=ident.expires_at,
+            )
+        )
+        return web.Response(body=body, headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
+
+    def _access(self, request: web.BaseRequest, status: int, started: float, seen: _Seen) -> None:
+        ident, upstream_ms = seen.ident, seen.upstream_ms
+        fields = {
+            "route": seen.route,
+            "method": request.method,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+            "client": request.remote,
+            "key_id": ident.key_id if ident else None,
+            "principal": ident.principal if ident else None,
+            "upstream_status": seen.upstream_status,
+            "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
+        }
+        access_log.info("request", extra={"fields": fields})

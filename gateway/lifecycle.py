@@ -1,0 +1,253 @@
+"""Key and principal lifecycle: the policies, applied once for the admin API and the CLI.
+
+Owns: key generation at creation and rotation, naming rules, lifetime policy, the key limit, and
+telling the cache what changed after every committed write. Must not: speak HTTP or format output.
+
+Policies (``[policy]``): at most ``max_active_keys`` active keys per principal and project (1 gives
+the "one key, rotate to replace it" model); ``default_lifetime`` applies when no expiry is asked
+for; ``max_lifetime`` caps any expiry; names are unique per principal and project, at most 200
+characters, and default to ``API Key name YYYYMMDDHHMMSS`` (UTC).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+import msgspec
+
+from gateway import keys
+from gateway.config import Config, durations
+from gateway.keys import KeyDigest
+from gateway.models import KeyRecord, NewKey, Principal, PrincipalKind
+from gateway.store import KeyChanges, PrincipalChanges, Store
+
+MAX_NAME = 200
+Invalidate = Callable[[Sequence[KeyDigest]], object]
+
+
+class PolicyError(ValueError):
+    """A request breaks a policy; ``field`` names the offending input (HTTP 422)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class CreatedKey(msgspec.Struct, frozen=True):
+    record: KeyRecord
+    secret: str  # shown exactly once
+
+
+def _check_name(name: str, field: str = "name") -> str:
+    name = name.strip()
+    if not name:
+        raise PolicyError(field, "must not be empty")
+    if len(name) > MAX_NAME:
+        raise PolicyError(field, f"must be at most {MAX_NAME} characters")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise PolicyError(field, "must not contain control characters")
+    return name
+
+
+def _check_scopes(scopes: Sequence[str], field: str) -> tuple[str, ...]:
+    for s in scopes:
+        if not s or len(s) > 100 or any(c.isspace() or c == "," or ord(c) < 33 for c in s):
+            raise PolicyError(field, f"invalid scope {s!r} (no spaces or commas, 1-100 characters)")
+    return tuple(sorted(set(scopes)))
+
+
+def check_project(project: str, field: str = "project") -> str:
+    if not project or len(project) > 100 or any(c.isspace() or ord(c) < 33 or c == "," for c in project):
+        raise PolicyError(field, "must be 1-100 characters without spaces or commas")
+    return project
+
+
+def default_name(now: float) -> str:
+    return "API Key name " + datetime.fromtimestamp(now, UTC).strftime("%Y%m%d%H%M%S")
+
+
+class Lifecycle:
+    def __init__(self, cfg: Config, secret: bytes, store: Store, invalidate: Invalidate | None = None) -> None:
+        self.cfg = cfg
+        self._secret = secret
+        self.store = store
+        self._invalidate = invalidate
+        self.default_lifetime, self.max_lifetime, self.max_grace = durations(cfg.policy)
+
+    def _changed(self, digests: Sequence[KeyDigest]) -> None:
+        if self._invalidate is not None and digests:
+            self._invalidate(digests)
+
+    def _expiry(self, now: float, expires_at: float | None, expires_in: float | None, field: str) -> float | None:
+        if expires_at is not None and expires_in is not None:
+            raise PolicyError(field, "give expires_at or expires_in, not both")
+        if expires_in is not None:
+            if expires_in <= 0:
+                raise PolicyError(field, "must be positive")
+            expires_at = now + expires_in
+        if expires_at is None and self.default_lifetime is not None:
+            expires_at = now + self.default_lifetime
+        if expires_at is not None:
+            if expires_at <= now:
+                raise PolicyError(field, "must be in the future")
+            if self.max_lifetime is not None and expires_at - now > self.max_lifetime + 1:
+                raise PolicyError(field, f"exceeds the maximum key lifetime of {self.cfg.policy.max_lifetime}")
+        elif self.max_lifetime is not None:
+            expires_at = now + self.max_lifetime
+        return expires_at
+
+    # -- principals ------------------------------------------------------------------------
+
+    async def create_principal(
+        self,
+        name: str,
+        *,
+        kind: PrincipalKind = "user",
+        grants: dict[str, Sequence[str]] | None = None,
+        metadata: dict[str, str] | None = None,
+        actor: str,
+    ) -> Principal:
+        name = _check_name(name)
+        g = {check_project(p, f"grants.{p}"): _check_scopes(s, f"grants.{p}") for p, s in (grants or {}).items()}
+        return await self.store.create_principal(
+            Principal(
+                id=keys.generate_id("prn"),
+                name=name,
+                kind=kind,
+                disabled=False,
+                created_at=time.time(),
+                grants=g,
+                metadata=metadata or {},
+            ),
+            actor,
+        )
+
+    async def update_principal(
+        self,
+        ref: str,
+        *,
+        grants: dict[str, Sequence[str]] | msgspec.UnsetType = msgspec.UNSET,
+        disabled: bool | msgspec.UnsetType = msgspec.UNSET,
+        metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET,
+        actor: str,
+    ) -> Principal:
+        checked: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
+        if not isinstance(grants, msgspec.UnsetType):
+            checked = {
+                check_project(p, f"grants.{p}"): _check_scopes(s, f"grants.{p}") for p, s in grants.items()
+            }
+        principal, digests = await self.store.update_principal(
+            ref, PrincipalChanges(grants=checked, disabled=disabled, metadata=metadata), actor
+        )
+        self._changed(digests)
+        return principal
+
+    async def delete_principal(self, ref: str, *, with_keys: bool, actor: str) -> None:
+        self._changed(await self.store.delete_principal(ref, actor, with_keys=with_keys))
+
+    # -- keys ------------------------------------------------------------------------------
+
+    async def create_key(
+        self,
+        owner: str,
+        project: str,
+        *,
+        name: str | None = None,
+        scopes: Sequence[str] | None = None,
+        expires_at: float | None = None,
+        expires_in: float | None = None,
+        env: str | None = None,
+        metadata: dict[str, str] | None = None,
+        actor: str,
+    ) -> CreatedKey:
+        now = time.time()
+        project = check_project(project)
+        env = env or self.cfg.keys.default_env
+        if env not in keys.ENVIRONMENTS:
+            raise PolicyError("env", "must be live or test")
+        name = _check_name(name) if name is not None else default_name(now)
+        narrowed = None if scopes is None else _check_scopes(scopes, "scopes")
+        expiry = self._expiry(now, expires_at, expires_in, "expires_at" if expires_at is not None else "expires_in")
+        principal = await self.store.get_principal(owner)
+        secret = keys.generate_key(self.cfg.keys.prefix, env)
+        record = await self.store.create_key(
+            NewKey(
+                id=keys.generate_id("key"),
+                digest=keys.digest(self._secret, secret),
+                name=name,
+                start=keys.display_start(secret),
+                env=env,
+                principal_id=principal.id,
+                project=project,
+                scopes=narrowed,
+                created_at=now,
+                expires_at=expiry,
+                metadata=metadata or {},
+            ),
+            max_active=self.cfg.policy.max_active_keys,
+            actor=actor,
+        )
+        return CreatedKey(record, secret)
+
+    async def update_key(
+        self,
+        key_id: str,
+        *,
+        name: str | msgspec.UnsetType = msgspec.UNSET,
+        expires_at: float | None | msgspec.UnsetType = msgspec.UNSET,
+        scopes: Sequence[str] | None | msgspec.UnsetType = msgspec.UNSET,
+        metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET,
+        actor: str,
+    ) -> KeyRecord:
+        now = time.time()
+        if isinstance(expires_at, float | int) and not isinstance(expires_at, bool):
+            if expires_at <= now:
+                raise PolicyError("expires_at", "must be in the future")
+            if self.max_lifetime is not None:
+                created = (await self.store.get_key(key_id)).created_at
+                if expires_at - created > self.max_lifetime + 1:
+                    raise PolicyError(
+                        "expires_at", f"exceeds the maximum key lifetime of {self.cfg.policy.max_lifetime}"
+                    )
+        elif expires_at is None and self.max_lifetime is not None:
+            raise PolicyError("expires_at", "cannot be cleared: keys must expire (policy.max_lifetime)")
+        changes = KeyChanges(
+            name=name if isinstance(name, msgspec.UnsetType) else _check_name(name),
+            expires_at=expires_at,
+            scopes=scopes if isinstance(scopes, msgspec.UnsetType) or scopes is None else _check_scopes(scopes, "scopes"),
+            metadata=metadata,
+        )
+        record, digests = await self.store.update_key(
+            key_id, changes, actor, max_active=self.cfg.policy.max_active_keys, now=now
+        )
+        self._changed(digests)
+        return record
+
+    async def revoke_key(self, key_id: str, *, actor: str) -> KeyRecord:
+        record, digests = await self.store.revoke_key(key_id, actor, time.time())
+        self._changed(digests)
+        return record
+
+    async def delete_key(self, key_id: str, *, actor: str) -> None:
+        self._changed(await self.store.delete_key(key_id, actor))
+
+    async def rotate_key(self, key_id: str, *, grace: float = 0.0, actor: str) -> CreatedKey:
+        if grace < 0:
+            raise PolicyError("grace_seconds", "must not be negative")
+        if grace > self.max_grace:
+            raise PolicyError("grace_seconds", f"must be at most {int(self.max_grace)} seconds")
+        now = time.time()
+        current = await self.store.get_key(key_id)
+        secret = keys.generate_key(self.cfg.keys.prefix, current.env)
+        record, digests = await self.store.rotate_key(
+            key_id,
+            digest=keys.digest(self._secret, secret),
+            start=keys.display_start(secret),
+            previous_valid_until=now + grace if grace > 0 else None,
+            actor=actor,
+            now=now,
+        )
+        self._changed(digests)
+        return CreatedKey(record, secret)

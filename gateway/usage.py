@@ -1,0 +1,110 @@
+"""Usage: last-used timestamps and request counts, bumped in memory and flushed in batches.
+
+Owns: the per-key pending map and the background flush. Must not: touch HTTP or the cache. A request
+only calls ``bump`` (no await, no I/O). The flusher hands one batch to the store per interval; if the
+store is down the batch is merged back (last-used keeps the latest, counts add) and retried, bounded
+by ``max_pending`` keys — beyond that, new keys' bumps are dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from gateway.models import UsageUpdate
+from gateway.store import Store, StoreError
+
+log = logging.getLogger("keystile.usage")
+
+
+class UsageRecorder:
+    def __init__(self, store: Store, interval: float, max_pending: int) -> None:
+        self._store = store
+        self._interval = interval
+        self._max = max_pending
+        self._pending: dict[str, list[float]] = {}  # key_id -> [last_used_at, count]
+        self._task: asyncio.Task[None] | None = None
+        self.flushes = 0
+        self.flush_failures = 0
+        self.dropped = 0
+        self.last_flush_at: float | None = None
+        self.oldest_pending_at: float | None = None
+
+    def bump(self, key_id: str, now: float) -> None:
+        entry = self._pending.get(key_id)
+        if entry is None:
+            if len(self._pending) >= self._max:
+                self.dropped += 1
+                return
+            if not self._pending:
+                self.oldest_pending_at = now
+            self._pending[key_id] = [now, 1]
+        else:
+            if now > entry[0]:
+                entry[0] = now
+            entry[1] += 1
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def lag(self, now: float) -> float:
+        """Seconds the oldest unflushed bump has waited."""
+        return 0.0 if self.oldest_pending_at is None else now - self.oldest_pending_at
+
+    async def flush(self) -> bool:
+        """Write what is pending; on failure keep it for the next try. True when nothing is left."""
+        if not self._pending:
+            return True
+        batch, since = self._pending, self.oldest_pending_at
+        self._pending, self.oldest_pending_at = {}, None
+        updates = [UsageUpdate(k, v[0], int(v[1])) for k, v in batch.items()]
+        try:
+            await self._store.record_usage(updates)
+        except (StoreError, OSError, asyncio.TimeoutError) as e:
+            self.flush_failures += 1
+            log.warning("usage flush of %d keys failed, will retry: %s", len(updates), e)
+            for k, (t, c) in batch.items():
+                cur = self._pending.get(k)
+                if cur is None:
+                    if len(self._pending) >= self._max:
+                        self.dropped += 1
+                        continue
+                    self._pending[k] = [t, c]
+                else:
+                    cur[0] = max(cur[0], t)
+                    cur[1] += c
+            if since is not None and (self.oldest_pending_at is None or since < self.oldest_pending_at):
+                self.oldest_pending_at = since
+            return False
+        self.flushes += 1
+        self.last_flush_at = time.time()
+        return not self._pending
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                await self.flush()
+            except Exception:
+                log.exception("usage flush crashed")
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="keystile-usage-flush")
+
+    async def aclose(self) -> None:
+        """Stop the loop and make the final flush (a few retries if the store blinks)."""
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        for attempt in range(3):
+            if await self.flush():
+                return
+            await asyncio.sleep(0.2 * (attempt + 1))
+        if self._pending:
+            log.error("usage for %d keys could not be written before shutdown", len(self._pending))
