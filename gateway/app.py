@@ -127,8 +127,14 @@ class Gateway:
         self.started_at = time.time()
         log.info(
             "keystile started",
-            extra={"fields": {"proxy_port": self.proxy_port, "admin_port": self.admin_port,
-                              "routes": len(cfg.routes), "store": self.store.backend}},
+            extra={
+                "fields": {
+                    "proxy_port": self.proxy_port,
+                    "admin_port": self.admin_port,
+                    "routes": len(cfg.routes),
+                    "store": self.store.backend,
+                }
+            },
         )
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -161,7 +167,8 @@ class Gateway:
             await self.forwarder.close()
         if self.store is not None and self._own_store:
             await self.store.close()
-        log.info("keystile stopped")
+        if self.started_at:
+            log.info("keystile stopped")
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

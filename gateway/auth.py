@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 from typing import Final
 
-from multidict import CIMultiDictProxy, MultiDictProxy
+from multidict import CIMultiDictProxy, MultiMapping
 
 from gateway.cache import MISS, IdentityCache
 from gateway.config import Config
@@ -48,7 +48,7 @@ class Authenticator:
         self._secret = secret
         self.cache = cache
 
-    def presented(self, headers: CIMultiDictProxy[str], query: MultiDictProxy[str] | None) -> Presented:
+    def presented(self, headers: CIMultiDictProxy[str], query: MultiMapping[str] | None) -> Presented:
         """The key a request carries, or ``Presented(None)``; ``""`` means "sent but unusable"."""
         if self._bearer:
             auth = headers.getall("Authorization", ())

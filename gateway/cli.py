@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
+import os
 import secrets as pysecrets
 import signal
 import sys
@@ -119,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         if args.pid_file:
-            Path(args.pid_file).write_text(f"{__import__('os').getpid()}\n")
+            Path(args.pid_file).write_text(f"{os.getpid()}\n")  # noqa: ASYNC240
         await stop.wait()
         await gw.stop()
         return 0
@@ -169,14 +169,21 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             principal = await lc.create_principal(
                 args.owner, grants={args.project: scopes or []}, actor="cli"
             )
-            notes.append(f"created principal {principal.name} with grant {args.project}: {','.join(scopes or []) or '(no scopes)'}")
+            shown = ",".join(scopes or []) or "(no scopes)"
+            notes.append(f"created principal {principal.name} with grant {args.project}: {shown}")
         granted = principal.grants.get(args.project)
         if granted is None:
-            notes.append(f"warning: {principal.name} has no grant in project {args.project}; the key will get 403 on routes that require one")
+            notes.append(
+                f"warning: {principal.name} has no grant in project {args.project}; "
+                "the key will get 403 on routes that require one"
+            )
         elif scopes:
             missing = sorted(set(scopes) - set(granted))
             if missing:
-                notes.append(f"warning: scopes not granted to {principal.name} in {args.project} have no effect: {','.join(missing)}")
+                notes.append(
+                    f"warning: scopes not granted to {principal.name} in {args.project} "
+                    f"have no effect: {','.join(missing)}"
+                )
         created = await lc.create_key(
             principal.id,
             args.project,
@@ -216,12 +223,21 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         return 0
     rows = [
         [
-            v["id"], v["name"], v["start"], v["principal"], v["project"],
-            _fmt_time(v["created_at"]), _fmt_time(v["expires_at"]), _fmt_time(v["last_used_at"]), v["status"],
+            v["id"],
+            v["name"],
+            v["start"],
+            v["principal"],
+            v["project"],
+            _fmt_time(v["created_at"]),
+            _fmt_time(v["expires_at"]),
+            _fmt_time(v["last_used_at"]),
+            v["status"],
         ]
         for v in views
     ]
-    print(_table(["id", "name", "start", "owner", "project", "created", "expires", "last used", "status"], rows))
+    print(
+        _table(["id", "name", "start", "owner", "project", "created", "expires", "last used", "status"], rows)
+    )
     return 0
 
 
@@ -302,7 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        sp.add_argument("--config", "-c", help="TOML config file (default: $KEYSTILE_CONFIG, else built-in defaults)")
+        sp.add_argument(
+            "--config", "-c", help="TOML config file (default: $KEYSTILE_CONFIG, else built-in defaults)"
+        )
         return sp
 
     s = with_config(sub.add_parser("serve", help="run the gateway"))
@@ -316,7 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc.set_defaults(fn=cmd_config_check)
 
     with_config(sub.add_parser("migrate", help="apply database migrations")).set_defaults(fn=cmd_migrate)
-    sub.add_parser("secret", help="print a new random secret (for KEYSTILE_KEY_HASH_SECRET)").set_defaults(fn=cmd_secret)
+    sub.add_parser("secret", help="print a new random secret (for KEYSTILE_KEY_HASH_SECRET)").set_defaults(
+        fn=cmd_secret
+    )
 
     d = sub.add_parser("demo", help="run Keystile in front of a built-in echo upstream")
     d.add_argument("--port", type=int, default=8080)
@@ -364,5 +384,3 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.code
     except KeyboardInterrupt:
         return 130
-
-

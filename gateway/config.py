@@ -28,7 +28,7 @@ from msgspec import Meta
 from gateway.keys import valid_prefix
 
 ENV_PREFIX = "KEYSTILE_"
-HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET"
+HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET"  # noqa: S105 - a variable name
 ADMIN_TOKENS_ENV = "KEYSTILE_ADMIN_TOKENS"
 CONFIG_ENV = "KEYSTILE_CONFIG"
 MIN_SECRET_BYTES = 32
@@ -50,7 +50,7 @@ class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=
     pass
 
 
-class ProxyConfig(_Section):
+class ProxyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8080"
     # Header names a key may arrive in (besides ``Authorization: Bearer``).
     key_headers: tuple[str, ...] = ("X-API-Key",)
@@ -67,21 +67,21 @@ class ProxyConfig(_Section):
     shutdown_timeout: Seconds = 30.0
 
 
-class AdminConfig(_Section):
+class AdminConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     listen: str = "127.0.0.1:8081"
     tokens_file: str = ""
 
 
-class KeysConfig(_Section):
+class KeysConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: str = "ks"
     default_env: Literal["live", "test"] = "live"
 
 
-class SecurityConfig(_Section):
+class SecurityConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     hash_secret_file: str = ""
 
 
-class StoreConfig(_Section):
+class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     url: str = "sqlite:///keystile.db"
     # PostgreSQL pool bounds.
     pool_min: Count = 2
@@ -90,7 +90,7 @@ class StoreConfig(_Section):
     timeout: Seconds = 5.0
 
 
-class UpstreamConfig(_Section):
+class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     connect_timeout: Seconds = 5.0
     # Seconds without a byte from the upstream before the request fails with 504.
     read_timeout: Seconds = 60.0
@@ -100,7 +100,7 @@ class UpstreamConfig(_Section):
     keepalive_timeout: Seconds = 30.0
 
 
-class CacheConfig(_Section):
+class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # In-process tier: bound on staleness when an invalidation message is lost.
     local_ttl: Annotated[float, Meta(ge=0)] = 10.0
     local_max_entries: Count = 100_000
@@ -109,7 +109,7 @@ class CacheConfig(_Section):
     redis_ttl: Seconds = 300.0
 
 
-class RedisConfig(_Section):
+class RedisConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     url: str = ""  # empty: no Redis tier
     socket_timeout: Seconds = 0.25
     connect_timeout: Seconds = 0.25
@@ -118,7 +118,7 @@ class RedisConfig(_Section):
     channel: str = "keystile:invalidate"
 
 
-class PolicyConfig(_Section):
+class PolicyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     max_active_keys: Count = 10
     # Lifetimes as durations ("30d", "12h", "90m", "45s"); empty: no default / no maximum.
     default_lifetime: str = ""
@@ -126,19 +126,19 @@ class PolicyConfig(_Section):
     max_rotation_grace: str = "24h"
 
 
-class UsageConfig(_Section):
+class UsageConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     flush_interval: Seconds = 5.0
     max_pending: Count = 100_000
 
 
-class LoggingConfig(_Section):
+class LoggingConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     level: Literal["debug", "info", "warning", "error"] = "info"
     access_log: bool = True
     # Fraction of successful requests written to the access log; errors are always written.
     access_sample: Annotated[float, Meta(ge=0, le=1)] = 1.0
 
 
-class RouteConfig(_Section):
+class RouteConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: str
     upstream: str
     methods: tuple[str, ...] = ()
@@ -169,7 +169,9 @@ class Secrets(msgspec.Struct, frozen=True):
     admin_tokens: tuple[bytes, ...]
 
     def __repr__(self) -> str:
-        return f"Secrets(hash_secret=<{len(self.hash_secret)} bytes>, admin_tokens=<{len(self.admin_tokens)}>)"
+        return (
+            f"Secrets(hash_secret=<{len(self.hash_secret)} bytes>, admin_tokens=<{len(self.admin_tokens)}>)"
+        )
 
 
 _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
@@ -216,6 +218,29 @@ def _msgspec_problem(err: msgspec.ValidationError, base: str) -> str:
     return f"{where or '(top level)'}: {msg[0].lower() + msg[1:] if msg else msg}"
 
 
+_PLACEHOLDERS: dict[type, dict[str, Any]] = {RouteConfig: {"prefix": "/", "upstream": "http://placeholder"}}
+
+
+def _each_problem(
+    value: Any, typ: type[msgspec.Struct], base: str, first: msgspec.ValidationError
+) -> list[str]:
+    """msgspec stops at the first error; check field by field to report them all."""
+    if not isinstance(value, dict):
+        return [_msgspec_problem(first, base)]
+    placeholders = _PLACEHOLDERS.get(typ, {})
+    out = []
+    for field, item in value.items():
+        if field not in typ.__struct_fields__:
+            out.append(f"{base}.{field}: unknown field")
+            continue
+        try:
+            msgspec.convert({**placeholders, field: item}, typ, strict=False)
+        except msgspec.ValidationError as e:
+            out.append(_msgspec_problem(e, base))
+    out += [f"{base}.{f}: required field is missing" for f in placeholders if f not in value]
+    return out or [_msgspec_problem(first, base)]
+
+
 def _env_value(raw: str) -> Any:
     try:
         return tomllib.loads(f"v = {raw}")["v"]
@@ -245,7 +270,7 @@ def _check_semantics(cfg: Config) -> list[str]:
             parse_listen(value)
         except ValueError as e:
             out.append(f"{field}: {e}")
-    if cfg.proxy.listen == cfg.admin.listen:
+    if cfg.proxy.listen == cfg.admin.listen and not cfg.proxy.listen.endswith(":0"):
         out.append("admin.listen: must differ from proxy.listen")
     for i, h in enumerate(cfg.proxy.key_headers):
         if not _HEADER_TOKEN.match(h):
@@ -301,7 +326,7 @@ def _check_semantics(cfg: Config) -> list[str]:
             if not m.isalpha() or not m.isupper():
                 out.append(f"{where}.methods[{j}]: {m!r} is not an upper-case method")
         if r.auth != "required" and r.scopes:
-            out.append(f"{where}.scopes: scopes need auth = \"required\"")
+            out.append(f'{where}.scopes: scopes need auth = "required"')
     return out
 
 
@@ -321,7 +346,7 @@ def decode(data: dict[str, Any], source: str, env: Mapping[str, str] | None = No
         try:
             sections[name] = msgspec.convert(value, typ, strict=False)
         except msgspec.ValidationError as e:
-            problems.append(f"{source}: {_msgspec_problem(e, name)}")
+            problems.extend(f"{source}: {p}" for p in _each_problem(value, typ, name, e))
     routes: list[RouteConfig] = []
     raw_routes = data.get("routes", [])
     if not isinstance(raw_routes, list):
@@ -329,9 +354,9 @@ def decode(data: dict[str, Any], source: str, env: Mapping[str, str] | None = No
         raw_routes = []
     for i, raw in enumerate(raw_routes):
         try:
-            routes.append(msgspec.convert(raw, RouteConfig))
+            routes.append(msgspec.convert(raw, RouteConfig, strict=False))
         except msgspec.ValidationError as e:
-            problems.append(f"{source}: {_msgspec_problem(e, f'routes[{i}]')}")
+            problems.extend(f"{source}: {p}" for p in _each_problem(raw, RouteConfig, f"routes[{i}]", e))
     if problems:
         raise ConfigError(problems)
     cfg = Config(**sections, routes=tuple(routes))
@@ -375,9 +400,7 @@ def load_secrets(
         secret = _read_secret_file(cfg.security.hash_secret_file, "security.hash_secret_file", problems)
     if require_hash_secret and len(secret) < MIN_SECRET_BYTES and not problems:
         what = "is not set" if not secret else f"is shorter than {MIN_SECRET_BYTES} bytes"
-        problems.append(
-            f"{HASH_SECRET_ENV}: {what} (generate one with: keystile secret)"
-        )
+        problems.append(f"{HASH_SECRET_ENV}: {what} (generate one with: keystile secret)")
     tokens = [t.strip() for t in environ.get(ADMIN_TOKENS_ENV, "").split(",") if t.strip()]
     if cfg.admin.tokens_file:
         text = _read_secret_file(cfg.admin.tokens_file, "admin.tokens_file", problems).decode()

@@ -28,7 +28,9 @@ class ErrorSpec:
         return web.Response(status=self.status, body=self.body, headers=headers)
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> web.Response:
+def error_response(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> web.Response:
     """A one-off error whose message is built per request (never from secrets)."""
     return ErrorSpec(status, code, message, headers).response()
 
@@ -36,24 +38,39 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 _CHALLENGE = 'Bearer realm="keystile"'
 
 MISSING_KEY: Final = ErrorSpec(
-    401, "missing_api_key", "An API key is required: send it in X-API-Key or Authorization: Bearer.",
+    401,
+    "missing_api_key",
+    "An API key is required: send it in X-API-Key or Authorization: Bearer.",
     {"WWW-Authenticate": _CHALLENGE},
 )
 INVALID_KEY: Final = ErrorSpec(
-    401, "invalid_api_key", "The API key is not valid.",
+    401,
+    "invalid_api_key",
+    "The API key is not valid.",
     {"WWW-Authenticate": _CHALLENGE + ', error="invalid_token"'},
 )
 EXPIRED_KEY: Final = ErrorSpec(
-    401, "expired_api_key", "The API key has expired.",
+    401,
+    "expired_api_key",
+    "The API key has expired.",
     {"WWW-Authenticate": _CHALLENGE + ', error="invalid_token"'},
 )
 INSUFFICIENT_SCOPE: Final = ErrorSpec(
-    403, "insufficient_scope", "The API key does not grant what this route requires.",
+    403,
+    "insufficient_scope",
+    "The API key does not grant what this route requires.",
 )
 AUTH_UNAVAILABLE: Final = ErrorSpec(
-    503, "auth_unavailable", "Keys cannot be verified right now; retry shortly.", {"Retry-After": "1"},
+    503,
+    "auth_unavailable",
+    "Keys cannot be verified right now; retry shortly.",
+    {"Retry-After": "1"},
 )
 NO_ROUTE: Final = ErrorSpec(404, "no_route", "No route matches this request.")
 UPSTREAM_TIMEOUT: Final = ErrorSpec(504, "upstream_timeout", "The upstream did not answer in time.")
-UPSTREAM_UNREACHABLE: Final = ErrorSpec(502, "upstream_unreachable", "The upstream refused or reset the connection.")
-UPSTREAM_BAD_RESPONSE: Final = ErrorSpec(502, "upstream_bad_response", "The upstream sent a malformed response.")
+UPSTREAM_UNREACHABLE: Final = ErrorSpec(
+    502, "upstream_unreachable", "The upstream refused or reset the connection."
+)
+UPSTREAM_BAD_RESPONSE: Final = ErrorSpec(
+    502, "upstream_bad_response", "The upstream sent a malformed response."
+)

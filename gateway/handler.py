@@ -97,9 +97,7 @@ class ProxyHandler:
         seen = _Seen()
         resp = await self._handle(request, seen)
         self.metrics.request(seen.route, resp.status, seen.outcome)
-        if self._log_access and (
-            resp.status >= 400 or self._sample >= 1.0 or random.random() < self._sample  # noqa: S311
-        ):
+        if self._log_access and (resp.status >= 400 or self._sample >= 1.0 or random.random() < self._sample):
             self._access(request, resp.status, started, seen)
         return resp
 
@@ -161,7 +159,9 @@ class ProxyHandler:
                 expires_at=ident.expires_at,
             )
         )
-        return web.Response(body=body, headers={"Content-Type": "application/json", "Cache-Control": "no-store"})
+        return web.Response(
+            body=body, headers={"Content-Type": "application/json", "Cache-Control": "no-store"}
+        )
 
     def _access(self, request: web.BaseRequest, status: int, started: float, seen: _Seen) -> None:
         ident, upstream_ms = seen.ident, seen.upstream_ms

@@ -69,7 +69,9 @@ def default_name(now: float) -> str:
 
 
 class Lifecycle:
-    def __init__(self, cfg: Config, secret: bytes, store: Store, invalidate: Invalidate | None = None) -> None:
+    def __init__(
+        self, cfg: Config, secret: bytes, store: Store, invalidate: Invalidate | None = None
+    ) -> None:
         self.cfg = cfg
         self._secret = secret
         self.store = store
@@ -80,7 +82,9 @@ class Lifecycle:
         if self._invalidate is not None and digests:
             self._invalidate(digests)
 
-    def _expiry(self, now: float, expires_at: float | None, expires_in: float | None, field: str) -> float | None:
+    def _expiry(
+        self, now: float, expires_at: float | None, expires_in: float | None, field: str
+    ) -> float | None:
         if expires_at is not None and expires_in is not None:
             raise PolicyError(field, "give expires_at or expires_in, not both")
         if expires_in is not None:
@@ -93,7 +97,9 @@ class Lifecycle:
             if expires_at <= now:
                 raise PolicyError(field, "must be in the future")
             if self.max_lifetime is not None and expires_at - now > self.max_lifetime + 1:
-                raise PolicyError(field, f"exceeds the maximum key lifetime of {self.cfg.policy.max_lifetime}")
+                raise PolicyError(
+                    field, f"exceeds the maximum key lifetime of {self.cfg.policy.max_lifetime}"
+                )
         elif self.max_lifetime is not None:
             expires_at = now + self.max_lifetime
         return expires_at
@@ -110,7 +116,10 @@ class Lifecycle:
         actor: str,
     ) -> Principal:
         name = _check_name(name)
-        g = {check_project(p, f"grants.{p}"): _check_scopes(s, f"grants.{p}") for p, s in (grants or {}).items()}
+        g = {
+            check_project(p, f"grants.{p}"): _check_scopes(s, f"grants.{p}")
+            for p, s in (grants or {}).items()
+        }
         return await self.store.create_principal(
             Principal(
                 id=keys.generate_id("prn"),
@@ -169,7 +178,9 @@ class Lifecycle:
             raise PolicyError("env", "must be live or test")
         name = _check_name(name) if name is not None else default_name(now)
         narrowed = None if scopes is None else _check_scopes(scopes, "scopes")
-        expiry = self._expiry(now, expires_at, expires_in, "expires_at" if expires_at is not None else "expires_in")
+        expiry = self._expiry(
+            now, expires_at, expires_in, "expires_at" if expires_at is not None else "expires_in"
+        )
         principal = await self.store.get_principal(owner)
         secret = keys.generate_key(self.cfg.keys.prefix, env)
         record = await self.store.create_key(
@@ -196,8 +207,8 @@ class Lifecycle:
         key_id: str,
         *,
         name: str | msgspec.UnsetType = msgspec.UNSET,
-        expires_at: float | None | msgspec.UnsetType = msgspec.UNSET,
-        scopes: Sequence[str] | None | msgspec.UnsetType = msgspec.UNSET,
+        expires_at: float | msgspec.UnsetType | None = msgspec.UNSET,
+        scopes: Sequence[str] | msgspec.UnsetType | None = msgspec.UNSET,
         metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET,
         actor: str,
     ) -> KeyRecord:
@@ -216,7 +227,9 @@ class Lifecycle:
         changes = KeyChanges(
             name=name if isinstance(name, msgspec.UnsetType) else _check_name(name),
             expires_at=expires_at,
-            scopes=scopes if isinstance(scopes, msgspec.UnsetType) or scopes is None else _check_scopes(scopes, "scopes"),
+            scopes=scopes
+            if isinstance(scopes, msgspec.UnsetType) or scopes is None
+            else _check_scopes(scopes, "scopes"),
             metadata=metadata,
         )
         record, digests = await self.store.update_key(

@@ -21,6 +21,7 @@ from urllib.parse import unquote_plus
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
+from yarl import URL
 
 from gateway import errors
 from gateway.config import Config
@@ -167,9 +168,7 @@ class Forwarder:
         query = target.query
         if strip_query_key and query and self._query_param:
             kept = [
-                part
-                for part in query.split("&")
-                if unquote_plus(part.partition("=")[0]) != self._query_param
+                part for part in query.split("&") if unquote_plus(part.partition("=")[0]) != self._query_param
             ]
             query = "&".join(kept)
         return url + ("?" + query if query else "")
@@ -193,7 +192,7 @@ class Forwarder:
         try:
             upstream = await session.request(
                 request.method,
-                aiohttp.client.URL(url, encoded=True),
+                URL(url, encoded=True),
                 headers=headers,
                 data=data,
                 allow_redirects=False,
@@ -240,4 +239,3 @@ def _abort(request: web.BaseRequest) -> None:
     transport = request.transport
     if transport is not None:
         transport.abort()
-

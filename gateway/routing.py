@@ -74,9 +74,7 @@ class RouteTable:
     def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
         compiled = [_compile(i, rc) for i, rc in enumerate(routes)]
         # Most specific first; the match is the first that accepts the request.
-        self._routes = sorted(
-            compiled, key=lambda r: (-len(r.segments), not r.host, not r.methods, r.index)
-        )
+        self._routes = sorted(compiled, key=lambda r: (-len(r.segments), not r.host, not r.methods, r.index))
 
     def __len__(self) -> int:
         return len(self._routes)

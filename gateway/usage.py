@@ -62,7 +62,7 @@ class UsageRecorder:
         updates = [UsageUpdate(k, v[0], int(v[1])) for k, v in batch.items()]
         try:
             await self._store.record_usage(updates)
-        except (StoreError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, StoreError, OSError) as e:
             self.flush_failures += 1
             log.warning("usage flush of %d keys failed, will retry: %s", len(updates), e)
             for k, (t, c) in batch.items():

@@ -49,7 +49,7 @@ class LocalTier:
         self.negative_hits = 0
         self.misses = 0
 
-    def get(self, digest: KeyDigest, now: float) -> IdentityRecord | None | _Miss:
+    def get(self, digest: KeyDigest, now: float) -> IdentityRecord | _Miss | None:
         entry = self._data.get(digest)
         if entry is None:
             self.misses += 1
@@ -95,7 +95,7 @@ class IdentityCache:
         self.load_errors = 0
         self.invalidations = 0
 
-    def peek(self, digest: KeyDigest) -> IdentityRecord | None | _Miss:
+    def peek(self, digest: KeyDigest) -> IdentityRecord | _Miss | None:
         """The in-process answer, if any: no I/O, no await."""
         return self.local.get(digest, time.monotonic())
 

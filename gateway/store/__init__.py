@@ -73,8 +73,8 @@ class KeyChanges(msgspec.Struct, frozen=True, kw_only=True):
     """Fields to change; ``UNSET`` leaves a field alone, ``None`` clears expiry or scopes."""
 
     name: str | msgspec.UnsetType = msgspec.UNSET
-    expires_at: float | None | msgspec.UnsetType = msgspec.UNSET
-    scopes: tuple[str, ...] | None | msgspec.UnsetType = msgspec.UNSET
+    expires_at: float | msgspec.UnsetType | None = msgspec.UNSET
+    scopes: tuple[str, ...] | msgspec.UnsetType | None = msgspec.UNSET
     metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
 
 
@@ -126,13 +126,11 @@ class Store(ABC):
         current, latest = await self.schema_version(), latest_version(self.backend)
         if current > latest:
             raise SchemaMismatch(
-                f"database schema is version {current}, newer than this Keystile ({latest}); "
-                "upgrade Keystile"
+                f"database schema is version {current}, newer than this Keystile ({latest}); upgrade Keystile"
             )
         if current < latest:
             raise SchemaMismatch(
-                f"database schema is version {current}, this Keystile needs {latest}; "
-                "run: keystile migrate"
+                f"database schema is version {current}, this Keystile needs {latest}; run: keystile migrate"
             )
 
     async def ping(self) -> None:

@@ -61,8 +61,21 @@ _OUTAGES: tuple[type[BaseException], ...] = (
 )
 
 
-def _translate(e: BaseException) -> StoreError:
-    """The store error for an exception raised by asyncpg or the socket under it."""
+def _closed(raw: Any) -> bool:
+    """Whether a pooled connection has died (the pool may already have taken it back)."""
+    try:
+        return bool(raw.is_closed())
+    except Exception:  # InterfaceError: released back to the pool after it closed
+        return True
+
+
+def _translate(e: BaseException, raw: Any = None) -> StoreError:
+    """The store error for an exception raised by asyncpg or the socket under it.
+
+    ``raw``, the connection the error came from, settles the unclassified cases: when the server
+    drops a connection just as a query starts, asyncpg may report a protocol-state error
+    (InternalClientError) rather than a connection error; with the connection gone it is an outage.
+    """
     if isinstance(e, StoreError):
         return e
     if isinstance(e, _pg.UniqueViolationError):
@@ -72,7 +85,7 @@ def _translate(e: BaseException) -> StoreError:
         return StoreError(f"postgresql: unique constraint {constraint} violated")
     if isinstance(e, _NOT_OUTAGES):
         return StoreError(f"postgresql: {type(e).__name__}: {e}")
-    if isinstance(e, _OUTAGES):
+    if isinstance(e, _OUTAGES) or (raw is not None and _closed(raw)):
         return StoreUnavailable(f"postgresql unavailable: {type(e).__name__}: {e}".rstrip(": "))
     return StoreError(f"postgresql: {type(e).__name__}: {e}")
 
@@ -90,21 +103,21 @@ class _Conn(Conn):
         try:
             rows = await self._c.fetch(sql, *args, timeout=self._timeout)
         except Exception as e:
-            raise _translate(e) from e
+            raise _translate(e, self._c) from e
         return cast(list[Row], rows)
 
     async def fetchrow(self, sql: str, *args: Any) -> Row | None:
         try:
             row = await self._c.fetchrow(sql, *args, timeout=self._timeout)
         except Exception as e:
-            raise _translate(e) from e
+            raise _translate(e, self._c) from e
         return cast(Row | None, row)
 
     async def execute(self, sql: str, *args: Any) -> None:
         try:
             await self._c.execute(sql, *args, timeout=self._timeout)
         except Exception as e:
-            raise _translate(e) from e
+            raise _translate(e, self._c) from e
 
 
 class PostgresStore(SQLStore):
@@ -121,7 +134,7 @@ class PostgresStore(SQLStore):
         cls,
         url: str,
         *,
-        timeout: float = 5.0,  # noqa: ASYNC109 - the per-operation budget, also open_store's
+        timeout: float = 5.0,
         pool_min: int = 2,
         pool_max: int = 10,
     ) -> PostgresStore:
@@ -169,13 +182,11 @@ class PostgresStore(SQLStore):
             try:
                 await tr.start()
             except Exception as e:
-                raise _translate(e) from e
+                raise _translate(e, raw) from e
             conn = _Conn(raw, budget)
             try:
                 if principal_id is not None:
-                    await conn.execute(
-                        "SELECT 1 FROM principals WHERE id = $1 FOR UPDATE", principal_id
-                    )
+                    await conn.execute("SELECT 1 FROM principals WHERE id = $1 FOR UPDATE", principal_id)
                 yield conn
             except BaseException:
                 # The original error matters more than a failed rollback on a broken connection;
@@ -186,7 +197,7 @@ class PostgresStore(SQLStore):
             try:
                 await tr.commit()
             except Exception as e:
-                raise _translate(e) from e
+                raise _translate(e, raw) from e
 
     def _tx(self, principal_id: str | None = None) -> contextlib.AbstractAsyncContextManager[Conn]:
         return self._transaction(self._timeout, principal_id)

@@ -23,6 +23,7 @@ from gateway.models import AuditEvent, IdentityRecord, KeyRecord, NewKey, Princi
 from gateway.store import (
     AuditFilter,
     AuditPage,
+    Conflict,
     HasKeys,
     KeyChanges,
     KeyFilter,
@@ -32,7 +33,6 @@ from gateway.store import (
     Page,
     PrincipalChanges,
     Store,
-    StoreError,
 )
 
 Row = Sequence[Any]
@@ -95,10 +95,11 @@ def _key(row: Row) -> KeyRecord:
 
 
 def merge_usage(updates: Sequence[UsageUpdate]) -> list[UsageUpdate]:
-    """One update per key (latest time, summed count).
+    """One update per key (latest time, summed count), in key order.
 
     ``UPDATE ... FROM`` applies only one arbitrary joined row to a target row, in PostgreSQL and
-    SQLite alike, so a batch naming a key twice would lose counts unless merged first.
+    SQLite alike, so a batch naming a key twice would lose counts unless merged first. Key order
+    makes concurrent flushes from several instances lock rows in the same order (no deadlock).
     """
     merged: dict[str, UsageUpdate] = {}
     for u in updates:
@@ -108,7 +109,7 @@ def merge_usage(updates: Sequence[UsageUpdate]) -> list[UsageUpdate]:
             if seen is None
             else UsageUpdate(u.key_id, max(seen.last_used_at, u.last_used_at), seen.count + u.count)
         )
-    return list(merged.values())
+    return [merged[k] for k in sorted(merged)]
 
 
 def _public(rec: KeyRecord | Principal) -> dict[str, Any]:
@@ -161,9 +162,7 @@ class SQLStore(Store):
         )
 
     async def _principal(self, conn: Conn, ref: str) -> Principal:
-        row = await conn.fetchrow(
-            f"SELECT {_PRINCIPAL_COLS} FROM principals WHERE id = $1 OR name = $1", ref
-        )
+        row = await conn.fetchrow(f"SELECT {_PRINCIPAL_COLS} FROM principals WHERE id = $1 OR name = $1", ref)
         if row is None:
             raise NotFound(f"principal {ref!r} not found")
         grants = await conn.fetch(
@@ -321,7 +320,9 @@ class SQLStore(Store):
             if not isinstance(changes.disabled, msgspec.UnsetType):
                 await conn.execute("UPDATE principals SET disabled = $1 WHERE id = $2", changes.disabled, pid)
             if not isinstance(changes.metadata, msgspec.UnsetType):
-                await conn.execute("UPDATE principals SET metadata = $1 WHERE id = $2", _j(changes.metadata), pid)
+                await conn.execute(
+                    "UPDATE principals SET metadata = $1 WHERE id = $2", _j(changes.metadata), pid
+                )
             if not isinstance(changes.grants, msgspec.UnsetType):
                 await conn.execute("DELETE FROM grants WHERE principal_id = $1", pid)
                 for project, scopes in changes.grants.items():
@@ -478,7 +479,10 @@ class SQLStore(Store):
                 reviving = before.status(now) == "expired" and (
                     changes.expires_at is None or changes.expires_at > now
                 )
-                if reviving and await self._count_active(conn, before.principal_id, before.project, now) >= max_active:
+                if (
+                    reviving
+                    and await self._count_active(conn, before.principal_id, before.project, now) >= max_active
+                ):
                     raise LimitExceeded(
                         f"extending this expired key would exceed the limit of {max_active} active keys"
                     )
@@ -566,7 +570,7 @@ class SQLStore(Store):
         async with self._tx(owner.principal_id) as conn:
             before = await self._key_row(conn, key_id)
             if before.status(now) != "active":
-                raise StoreError(f"key {key_id!r} is {before.status(now)}; only an active key can be rotated")
+                raise Conflict(f"key {key_id!r} is {before.status(now)}; only an active key can be rotated")
             old = await self._digests(conn, "id", key_id)
             row = await conn.fetchrow("SELECT digest FROM keys WHERE id = $1", key_id)
             assert row is not None
@@ -641,4 +645,3 @@ class SQLStore(Store):
         ]
         nxt = encode_cursor(0, str(items[-1].id)) if len(rows) > flt.limit else None
         return AuditPage(items, nxt)
-

@@ -72,7 +72,7 @@ class _Thread:
             if "locked" in str(e) or "unable to open" in str(e) or "disk" in str(e):
                 raise StoreUnavailable(f"sqlite: {e}") from None
             raise StoreError(f"sqlite: {e}") from None
-        except sqlite3.IntegrityError as e:
+        except sqlite3.DatabaseError as e:  # integrity, corruption, "file is not a database"
             raise StoreError(f"sqlite: {e}") from None
 
     async def close(self) -> None:
@@ -83,6 +83,11 @@ class _Thread:
 
         await asyncio.get_running_loop().run_in_executor(self._pool, shut)
         self._pool.shutdown(wait=True)
+
+
+def _rollback_if_open(db: sqlite3.Connection) -> None:
+    if db.in_transaction:
+        db.execute("ROLLBACK")
 
 
 class _Conn(Conn):
@@ -139,7 +144,12 @@ class SQLiteStore(SQLStore):
                 await asyncio.shield(self._writer.run(lambda db: db.execute("ROLLBACK")))
                 raise
             else:
-                await self._writer.run(lambda db: db.execute("COMMIT"))
+                try:
+                    await self._writer.run(lambda db: db.execute("COMMIT"))
+                except BaseException:
+                    # A failed COMMIT (disk full, I/O error) leaves the transaction open.
+                    await asyncio.shield(self._writer.run(_rollback_if_open))
+                    raise
 
     @asynccontextmanager
     async def _read(self) -> AsyncIterator[Conn]:

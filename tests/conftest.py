@@ -1,0 +1,118 @@
+"""Shared fixtures: a real recording upstream and Keystile started in-process on real sockets."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import pytest
+
+from gateway import config as config_mod
+from gateway.app import Gateway, create_app
+from gateway.config import Config, Secrets
+from gateway.lifecycle import Lifecycle
+from gateway.store import Store, open_store
+from tests.upstream import RecordingUpstream
+
+HASH_SECRET = secrets.token_bytes(32)
+ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[RecordingUpstream]:
+    up = RecordingUpstream()
+    await up.start()
+    yield up
+    await up.stop()
+
+
+def make_config(data: dict[str, Any]) -> Config:
+    base: dict[str, Any] = {
+        "proxy": {"listen": "127.0.0.1:0"},
+        "admin": {"listen": "127.0.0.1:0"},
+    }
+    for section, values in data.items():
+        if section == "routes":
+            base["routes"] = values
+        else:
+            base.setdefault(section, {}).update(values)
+    if "proxy" in data and "listen" not in data["proxy"]:
+        base["proxy"]["listen"] = "127.0.0.1:0"
+    return config_mod.decode(base, "(test)")
+
+
+@dataclass
+class Running:
+    gateway: Gateway
+    store: Store
+    lifecycle: Lifecycle
+    cfg: Config
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.gateway.admin_port}"
+
+    @property
+    def port(self) -> int:
+        return self.gateway.proxy_port
+
+    async def key(
+        self, owner: str = "alice", project: str = "p1", grant: tuple[str, ...] = ("read", "write"), **kw: Any
+    ) -> str:
+        """Create (if needed) a principal with a grant, then a key; returns the secret."""
+        try:
+            await self.store.get_principal(owner)
+        except Exception:
+            await self.lifecycle.create_principal(owner, grants={project: list(grant)}, actor="test")
+        created = await self.lifecycle.create_key(owner, project, actor="test", **kw)
+        return created.secret
+
+
+GatewayFactory = Callable[..., Any]
+
+
+@pytest.fixture
+async def keystile(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator[GatewayFactory]:
+    """``await keystile(routes=[...], proxy={...})`` starts a Gateway; all are stopped afterwards."""
+    started: list[Running] = []
+
+    async def start(routes: list[dict[str, Any]] | None = None, **sections: Any) -> Running:
+        if routes is None:
+            routes = [
+                {"prefix": "/public", "upstream": upstream.url, "auth": "none"},
+                {"prefix": "/opt", "upstream": upstream.url, "auth": "optional"},
+                {"prefix": "/admin", "upstream": upstream.url, "scopes": ["admin"]},
+                {"prefix": "/", "upstream": upstream.url},
+            ]
+        data: dict[str, Any] = {
+            "store": {"url": f"sqlite:///{tmp_path}/ks-{len(started)}.db"},
+            "routes": routes,
+        }
+        for name, values in sections.items():
+            data.setdefault(name, {}).update(values)
+        cfg = make_config(data)
+        store = await open_store(cfg.store.url)
+        await store.migrate()
+        gw = create_app(cfg, Secrets(HASH_SECRET, (ADMIN_TOKEN.encode(),)), store=store)
+        await gw.start()
+        lc = Lifecycle(cfg, HASH_SECRET, store, invalidate=gw.cache.invalidate)
+        running = Running(gw, store, lc, cfg)
+        started.append(running)
+        return running
+
+    yield start
+    for r in started:
+        await r.gateway.stop()
+        await r.store.close()
+
+
+def replace(cfg: Config, **changes: Any) -> Config:
+    return msgspec.structs.replace(cfg, **changes)

@@ -1,0 +1,201 @@
+"""Authentication through the proxy listener: key sources, the exact 401/403 bodies, identity headers."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+
+from gateway.keys import generate_key
+from tests.upstream import RecordingUpstream, raw_request
+
+MISSING = {
+    "error": "missing_api_key",
+    "message": "An API key is required: send it in X-API-Key or Authorization: Bearer.",
+}
+INVALID = {"error": "invalid_api_key", "message": "The API key is not valid."}
+EXPIRED = {"error": "expired_api_key", "message": "The API key has expired."}
+FORBIDDEN = {"error": "insufficient_scope", "message": "The API key does not grant what this route requires."}
+
+
+async def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+    async with aiohttp.ClientSession() as s, s.get(url, headers=headers or {}) as r:
+        return r.status, dict(r.headers), await r.read()
+
+
+async def test_valid_key_reaches_upstream_with_identity(keystile, upstream: RecordingUpstream) -> None:
+    gw = await keystile()
+    key = await gw.key(scopes=["read"])
+    status, _, body = await get(gw.url + "/things?a=1", {"X-API-Key": key})
+    assert status == 200
+    seen = upstream.received[-1]
+    assert seen.raw_path == "/things?a=1"
+    assert seen.header("X-Keystile-Owner") == ["alice"]
+    assert seen.header("X-Keystile-Project") == ["p1"]
+    assert seen.header("X-Keystile-Scopes") == ["read"]
+    assert seen.header("X-Keystile-Key-Id")[0].startswith("key_")
+    assert seen.header("X-API-Key") == []  # the credential never reaches the upstream
+    assert key not in json.dumps(seen.headers)
+
+
+async def test_bearer_key_is_accepted_and_stripped(keystile, upstream: RecordingUpstream) -> None:
+    gw = await keystile()
+    key = await gw.key()
+    status, _, _ = await get(gw.url + "/x", {"Authorization": f"Bearer {key}"})
+    assert status == 200
+    assert upstream.received[-1].header("Authorization") == []
+
+
+async def test_authorization_wins_over_x_api_key(keystile, upstream: RecordingUpstream) -> None:
+    gw = await keystile()
+    good = await gw.key()
+    bogus = generate_key("ks", "live")
+    status, _, body = await get(gw.url + "/x", {"Authorization": f"Bearer {bogus}", "X-API-Key": good})
+    assert (status, json.loads(body)) == (401, INVALID)
+    status, _, _ = await get(gw.url + "/x", {"Authorization": f"Bearer {good}", "X-API-Key": bogus})
+    assert status == 200
+    # X-API-Key is stripped even when the bearer token was the one used.
+    assert upstream.received[-1].header("X-API-Key") == []
+
+
+async def test_other_authorization_schemes_pass_through(keystile, upstream: RecordingUpstream) -> None:
+    gw = await keystile()
+    key = await gw.key()
+    status, _, _ = await get(gw.url + "/x", {"Authorization": "Basic dXNlcjpwYXNz", "X-API-Key": key})
+    assert status == 200
+    assert upstream.received[-1].header("Authorization") == ["Basic dXNlcjpwYXNz"]
+
+
+async def test_missing_key_is_401_with_challenge(keystile, upstream: RecordingUpstream) -> None:
+    gw = await keystile()
+    status, headers, body = await get(gw.url + "/x")
+    assert status == 401
+    assert json.loads(body) == MISSING
+    assert headers["WWW-Authenticate"].startswith("Bearer")
+    assert upstream.received == []
+
+
+async def test_malformed_unknown_and_revoked_keys_get_one_identical_answer(
+    keystile, upstream: RecordingUpstream
+) -> None:
+    gw = await keystile()
+    key = await gw.key()
+    kid = (
+        (
+            await gw.store.list_keys(
+                __import__("gateway.store", fromlist=["KeyFilter"]).KeyFilter(), time.time()
+            )
+        )
+        .items[0]
+        .id
+    )
+    await gw.lifecycle.revoke_key(kid, actor="test")
+    forged = key[:-1] + ("A" if key[-1] != "A" else "B")  # checksum now wrong
+    answers = set()
+    for candidate in ("not-a-key", forged, generate_key("ks", "live"), key, "ks_live_" + "a" * 36):
+        status, headers, body = await get(gw.url + "/x", {"X-API-Key": candidate})
+        answers.add((status, body, headers["WWW-Authenticate"]))
+    assert len(answers) == 1
+    status, body, _ = answers.pop()
+    assert status == 401 and json.loads(body) == INVALID
+    assert upstream.received == []
+
+
+async def test_key_of_another_prefix_is_invalid(keystile) -> None:
+    gw = await keystile()
+    status, _, body = await get(gw.url + "/x", {"X-API-Key": generate_key("other", "live")})
+    assert (status, json.loads(body)) == (401, INVALID)
+
+
+async def test_expired_key(keystile, upstream: RecordingUpstream) -> None:
+    gw = await keystile()
+    key = await gw.key(expires_in=0.5)
+    assert (await get(gw.url + "/x", {"X-API-Key": key}))[0] == 200
+    await asyncio.sleep(0.6)
+    status, _, body = await get(gw.url + "/x", {"X-API-Key": key})
+    assert (status, json.loads(body)) == (401, EXPIRED)
+    assert len(upstream.received) == 1
+
+
+async def test_insufficient_scope_is_403(keystile, upstream: RecordingUpstream) -> None:
+    gw = await keystile()
+    key = await gw.key(grant=("read",))
+    status, _, body = await get(gw.url + "/admin/users", {"X-API-Key": key})
+    assert (status, json.loads(body)) == (403, FORBIDDEN)
+    assert upstream.received == []
+    admin_key = await gw.key(owner="root", grant=("admin",))
+    assert (await get(gw.url + "/admin/users", {"X-API-Key": admin_key}))[0] == 200
+
+
+async def test_key_narrowed_below_grant(keystile) -> None:
+    gw = await keystile()
+    key = await gw.key(owner="ops", grant=("admin", "read"), scopes=["read"])
+    assert (await get(gw.url + "/admin/x", {"X-API-Key": key}))[0] == 403
+    assert (await get(gw.url + "/x", {"X-API-Key": key}))[0] == 200
+
+
+async def test_auth_none_and_optional_routes(keystile, upstream: RecordingUpstream) -> None:
+    gw = await keystile()
+    key = await gw.key()
+    assert (await get(gw.url + "/public/x"))[0] == 200
+    assert upstream.received[-1].header("X-Keystile-Owner") == []
+    assert (await get(gw.url + "/opt/x"))[0] == 200
+    assert upstream.received[-1].header("X-Keystile-Owner") == []
+    assert (await get(gw.url + "/opt/x", {"X-API-Key": key}))[0] == 200
+    assert upstream.received[-1].header("X-Keystile-Owner") == ["alice"]
+    # A key that is presented must be valid, even where none is required.
+    assert (await get(gw.url + "/opt/x", {"X-API-Key": "nope"}))[0] == 401
+
+
+async def test_duplicate_key_headers_are_refused(keystile) -> None:
+    gw = await keystile()
+    key = await gw.key()
+    req = (
+        f"GET /x HTTP/1.1\r\nHost: a\r\nX-API-Key: {key}\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, _, body = await raw_request(gw.port, req)
+    assert status == 401 and json.loads(body) == INVALID
+
+
+@pytest.mark.parametrize(
+    "spoof",
+    [
+        "X-Keystile-Owner: mallory\r\n",
+        "x-keystile-owner: mallory\r\n",
+        "X-KEYSTILE-OWNER: mallory\r\nX-Keystile-Owner: eve\r\n",
+        "X_Keystile_Owner: mallory\r\n",
+        "x_keystile_scopes: admin\r\n",
+        "X-Keystile-Admin: yes\r\n",
+        "Connection: X-Keystile-Owner\r\nX-Keystile-Owner: mallory\r\n",
+    ],
+)
+async def test_identity_headers_cannot_be_forged(keystile, upstream: RecordingUpstream, spoof: str) -> None:
+    gw = await keystile()
+    key = await gw.key()
+    for path, with_key in (("/x", True), ("/public/x", False)):
+        key_line = f"X-API-Key: {key}\r\n" if with_key else ""
+        req = f"GET {path} HTTP/1.1\r\nHost: a\r\n{spoof}{key_line}Connection: close\r\n\r\n".encode()
+        status, _, _ = await raw_request(gw.port, req)
+        assert status == 200
+        seen = upstream.received[-1]
+        forged = [(k, v) for k, v in seen.headers if k.lower().replace("_", "-").startswith("x-keystile-")]
+        expected = [("X-Keystile-Owner", "alice")] if with_key else []
+        assert [(k, v) for k, v in forged if k == "X-Keystile-Owner"] == expected
+        assert all(v not in ("mallory", "eve", "admin", "yes") for _, v in forged)
+
+
+async def test_whoami(keystile, upstream: RecordingUpstream) -> None:
+    gw = await keystile()
+    key = await gw.key(scopes=["read"], expires_in=3600)
+    status, _, body = await get(gw.url + "/_keystile/whoami", {"Authorization": f"Bearer {key}"})
+    assert status == 200
+    data = json.loads(body)
+    assert data["principal"] == "alice" and data["project"] == "p1" and data["scopes"] == ["read"]
+    assert data["start"] == key[:12] + "…"
+    assert data["expires_at"] > time.time()
+    assert key not in body.decode()
+    assert upstream.received == []
+    assert (await get(gw.url + "/_keystile/whoami"))[0] == 401
