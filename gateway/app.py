@@ -13,6 +13,7 @@ import asyncio
 import logging
 import socket
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import aiohttp
@@ -23,6 +24,7 @@ from gateway.auth import Authenticator
 from gateway.cache import IdentityCache, LocalTier
 from gateway.config import Config, Secrets, parse_listen
 from gateway.handler import ProxyHandler
+from gateway.lifecycle import Lifecycle
 from gateway.keys import KeyDigest
 from gateway.models import IdentityRecord
 from gateway.observability import Metrics
@@ -90,6 +92,7 @@ class Gateway:
             self._load,
         )
         self.authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
+        self.lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
         self.forwarder = Forwarder(cfg)
         await self.forwarder.start()
         self.usage = UsageRecorder(self.store, cfg.usage.flush_interval, cfg.usage.max_pending)
@@ -136,6 +139,10 @@ class Gateway:
                 }
             },
         )
+
+    def invalidate(self, digests: Sequence[KeyDigest]) -> None:
+        """After a committed admin write: forget what these digests resolved to."""
+        self.cache.invalidate(digests)
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self.handler(request)

@@ -103,8 +103,7 @@ async def keystile(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator
         await store.migrate()
         gw = create_app(cfg, Secrets(HASH_SECRET, (ADMIN_TOKEN.encode(),)), store=store)
         await gw.start()
-        lc = Lifecycle(cfg, HASH_SECRET, store, invalidate=gw.cache.invalidate)
-        running = Running(gw, store, lc, cfg)
+        running = Running(gw, store, gw.lifecycle, cfg)
         started.append(running)
         return running
 
