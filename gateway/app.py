@@ -14,7 +14,6 @@ import logging
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import aiohttp
 from aiohttp import http_parser, web
@@ -22,10 +21,12 @@ from aiohttp import http_parser, web
 from gateway.admin import create_admin_app
 from gateway.auth import Authenticator
 from gateway.cache import IdentityCache, LocalTier
+from gateway.cache.redis_tier import RedisTier, Subscriber
+from gateway.cache.tiers import TieredLoader
 from gateway.config import Config, Secrets, parse_listen
 from gateway.handler import ProxyHandler
-from gateway.lifecycle import Lifecycle
 from gateway.keys import KeyDigest
+from gateway.lifecycle import Lifecycle
 from gateway.models import IdentityRecord
 from gateway.observability import Metrics
 from gateway.proxy import Forwarder
@@ -70,7 +71,7 @@ class Gateway:
         self.admin_port = 0
         self.started_at = 0.0
 
-    async def _load(self, digests: list[KeyDigest] | Any) -> dict[KeyDigest, IdentityRecord]:
+    async def _store_load(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord]:
         assert self.store is not None
         return await asyncio.wait_for(
             self.store.find_identities(digests, time.time()), self.cfg.store.timeout
@@ -87,10 +88,22 @@ class Gateway:
                 pool_max=cfg.store.pool_max,
             )
         await self.store.check_schema()
+        self.redis: RedisTier | None = None
+        self.subscriber: Subscriber | None = None
+        if cfg.redis.url:
+            # A tombstone must outlive any lookup that could have read the store before the write.
+            tombstone_ttl = max(10.0, 2 * (cfg.store.timeout + cfg.redis.socket_timeout))
+            self.redis = RedisTier(cfg.redis, cfg.cache, tombstone_ttl)
+        self.loader = TieredLoader(self.redis, self._store_load)
         self.cache = IdentityCache(
             LocalTier(cfg.cache.local_ttl, cfg.cache.negative_ttl, cfg.cache.local_max_entries),
-            self._load,
+            self.loader,
         )
+        if self.redis is not None:
+            self.subscriber = Subscriber(
+                self.redis, self.cache.apply, cfg.redis.url, cfg.redis.connect_timeout
+            )
+            self.subscriber.start()
         self.authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
         self.lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
         self.forwarder = Forwarder(cfg)
@@ -140,9 +153,13 @@ class Gateway:
             },
         )
 
-    def invalidate(self, digests: Sequence[KeyDigest]) -> None:
-        """After a committed admin write: forget what these digests resolved to."""
+    async def invalidate(self, digests: Sequence[KeyDigest]) -> None:
+        """After a committed admin write: forget these digests here, tombstone them in Redis and tell
+        every other instance. If Redis is unreachable the invalidation is retried in the background;
+        other instances then converge within ``cache.local_ttl``."""
         self.cache.invalidate(digests)
+        if self.redis is not None:
+            await self.redis.invalidate(digests)
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self.handler(request)
@@ -170,6 +187,12 @@ class Gateway:
             await self.usage.aclose()
         if hasattr(self, "cache"):
             await self.cache.aclose()
+        if getattr(self, "subscriber", None) is not None:
+            assert self.subscriber is not None
+            await self.subscriber.aclose()
+        if getattr(self, "redis", None) is not None:
+            assert self.redis is not None
+            await self.redis.aclose()
         if hasattr(self, "forwarder"):
             await self.forwarder.close()
         if self.store is not None and self._own_store:

@@ -12,7 +12,7 @@ characters, and default to ``API Key name YYYYMMDDHHMMSS`` (UTC).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 
 import msgspec
@@ -24,7 +24,7 @@ from gateway.models import KeyRecord, NewKey, Principal, PrincipalKind
 from gateway.store import KeyChanges, PrincipalChanges, Store
 
 MAX_NAME = 200
-Invalidate = Callable[[Sequence[KeyDigest]], object]
+Invalidate = Callable[[Sequence[KeyDigest]], Awaitable[object]]
 
 
 class PolicyError(ValueError):
@@ -78,9 +78,10 @@ class Lifecycle:
         self._invalidate = invalidate
         self.default_lifetime, self.max_lifetime, self.max_grace = durations(cfg.policy)
 
-    def _changed(self, digests: Sequence[KeyDigest]) -> None:
+    async def _changed(self, digests: Sequence[KeyDigest]) -> None:
+        """After a committed write: tell every instance (awaited, bounded by the Redis timeout)."""
         if self._invalidate is not None and digests:
-            self._invalidate(digests)
+            await self._invalidate(digests)
 
     def _expiry(
         self, now: float, expires_at: float | None, expires_in: float | None, field: str
@@ -150,11 +151,11 @@ class Lifecycle:
         principal, digests = await self.store.update_principal(
             ref, PrincipalChanges(grants=checked, disabled=disabled, metadata=metadata), actor
         )
-        self._changed(digests)
+        await self._changed(digests)
         return principal
 
     async def delete_principal(self, ref: str, *, with_keys: bool, actor: str) -> None:
-        self._changed(await self.store.delete_principal(ref, actor, with_keys=with_keys))
+        await self._changed(await self.store.delete_principal(ref, actor, with_keys=with_keys))
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -235,16 +236,16 @@ class Lifecycle:
         record, digests = await self.store.update_key(
             key_id, changes, actor, max_active=self.cfg.policy.max_active_keys, now=now
         )
-        self._changed(digests)
+        await self._changed(digests)
         return record
 
     async def revoke_key(self, key_id: str, *, actor: str) -> KeyRecord:
         record, digests = await self.store.revoke_key(key_id, actor, time.time())
-        self._changed(digests)
+        await self._changed(digests)
         return record
 
     async def delete_key(self, key_id: str, *, actor: str) -> None:
-        self._changed(await self.store.delete_key(key_id, actor))
+        await self._changed(await self.store.delete_key(key_id, actor))
 
     async def rotate_key(self, key_id: str, *, grace: float = 0.0, actor: str) -> CreatedKey:
         if grace < 0:
@@ -262,5 +263,5 @@ class Lifecycle:
             actor=actor,
             now=now,
         )
-        self._changed(digests)
+        await self._changed(digests)
         return CreatedKey(record, secret)

@@ -84,7 +84,9 @@ async def keystile(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator
     """``await keystile(routes=[...], proxy={...})`` starts a Gateway; all are stopped afterwards."""
     started: list[Running] = []
 
-    async def start(routes: list[dict[str, Any]] | None = None, **sections: Any) -> Running:
+    async def start(
+        routes: list[dict[str, Any]] | None = None, store_obj: Store | None = None, **sections: Any
+    ) -> Running:
         if routes is None:
             routes = [
                 {"prefix": "/public", "upstream": upstream.url, "auth": "none"},
@@ -99,7 +101,7 @@ async def keystile(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator
         for name, values in sections.items():
             data.setdefault(name, {}).update(values)
         cfg = make_config(data)
-        store = await open_store(cfg.store.url)
+        store = store_obj or await open_store(cfg.store.url)
         await store.migrate()
         gw = create_app(cfg, Secrets(HASH_SECRET, (ADMIN_TOKEN.encode(),)), store=store)
         await gw.start()

@@ -20,7 +20,12 @@ from typing import Final
 from gateway.keys import KeyDigest
 from gateway.models import IdentityRecord
 
-Loader = Callable[[Sequence[KeyDigest]], Awaitable[dict[KeyDigest, IdentityRecord]]]
+# Resolves digests; a digest missing from the result could not be resolved (tiers unavailable).
+Loader = Callable[[Sequence[KeyDigest]], Awaitable[dict[KeyDigest, IdentityRecord | None]]]
+
+
+class LookupUnavailable(Exception):
+    """No tier could say what a digest is; the request must get 503, never 401."""
 
 
 class _Miss:
@@ -125,7 +130,15 @@ class IdentityCache:
 
     def clear(self) -> None:
         self._generation += 1
+        self.invalidations += 1
         self.local.clear()
+
+    def apply(self, digests: Sequence[KeyDigest] | None) -> None:
+        """An invalidation message: these digests, or everything (None)."""
+        if digests is None:
+            self.clear()
+        else:
+            self.invalidate(digests)
 
     def _start_batch(self) -> None:
         batch, self._batch = self._batch, []
@@ -151,10 +164,15 @@ class IdentityCache:
         fill = generation == self._generation
         now = time.monotonic()
         for d in batch:
-            value = found.get(d)
+            fut = self._inflight.pop(d)
+            if d not in found:
+                if not fut.done():
+                    fut.set_exception(LookupUnavailable())
+                    fut.exception()  # retrieved: nobody may be waiting any more
+                continue
+            value = found[d]
             if fill:
                 self.local.put(d, value, now)
-            fut = self._inflight.pop(d)
             if not fut.done():
                 fut.set_result(value)
 

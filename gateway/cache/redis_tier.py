@@ -1,0 +1,337 @@
+"""The Redis tier: identities shared by every instance, tombstones, invalidation messages, a breaker.
+
+Owns: the Redis client (one pool per process), the encoding of cached identities, the circuit
+breaker, publishing invalidations and the subscriber that applies them. Must not: touch HTTP or the
+store; the tiered loader in ``gateway.cache.tiers`` decides when to fall through.
+
+Keys are ``{namespace}id:{hex digest}``; values are msgpack ``IdentityRecord``s, ``-`` for a cached
+"unknown digest" (short TTL), or ``x`` for a tombstone. An admin write sets tombstones (not DEL) for
+the digests it changed; fills use ``SET ... NX``, so a load that read the store before the write
+committed cannot put the old identity back while the tombstone lives (it outlives any load).
+
+Failure: every command runs under ``socket_timeout`` with no retries, so a frozen Redis costs a
+request at most that long; after ``breaker_failures`` consecutive failures the breaker opens and
+lookups skip Redis for ``breaker_reset`` seconds, then one probe is let through (half-open).
+Invalidations that cannot be published are kept (bounded) and retried; if they overflow, the next
+successful connection purges every cached identity instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Final, Literal
+
+import msgspec
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.config import CacheConfig, RedisConfig
+from gateway.keys import KeyDigest
+from gateway.models import IdentityRecord
+
+log = logging.getLogger("keystile.redis")
+
+NEGATIVE: Final = b"-"
+TOMBSTONE: Final = b"x"
+CLEAR_ALL: Final = b"*"
+MAX_PENDING_INVALIDATIONS: Final = 10_000
+
+_enc = msgspec.msgpack.Encoder()
+_dec = msgspec.msgpack.Decoder(IdentityRecord)
+
+
+class RedisUnavailable(Exception):
+    pass
+
+
+class Breaker:
+    """Consecutive-failure circuit breaker: closed → open (skip) → half-open (one probe)."""
+
+    def __init__(self, failures: int, reset: float) -> None:
+        self._limit = failures
+        self._reset = reset
+        self._failures = 0
+        self._opened_at = 0.0
+        self._probing = False
+        self.opens = 0
+
+    @property
+    def state(self) -> Literal["closed", "open", "half_open"]:
+        if self._failures < self._limit:
+            return "closed"
+        if time.monotonic() - self._opened_at >= self._reset:
+            return "half_open"
+        return "open"
+
+    def allow(self) -> bool:
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half_open" and not self._probing:
+            self._probing = True
+            return True
+        return False
+
+    def success(self) -> None:
+        self._failures = 0
+        self._probing = False
+
+    def failure(self) -> None:
+        self._probing = False
+        self._failures += 1
+        if self._failures >= self._limit:
+            if self._failures == self._limit:
+                self.opens += 1
+                log.warning("redis breaker open: skipping redis for %.1fs", self._reset)
+            self._opened_at = time.monotonic()
+
+
+Lookup = dict[KeyDigest, IdentityRecord | bytes | None]
+
+
+class RedisTier:
+    def __init__(self, cfg: RedisConfig, cache: CacheConfig, tombstone_ttl: float) -> None:
+        self._cfg = cfg
+        self._ttl = cache.redis_ttl
+        self._negative_ttl = max(cache.negative_ttl, 0.001)
+        self._tombstone_ttl = tombstone_ttl
+        self._prefix = cfg.channel.rsplit(":", 1)[0] + ":id:"
+        self.channel = cfg.channel
+        self.client = aioredis.Redis.from_url(
+            cfg.url,
+            socket_timeout=cfg.socket_timeout,
+            socket_connect_timeout=cfg.connect_timeout,
+            retry=Retry(NoBackoff(), 0),
+            max_connections=64,
+            decode_responses=False,
+        )
+        self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset)
+        self._deadline = max(cfg.socket_timeout, cfg.connect_timeout)
+        self._pending: set[KeyDigest] = set()
+        self._purge_needed = False
+        self._fills: set[asyncio.Task[None]] = set()
+        self.hits = 0
+        self.negative_hits = 0
+        self.misses = 0
+        self.errors = 0
+        self.published = 0
+
+    def _key(self, digest: KeyDigest) -> str:
+        return self._prefix + digest.hex()
+
+    async def _guard(self, what: str, coro: object) -> object:
+        """Run one Redis call under the hard deadline, feeding the breaker."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                result = await coro  # type: ignore[misc]
+        except (RedisError, OSError, TimeoutError) as e:
+            self.errors += 1
+            self.breaker.failure()
+            raise RedisUnavailable(f"{what}: {type(e).__name__}: {e}") from None
+        self.breaker.success()
+        return result
+
+    async def get_many(self, digests: Sequence[KeyDigest]) -> Lookup:
+        """One MGET. Values: an identity, ``None`` (known unknown) or TOMBSTONE; absent = not cached."""
+        raw = await self._guard("mget", self.client.mget([self._key(d) for d in digests]))
+        out: Lookup = {}
+        assert isinstance(raw, list)
+        for d, value in zip(digests, raw, strict=True):
+            if value is None:
+                self.misses += 1
+            elif value == NEGATIVE:
+                self.negative_hits += 1
+                out[d] = None
+            elif value == TOMBSTONE:
+                self.misses += 1
+                out[d] = TOMBSTONE
+            else:
+                try:
+                    out[d] = _dec.decode(value)
+                    self.hits += 1
+                except msgspec.DecodeError:
+                    self.misses += 1  # written by another version: treat as not cached
+        return out
+
+    def fill_later(self, values: dict[KeyDigest, IdentityRecord | None], now: float) -> None:
+        """Write store answers back (NX) without making the request wait."""
+        if not values or not self.breaker.allow():
+            return
+        task = asyncio.get_running_loop().create_task(self._fill(values, now))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _fill(self, values: dict[KeyDigest, IdentityRecord | None], now: float) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for d, ident in values.items():
+            if ident is None:
+                pipe.set(self._key(d), NEGATIVE, px=int(self._negative_ttl * 1000), nx=True)
+                continue
+            ttl = self._ttl
+            if ident.expires_at is not None:
+                ttl = min(ttl, max(ident.expires_at - now, 1.0))
+            pipe.set(self._key(d), _enc.encode(ident), px=int(ttl * 1000), nx=True)
+        try:
+            await self._guard("fill", pipe.execute())
+        except RedisUnavailable as e:
+            log.debug("redis fill skipped: %s", e)
+
+    async def invalidate(self, digests: Iterable[KeyDigest]) -> bool:
+        """Tombstone and publish; on failure keep them for ``retry_pending``. True when delivered."""
+        self._pending.update(digests)
+        if len(self._pending) > MAX_PENDING_INVALIDATIONS:
+            self._pending.clear()
+            self._purge_needed = True
+        return await self.retry_pending()
+
+    async def retry_pending(self) -> bool:
+        if self._purge_needed:
+            try:
+                await self._purge()
+            except RedisUnavailable as e:
+                log.warning("redis purge pending: %s", e)
+                return False
+            self._purge_needed = False
+        if not self._pending:
+            return True
+        batch = list(self._pending)
+        pipe = self.client.pipeline(transaction=False)
+        for d in batch:
+            pipe.set(self._key(d), TOMBSTONE, px=int(self._tombstone_ttl * 1000))
+        pipe.publish(self.channel, b",".join(d.hex().encode() for d in batch))
+        try:
+            await self._guard("invalidate", pipe.execute())
+        except RedisUnavailable as e:
+            log.warning("invalidation of %d digests not yet published, will retry: %s", len(batch), e)
+            return False
+        self._pending.difference_update(batch)
+        self.published += 1
+        return True
+
+    async def _purge(self) -> None:
+        async def purge() -> None:
+            async for key in self.client.scan_iter(match=self._prefix + "*", count=1000):
+                await self.client.unlink(key)
+            await self.client.publish(self.channel, CLEAR_ALL)
+
+        try:
+            await asyncio.wait_for(purge(), 30)
+        except (RedisError, OSError, TimeoutError) as e:
+            raise RedisUnavailable(f"purge: {e}") from None
+
+    @property
+    def pending_invalidations(self) -> int:
+        return len(self._pending) + (1 if self._purge_needed else 0)
+
+    async def aclose(self) -> None:
+        for t in list(self._fills):
+            t.cancel()
+        await self.client.aclose()
+
+
+def parse_message(data: bytes) -> list[KeyDigest] | None:
+    """An invalidation message: digests, or None for "clear everything"."""
+    if data == CLEAR_ALL:
+        return None
+    out = []
+    for part in data.split(b","):
+        try:
+            out.append(bytes.fromhex(part.decode()))
+        except ValueError:
+            continue
+    return out
+
+
+class Subscriber:
+    """Applies invalidation messages to this instance's in-process cache.
+
+    On every (re)subscription the in-process cache is cleared first: messages sent while the
+    subscription was down are lost, and clearing is the only safe answer. Pending invalidations of
+    this instance are retried at the same moment.
+    """
+
+    def __init__(
+        self,
+        tier: RedisTier,
+        apply: Callable[[Sequence[KeyDigest] | None], None],
+        url: str,
+        connect_timeout: float,
+    ) -> None:
+        self._tier = tier
+        self._apply = apply
+        self._client = aioredis.Redis.from_url(
+            url,
+            socket_timeout=None,
+            socket_connect_timeout=connect_timeout,
+            retry=Retry(NoBackoff(), 0),
+            decode_responses=False,
+        )
+        self._task: asyncio.Task[None] | None = None
+        self.connected = False
+        self.received = 0
+        self.reconnects = 0
+        self.ready = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name="keystile-invalidation-subscriber"
+        )
+
+    async def _run(self) -> None:
+        backoff = 0.1
+        first = True
+        while True:
+            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            try:
+                async with asyncio.timeout(5):
+                    await pubsub.subscribe(self._tier.channel)
+                if not first:
+                    self.reconnects += 1
+                    log.info("invalidation subscription restored; clearing the in-process cache")
+                    self._apply(None)
+                first = False
+                self.connected = True
+                self.ready.set()
+                backoff = 0.1
+                await self._tier.retry_pending()
+                last_ping = time.monotonic()
+                while True:
+                    msg = await pubsub.get_message(timeout=1.0)
+                    if msg is not None and msg.get("type") == "message":
+                        self.received += 1
+                        self._apply(parse_message(msg["data"]))
+                    now = time.monotonic()
+                    if now - last_ping > 2.0:
+                        last_ping = now
+                        if self._tier.pending_invalidations:
+                            await self._tier.retry_pending()
+                        async with asyncio.timeout(3):
+                            await pubsub.ping()
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:  # any failure: drop the connection, clear, reconnect
+                if self.connected:
+                    log.warning("invalidation subscription lost: %s: %s", type(e).__name__, e)
+                self.connected = False
+                self.ready.set()
+            finally:
+                try:
+                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+                except Exception:  # noqa: S110 - the connection is already broken
+                    pass
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except BaseException:  # noqa: S110
+                pass
+        await self._client.aclose()

@@ -1,0 +1,60 @@
+"""The tiered loader behind the in-process cache: Redis first, then the primary store.
+
+Owns: the fall-through order and what is written back. Must not: touch HTTP. A digest absent from
+the result could not be resolved (both tiers failed): the cache reports it as unavailable, never as
+unknown. Store answers (found or not) are written back to Redis without making the request wait.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+
+from gateway.cache.redis_tier import RedisTier, RedisUnavailable
+from gateway.keys import KeyDigest
+from gateway.models import IdentityRecord
+
+log = logging.getLogger("keystile.cache")
+
+StoreLoad = Callable[[Sequence[KeyDigest]], Awaitable[dict[KeyDigest, IdentityRecord]]]
+
+
+class TieredLoader:
+    def __init__(self, redis: RedisTier | None, store_load: StoreLoad) -> None:
+        self.redis = redis
+        self._store_load = store_load
+        self.store_loads = 0
+        self.store_errors = 0
+
+    async def __call__(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord | None]:
+        out: dict[KeyDigest, IdentityRecord | None] = {}
+        need: Sequence[KeyDigest] = digests
+        redis = self.redis
+        if redis is not None and redis.breaker.allow():
+            try:
+                got = await redis.get_many(digests)
+            except RedisUnavailable as e:
+                log.warning("redis lookup failed, using the store: %s", e)
+                got = {}
+            need = []
+            for d in digests:
+                value = got.get(d, b"")
+                if value is None or isinstance(value, IdentityRecord):
+                    out[d] = value
+                else:  # not cached, or tombstoned by a recent write
+                    need.append(d)
+        if not need:
+            return out
+        self.store_loads += 1
+        try:
+            stored = await self._store_load(need)
+        except Exception as e:
+            self.store_errors += 1
+            log.warning("store lookup of %d digests failed: %s: %s", len(need), type(e).__name__, e)
+            return out
+        fresh = {d: stored.get(d) for d in need}
+        out.update(fresh)
+        if redis is not None:
+            redis.fill_later(fresh, time.time())
+        return out

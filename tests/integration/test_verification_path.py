@@ -1,0 +1,323 @@
+"""The verification path with real Redis and real stores: tiers, invalidation, races, failures.
+
+Private servers (``tests.servers``) are started per test where a test kills or freezes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.keys import KeyDigest, generate_key
+from gateway.models import IdentityRecord
+from gateway.store import KeyFilter
+from gateway.store.sqlite import SQLiteStore
+from tests.servers import PgCluster, RedisServer, require_server
+from tests.upstream import RecordingUpstream
+
+
+@pytest.fixture
+def redis_url() -> str:
+    """The machine's Redis, in a database of its own, emptied first."""
+    import redis
+
+    try:
+        r = redis.Redis.from_url("redis://127.0.0.1:6379/9", socket_connect_timeout=1)
+        r.flushdb()
+        r.close()
+    except redis.RedisError as e:
+        require_server("redis", f"127.0.0.1:6379: {e}")
+    return "redis://127.0.0.1:6379/9"
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PgCluster]:
+    cluster = PgCluster()
+    try:
+        cluster.init()
+        cluster.start()
+    except RuntimeError as e:
+        cluster.destroy()
+        require_server("postgresql", f"private cluster: {e}")
+    yield cluster
+    cluster.destroy()
+
+
+async def status_of(session: aiohttp.ClientSession, url: str, key: str | None, timeout: float = 10) -> int:
+    headers = {"X-API-Key": key} if key else {}
+    async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
+        await r.read()
+        return r.status
+
+
+async def key_id(gw, name_owner: str = "alice") -> str:  # type: ignore[no-untyped-def]
+    return (await gw.store.list_keys(KeyFilter(principal_id=name_owner), time.time())).items[0].id
+
+
+# -- in-process tier --------------------------------------------------------------------------
+
+
+async def test_in_process_hit_needs_no_store_or_redis(keystile, redis_url: str) -> None:
+    gw = await keystile(redis={"url": redis_url}, cache={"local_ttl": 60})
+    key = await gw.key()
+    async with aiohttp.ClientSession() as s:
+        assert await status_of(s, gw.url + "/x", key) == 200
+        loads, mgets = gw.gateway.loader.store_loads, gw.gateway.redis.misses + gw.gateway.redis.hits
+        for _ in range(20):
+            assert await status_of(s, gw.url + "/x", key) == 200
+    assert gw.gateway.loader.store_loads == loads
+    assert gw.gateway.redis.misses + gw.gateway.redis.hits == mgets
+    assert gw.gateway.cache.local.hits >= 20
+
+
+async def test_unknown_keys_are_cached_as_negative(keystile) -> None:
+    gw = await keystile(cache={"negative_ttl": 30})
+    unknown = generate_key("ks", "live")
+    async with aiohttp.ClientSession() as s:
+        for _ in range(30):
+            assert await status_of(s, gw.url + "/x", unknown) == 401
+    assert gw.gateway.loader.store_loads == 1
+    assert gw.gateway.cache.local.negative_hits == 29
+
+
+async def test_concurrent_misses_coalesce_into_one_lookup(keystile, tmp_path: Path) -> None:
+    store = await SlowStore.open(f"sqlite:///{tmp_path}/slow.db")
+    gw = await keystile(store_obj=store)
+    key = await gw.key()
+    others = [generate_key("ks", "live") for _ in range(20)]
+    store.delay = 0.2
+    async with aiohttp.ClientSession() as s:
+        results = await asyncio.gather(
+            *(status_of(s, gw.url + "/x", key) for _ in range(30)),
+            *(status_of(s, gw.url + "/x", k) for k in others),
+        )
+    assert results[:30] == [200] * 30 and results[30:] == [401] * 20
+    # One key x 30 requests and 20 unknown keys arrived together: a couple of batched loads.
+    assert gw.gateway.loader.store_loads <= 3
+    assert store.calls <= 3 and store.digests_seen == 21
+
+
+# -- Redis tier and invalidation ---------------------------------------------------------------
+
+
+async def test_redis_tier_serves_a_second_instance(keystile, redis_url: str, tmp_path: Path) -> None:
+    a = await keystile(redis={"url": redis_url})
+    key = await a.key()
+    async with aiohttp.ClientSession() as s:
+        assert await status_of(s, a.url + "/x", key) == 200
+        await asyncio.sleep(0.1)  # the write-back is asynchronous
+        b = await keystile(redis={"url": redis_url}, store={"url": a.cfg.store.url})
+        assert await status_of(s, b.url + "/x", key) == 200
+    assert b.gateway.redis.hits == 1 and b.gateway.loader.store_loads == 0
+
+
+async def test_revocation_reaches_every_instance_within_a_second(keystile, redis_url: str) -> None:
+    a = await keystile(redis={"url": redis_url}, cache={"local_ttl": 300})
+    b = await keystile(redis={"url": redis_url}, cache={"local_ttl": 300}, store={"url": a.cfg.store.url})
+    await b.gateway.subscriber.ready.wait()
+    key = await a.key()
+    async with aiohttp.ClientSession() as s:
+        assert await status_of(s, a.url + "/x", key) == 200
+        assert await status_of(s, b.url + "/x", key) == 200  # now cached in b's memory for 300 s
+        await a.lifecycle.revoke_key(await key_id(a), actor="test")
+        started = time.monotonic()
+        while await status_of(s, b.url + "/x", key) == 200:
+            assert time.monotonic() - started < 1.0, "b still accepts the revoked key after 1 s"
+            await asyncio.sleep(0.02)
+        assert await status_of(s, b.url + "/x", key) == 401
+    assert b.gateway.subscriber.received >= 1
+
+
+async def test_lookup_racing_a_revocation_cannot_resurrect_the_key(
+    keystile, redis_url: str, tmp_path: Path
+) -> None:
+    store = await SlowStore.open(f"sqlite:///{tmp_path}/race.db")
+    a = await keystile(store_obj=store, redis={"url": redis_url}, cache={"local_ttl": 300})
+    key = await a.key()
+    store.delay = 0.5  # the store answers, then the answer travels slowly
+    async with aiohttp.ClientSession() as s:
+        first = asyncio.create_task(status_of(s, a.url + "/x", key))
+        while store.calls == 0:
+            await asyncio.sleep(0.01)
+        await a.lifecycle.revoke_key(await key_id(a), actor="test")  # commits while the lookup is in flight
+        await first  # may go either way: it raced the revocation
+        store.delay = 0
+        await asyncio.sleep(0.1)
+        assert await status_of(s, a.url + "/x", key) == 401  # not filled into the in-process tier
+        b = await keystile(
+            redis={"url": redis_url}, store={"url": f"sqlite:///{tmp_path}/race.db"}, cache={"local_ttl": 0}
+        )
+        assert await status_of(s, b.url + "/x", key) == 401  # nor into Redis
+
+
+async def test_disconnecting_clients_never_get_another_keys_identity(
+    keystile, upstream: RecordingUpstream, tmp_path: Path
+) -> None:
+    store = await SlowStore.open(f"sqlite:///{tmp_path}/dc.db")
+    gw = await keystile(store_obj=store)
+    keys = {}
+    for i in range(12):
+        keys[f"user{i}"] = await gw.key(owner=f"user{i}", grant=("read",))
+    store.delay = 0.2
+    async with aiohttp.ClientSession() as s:
+
+        async def call(owner: str, key: str, abandon: bool) -> tuple[str, str | None]:
+            if abandon:
+                try:
+                    async with s.get(
+                        gw.url + "/x", headers={"X-API-Key": key}, timeout=aiohttp.ClientTimeout(total=0.05)
+                    ) as r:
+                        await r.read()
+                except TimeoutError:
+                    pass
+                return owner, None
+            async with s.get(gw.url + "/x", headers={"X-API-Key": key}) as r:
+                data = await r.json()
+            got = [v for k, v in data["headers"] if k == "X-Keystile-Owner"]
+            return owner, got[0]
+
+        results = await asyncio.gather(*(call(o, k, i % 2 == 0) for i, (o, k) in enumerate(keys.items())))
+    for owner, seen in results:
+        assert seen is None or seen == owner
+
+
+# -- failures ---------------------------------------------------------------------------------
+
+
+async def load(
+    url: str, keys: Sequence[str], seconds: float, per_request_limit: float
+) -> list[tuple[str, int, float]]:
+    """Concurrent requests for ``seconds``; each must finish within ``per_request_limit``."""
+    out: list[tuple[str, int, float]] = []
+    deadline = time.monotonic() + seconds
+    async with aiohttp.ClientSession() as s:
+
+        async def worker(i: int) -> None:
+            while time.monotonic() < deadline:
+                k = keys[i % len(keys)]
+                t0 = time.monotonic()
+                code = await status_of(s, url, k, timeout=per_request_limit)
+                out.append((k, code, time.monotonic() - t0))
+
+        await asyncio.gather(*(worker(i) for i in range(8)))
+    return out
+
+
+@pytest.mark.parametrize("failure", ["kill", "freeze"])
+async def test_redis_dying_or_freezing_mid_load(keystile, private_redis: RedisServer, failure: str) -> None:
+    gw = await keystile(
+        redis={"url": private_redis.url, "socket_timeout": 0.2, "connect_timeout": 0.2},
+        cache={"local_ttl": 0},
+    )
+    valid = [await gw.key(owner=f"u{i}") for i in range(3)]
+    revoked = await gw.key(owner="gone")
+    await gw.lifecycle.revoke_key(await key_id(gw, "gone"), actor="test")
+    async with aiohttp.ClientSession() as s:
+        for k in valid:
+            assert await status_of(s, gw.url + "/x", k) == 200
+
+    async def break_it() -> None:
+        await asyncio.sleep(0.3)
+        private_redis.kill() if failure == "kill" else private_redis.freeze()
+
+    results, _ = await asyncio.gather(
+        load(gw.url + "/x", [*valid, revoked], 1.5, per_request_limit=2.0), break_it()
+    )
+    assert results, "no requests completed"
+    assert all(code == 200 for k, code, _ in results if k != revoked)
+    assert all(code == 401 for k, code, _ in results if k == revoked)
+    # No request waited much longer than the Redis timeout (0.2 s) plus a store lookup.
+    assert max(elapsed for _, _, elapsed in results) < 1.0
+    assert gw.gateway.redis.breaker.opens >= 1
+
+    # Recovery without a restart.
+    if failure == "kill":
+        private_redis.start()
+    else:
+        private_redis.thaw()
+    deadline = time.monotonic() + 10
+    hits_before = gw.gateway.redis.hits
+    async with aiohttp.ClientSession() as s:
+        while gw.gateway.redis.hits == hits_before:
+            assert time.monotonic() < deadline, "the Redis tier never came back"
+            assert await status_of(s, gw.url + "/x", valid[0]) == 200
+            await asyncio.sleep(0.2)
+    assert gw.gateway.redis.breaker.state == "closed"
+
+
+async def test_store_down_cached_keys_work_until_their_ttl_uncached_get_503(
+    keystile, pg_cluster: PgCluster
+) -> None:
+    gw = await keystile(store={"url": pg_cluster.url, "timeout": 1.0}, cache={"local_ttl": 1.5})
+    cached = await gw.key(owner="cached")
+    cold = await gw.key(owner="cold")
+    async with aiohttp.ClientSession() as s:
+        assert await status_of(s, gw.url + "/x", cached) == 200
+        warmed = time.monotonic()
+        pg_cluster.stop()
+        assert await status_of(s, gw.url + "/x", cached) == 200  # in-process hit
+        async with s.get(gw.url + "/x", headers={"X-API-Key": cold}) as r:
+            assert r.status == 503
+            assert (await r.json())["error"] == "auth_unavailable"
+            assert r.headers["Retry-After"] == "1"
+        # Never cached as "unknown": still 503 on the next try, not 401.
+        assert await status_of(s, gw.url + "/x", cold) == 503
+        await asyncio.sleep(max(0.0, 1.6 - (time.monotonic() - warmed)))
+        assert await status_of(s, gw.url + "/x", cached) == 503  # TTL ended: not extended
+        pg_cluster.start()
+        deadline = time.monotonic() + 15
+        while await status_of(s, gw.url + "/x", cold) != 200:
+            assert time.monotonic() < deadline, "no recovery after the store came back"
+            await asyncio.sleep(0.2)
+        assert await status_of(s, gw.url + "/x", cached) == 200
+
+
+async def test_store_and_redis_down_only_in_process_hits(
+    keystile, pg_cluster: PgCluster, private_redis: RedisServer
+) -> None:
+    gw = await keystile(
+        store={"url": pg_cluster.url, "timeout": 1.0},
+        redis={"url": private_redis.url, "socket_timeout": 0.2, "connect_timeout": 0.2},
+        cache={"local_ttl": 30},
+    )
+    cached = await gw.key(owner="cached")
+    cold = await gw.key(owner="cold")
+    async with aiohttp.ClientSession() as s:
+        assert await status_of(s, gw.url + "/x", cached) == 200
+        await asyncio.sleep(0.1)
+        private_redis.kill()
+        pg_cluster.stop()
+        assert await status_of(s, gw.url + "/x", cached) == 200
+        assert await status_of(s, gw.url + "/x", cold) == 503
+        pg_cluster.start()
+
+
+class SlowStore(SQLiteStore):
+    """A real SQLite store whose identity lookups answer late: the one fault-injection seam."""
+
+    delay = 0.0
+    calls = 0
+    digests_seen = 0
+
+    async def find_identities(
+        self, digests: Sequence[KeyDigest], now: float
+    ) -> dict[KeyDigest, IdentityRecord]:
+        result = await super().find_identities(digests, now)
+        self.calls += 1
+        self.digests_seen += len(digests)
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        return result
