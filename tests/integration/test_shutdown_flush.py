@@ -1,0 +1,123 @@
+"""SIGTERM under load: in-flight requests finish, then the last usage batch reaches the store."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from gateway.store import open_store
+from tests.servers import PgCluster, free_port, require_server, wait_tcp
+from tests.upstream import RecordingUpstream
+
+SECRET = "fedcba9876543210" * 4
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PgCluster]:
+    cluster = PgCluster()
+    try:
+        cluster.init()
+        cluster.start()
+    except RuntimeError as e:
+        cluster.destroy()
+        require_server("postgresql", f"private cluster: {e}")
+    yield cluster
+    cluster.destroy()
+
+
+def env() -> dict[str, str]:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTILE_")}
+    e["KEYSTILE_KEY_HASH_SECRET"] = SECRET
+    return e
+
+
+def cli(*args: str) -> str:
+    r = subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, env=env(), timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+async def test_sigterm_under_load_flushes_last_used_after_in_flight_requests(
+    tmp_path: Path, upstream: RecordingUpstream, pg_cluster: PgCluster
+) -> None:
+    port, admin = free_port(), free_port()
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(
+        f"""
+[proxy]
+listen = "127.0.0.1:{port}"
+[admin]
+listen = "127.0.0.1:{admin}"
+[store]
+url = "{pg_cluster.url}"
+[usage]
+flush_interval = 300   # only the shutdown flush can write anything
+[logging]
+access_log = false
+[[routes]]
+prefix = "/"
+upstream = "{upstream.url}"
+"""
+    )
+    cli("migrate", "--config", str(cfg))
+    keys = {}
+    for i in range(4):
+        created = json.loads(cli("keys", "create", "--config", str(cfg), "--owner", f"u{i}", "--project", "p", "--json"))
+        keys[created["id"]] = created["key"]
+
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg)], env=env(),
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_tcp(port)
+        ok: dict[str, int] = dict.fromkeys(keys, 0)
+        last_ok_sent: dict[str, float] = dict.fromkeys(keys, 0.0)
+        stop_at = time.monotonic() + 1.5
+
+        async def worker(n: int) -> None:
+            ids = list(keys)
+            i = n
+            async with aiohttp.ClientSession() as s:
+                while time.monotonic() < stop_at:
+                    kid = ids[i % len(ids)]
+                    i += 1
+                    sent = time.time()
+                    try:
+                        async with s.get(f"http://127.0.0.1:{port}/public/slow?s=0.05", headers={"X-API-Key": keys[kid]}) as r:
+                            await r.read()
+                            if r.status == 200:
+                                ok[kid] += 1
+                                last_ok_sent[kid] = max(last_ok_sent[kid], sent)
+                    except aiohttp.ClientError:
+                        await asyncio.sleep(0.01)  # the gateway is going away
+
+        async def terminate() -> None:
+            await asyncio.sleep(0.8)
+            proc.send_signal(signal.SIGTERM)
+
+        await asyncio.gather(*(worker(n) for n in range(8)), terminate())
+        assert proc.wait(timeout=30) == 0, (tmp_path / "serve.log").read_text()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    assert all(ok.values()), ok
+
+    store = await open_store(pg_cluster.url)
+    try:
+        for kid in keys:
+            rec = await store.get_key(kid)
+            assert rec.last_used_at is not None and rec.last_used_at >= last_ok_sent[kid] - 0.001, kid
+            assert rec.request_count >= ok[kid]
+    finally:
+        await store.close()
