@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import aiohttp
 from aiohttp import http_parser, web
+from prometheus_client.core import Metric
 
 from gateway.admin import create_admin_app
 from gateway.auth import Authenticator
@@ -28,7 +29,7 @@ from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
 from gateway.lifecycle import Lifecycle
 from gateway.models import IdentityRecord
-from gateway.observability import Metrics
+from gateway.observability import Metrics, counter, gauge
 from gateway.proxy import Forwarder
 from gateway.routing import RouteTable
 from gateway.store import Store, open_store
@@ -64,9 +65,10 @@ class Gateway:
         self.secrets = secrets
         self.store: Store | None = store
         self._own_store = store is None
-        self.metrics = Metrics()
+        self.metrics = Metrics(r.prefix for r in cfg.routes)
         self._runners: list[web.BaseRunner] = []
         self._sites: list[web.TCPSite | web.SockSite] = []
+        self._background: set[asyncio.Task[None]] = set()
         self.proxy_port = 0
         self.admin_port = 0
         self.started_at = 0.0
@@ -132,7 +134,10 @@ class Gateway:
         self._sites.append(site)
         self.proxy_port = _bound_port(proxy_runner)
 
-        admin_runner = web.AppRunner(create_admin_app(self), access_log=None, shutdown_timeout=5)
+        self.metrics.add_state(self._state_metrics)
+        admin_app = create_admin_app(self)
+        admin_app.router.add_get("/metrics", self._metrics_endpoint)
+        admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=5)
         await admin_runner.setup()
         self._runners.append(admin_runner)
         host, port = parse_listen(cfg.admin.listen)
@@ -161,10 +166,59 @@ class Gateway:
         if self.redis is not None:
             await self.redis.invalidate(digests)
 
+    async def reload(self, cfg: Config) -> list[str]:
+        """Apply a new, already validated config without dropping connections.
+
+        Routes, upstreams, timeouts, key sources, policies and cache TTLs change at once; requests
+        in flight finish on the objects they started with, and the old upstream pool is closed
+        once they can no longer need it. Returns one note per changed setting that only takes
+        effect after a restart.
+        """
+        notes = [
+            f"{name}: changed; takes effect after a restart"
+            for name, old, new in _restart_only(self.cfg, cfg)
+            if old != new
+        ]
+        forwarder = Forwarder(cfg)
+        await forwarder.start()
+        authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
+        local = self.cache.local
+        local.ttl, local.negative_ttl, local.max_entries = (
+            cfg.cache.local_ttl,
+            cfg.cache.negative_ttl,
+            cfg.cache.local_max_entries,
+        )
+        self.metrics.add_routes(r.prefix for r in cfg.routes)
+        handler = ProxyHandler(
+            cfg, RouteTable(cfg.routes), authenticator, forwarder, self.usage, self.metrics
+        )
+        assert self.store is not None
+        lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
+        retired = self.forwarder
+        self.cfg, self.handler, self.forwarder = cfg, handler, forwarder
+        self.authenticator, self.lifecycle = authenticator, lifecycle
+        task = asyncio.get_running_loop().create_task(
+            self._retire(retired, self.cfg.upstream.read_timeout + self.cfg.proxy.shutdown_timeout)
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        log.info(
+            "configuration reloaded", extra={"fields": {"routes": len(cfg.routes), "restart_needed": notes}}
+        )
+        return notes
+
+    async def _retire(self, forwarder: Forwarder, after: float) -> None:
+        try:
+            await asyncio.sleep(after)
+        finally:
+            await forwarder.close()
+
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self.handler(request)
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
+        """Ready when the store answers with a current schema. Redis is reported, not required:
+        without it Keystile falls back to the store."""
         checks: dict[str, str] = {}
         ready = True
         try:
@@ -174,7 +228,85 @@ class Gateway:
         except Exception as e:
             ready = False
             checks["store"] = f"unavailable: {type(e).__name__}: {e}"
+        if self.redis is None:
+            checks["redis"] = "disabled"
+        else:
+            sub = self.subscriber
+            checks["redis"] = f"breaker {self.redis.breaker.state}, subscription " + (
+                "connected" if sub is not None and sub.connected else "down"
+            )
         return ready, checks
+
+    async def _metrics_endpoint(self, request: web.Request) -> web.Response:
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    def _state_metrics(self) -> list[Metric]:
+        local = self.cache.local
+        tiers = [
+            ({"tier": "local", "result": "hit"}, local.hits),
+            ({"tier": "local", "result": "miss"}, local.misses),
+            ({"tier": "local", "result": "negative_hit"}, local.negative_hits),
+            ({"tier": "store", "result": "load"}, self.loader.store_loads),
+            ({"tier": "store", "result": "error"}, self.loader.store_errors),
+        ]
+        out: list[Metric] = []
+        if self.redis is not None:
+            r = self.redis
+            tiers += [
+                ({"tier": "redis", "result": "hit"}, r.hits),
+                ({"tier": "redis", "result": "miss"}, r.misses),
+                ({"tier": "redis", "result": "negative_hit"}, r.negative_hits),
+                ({"tier": "redis", "result": "error"}, r.errors),
+            ]
+            state = {"closed": 0, "half_open": 1, "open": 2}[r.breaker.state]
+            out.append(
+                gauge("keystile_redis_breaker_state", "Redis breaker: 0 closed, 1 half-open, 2 open.", state)
+            )
+            out.append(
+                counter(
+                    "keystile_redis_breaker_opens", "Times the Redis breaker opened.", [({}, r.breaker.opens)]
+                )
+            )
+            out.append(
+                gauge(
+                    "keystile_invalidations_pending",
+                    "Invalidations not yet published.",
+                    r.pending_invalidations,
+                )
+            )
+        if self.subscriber is not None:
+            sub = self.subscriber
+            out.append(
+                counter(
+                    "keystile_invalidations_received", "Invalidation messages applied.", [({}, sub.received)]
+                )
+            )
+            out.append(
+                gauge(
+                    "keystile_invalidation_subscription_up", "1 when subscribed.", 1 if sub.connected else 0
+                )
+            )
+        out.append(counter("keystile_cache_lookups", "Identity lookups by tier and result.", tiers))
+        out.append(gauge("keystile_cache_local_entries", "Entries in the in-process cache.", len(local)))
+        u = self.usage
+        out.append(
+            counter("keystile_usage_flushes", "Usage batches written to the store.", [({}, u.flushes)])
+        )
+        out.append(
+            counter(
+                "keystile_usage_flush_failures",
+                "Usage batches that failed and were kept.",
+                [({}, u.flush_failures)],
+            )
+        )
+        out.append(gauge("keystile_usage_pending_keys", "Keys with unflushed usage.", u.pending))
+        out.append(
+            gauge("keystile_usage_flush_lag_seconds", "Age of the oldest unflushed use.", u.lag(time.time()))
+        )
+        out.append(
+            counter("keystile_usage_dropped", "Usage bumps dropped at the pending bound.", [({}, u.dropped)])
+        )
+        return out
 
     async def stop(self) -> None:
         # runner.cleanup() stops accepting, then waits for in-flight handlers up to
@@ -183,6 +315,9 @@ class Gateway:
             await runner.cleanup()
         self._sites.clear()
         self._runners.clear()
+        for task in list(self._background):
+            task.cancel()  # retiring forwarders close at once
+            await asyncio.gather(task, return_exceptions=True)
         if hasattr(self, "usage"):
             await self.usage.aclose()
         if hasattr(self, "cache"):
@@ -199,6 +334,21 @@ class Gateway:
             await self.store.close()
         if self.started_at:
             log.info("keystile stopped")
+
+
+def _restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:
+    return [
+        ("proxy.listen", a.proxy.listen, b.proxy.listen),
+        ("proxy.keepalive_timeout", a.proxy.keepalive_timeout, b.proxy.keepalive_timeout),
+        ("proxy.shutdown_timeout", a.proxy.shutdown_timeout, b.proxy.shutdown_timeout),
+        ("admin", a.admin, b.admin),
+        ("security", a.security, b.security),
+        ("store", a.store, b.store),
+        ("redis", a.redis, b.redis),
+        ("cache.redis_ttl", a.cache.redis_ttl, b.cache.redis_ttl),
+        ("usage", a.usage, b.usage),
+        ("logging.level", a.logging.level, b.logging.level),
+    ]
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

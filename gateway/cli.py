@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import secrets as pysecrets
 import signal
@@ -118,6 +119,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        path = config_mod.config_path(args.config)
+        reloading: set[asyncio.Task[None]] = set()
+
+        async def reload() -> None:
+            log = logging.getLogger("keystile")
+            try:
+                new = config_mod.load(path)
+            except ConfigError as e:
+                for problem in e.problems:
+                    log.error("reload refused: %s", problem)
+                log.error("reload refused; the previous configuration keeps serving")
+                return
+            for note in await gw.reload(new):
+                log.warning(note)
+
+        def on_hup() -> None:
+            task = loop.create_task(reload())
+            reloading.add(task)
+            task.add_done_callback(reloading.discard)
+
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
         if args.pid_file:
             Path(args.pid_file).write_text(f"{os.getpid()}\n")  # noqa: ASYNC240
         await stop.wait()
@@ -148,6 +170,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
     applied = run(main())
     print(f"applied migrations: {', '.join(map(str, applied))}" if applied else "schema is up to date")
+    return 0
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask a running ``keystile serve`` to re-read its config (the same as SIGHUP)."""
+    try:
+        pid = int(Path(args.pid_file).read_text().strip())
+        os.kill(pid, signal.SIGHUP)
+    except (OSError, ValueError) as e:
+        raise Fail(f"keystile reload: cannot signal the server in {args.pid_file}: {e}") from None
+    print(f"sent SIGHUP to {pid}; the server logs whether the new config was applied")
     return 0
 
 
@@ -334,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     cc.set_defaults(fn=cmd_config_check)
 
     with_config(sub.add_parser("migrate", help="apply database migrations")).set_defaults(fn=cmd_migrate)
+    rl = sub.add_parser("reload", help="make a running server re-read its config (SIGHUP)")
+    rl.add_argument("--pid-file", required=True, help="the file given to serve --pid-file")
+    rl.set_defaults(fn=cmd_reload)
     sub.add_parser("secret", help="print a new random secret (for KEYSTILE_KEY_HASH_SECRET)").set_defaults(
         fn=cmd_secret
     )

@@ -96,7 +96,13 @@ class ProxyHandler:
         started = time.perf_counter()
         seen = _Seen()
         resp = await self._handle(request, seen)
-        self.metrics.request(seen.route, resp.status, seen.outcome)
+        self.metrics.request(
+            seen.route,
+            resp.status,
+            seen.outcome,
+            time.perf_counter() - started,
+            None if seen.upstream_ms is None else seen.upstream_ms / 1000,
+        )
         if self._log_access and (resp.status >= 400 or self._sample >= 1.0 or random.random() < self._sample):
             self._access(request, resp.status, started, seen)
         return resp
@@ -141,7 +147,7 @@ class ProxyHandler:
             )
         except UpstreamFailure as e:
             log.warning("upstream failure on route %s: %s", route.name, e)
-            self.metrics.upstream_errors[e.spec.code] += 1
+            self.metrics.upstream_error(e.spec.code)
             resp = e.spec.response()
         seen.upstream_ms = (time.perf_counter() - up_started) * 1000
         return resp

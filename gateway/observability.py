@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import sys
-import time
-from collections import Counter
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Final
 
 import msgspec
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 _enc = msgspec.json.Encoder()
 
@@ -44,15 +46,104 @@ def configure_logging(level: str, stream: Any = None) -> None:
 
 
 class Metrics:
-    """Plain counters; the metrics endpoint renders them."""
+    """Prometheus metrics for one gateway, in a registry of its own.
 
-    def __init__(self) -> None:
-        self.started = time.time()
-        self.requests: Counter[tuple[str, str]] = Counter()  # (route, status class)
-        self.auth: Counter[str] = Counter()  # outcome
-        self.upstream_errors: Counter[str] = Counter()  # kind
+    Request-path metrics are prometheus-client counters and histograms (multi-process safe when
+    ``PROMETHEUS_MULTIPROC_DIR`` is set by the supervisor); label children are bound once per
+    route, so a request costs dictionary lookups, not label parsing. State that already lives in
+    the pieces (cache tiers, breaker, usage buffer) is read at scrape time by a collector.
+    Label values are route prefixes, status classes and fixed outcome names: never a key, a digest
+    or request input.
+    """
 
-    def request(self, route: str, status: int, auth_outcome: str | None) -> None:
-        self.requests[(route, f"{status // 100}xx")] += 1
-        if auth_outcome is not None:
-            self.auth[auth_outcome] += 1
+    OUTCOMES: Final = ("ok", "missing", "invalid", "expired", "insufficient_scope", "unavailable")
+
+    def __init__(self, routes: Iterable[str]) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._requests = Counter(
+            "keystile_requests",
+            "Requests answered by the proxy listener.",
+            ["route", "status_class"],
+            registry=self.registry,
+        )
+        self._auth = Counter("keystile_auth", "Authentication outcomes.", ["outcome"], registry=self.registry)
+        self._duration = Histogram(
+            "keystile_request_duration_seconds",
+            "Whole request time in the proxy.",
+            ["route"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self._upstream = Histogram(
+            "keystile_upstream_duration_seconds",
+            "Time spent on the upstream leg.",
+            ["route"],
+            buckets=_BUCKETS,
+            registry=self.registry,
+        )
+        self._upstream_errors = Counter(
+            "keystile_upstream_errors", "Upstream failures by kind.", ["kind"], registry=self.registry
+        )
+        self._req_children: dict[tuple[str, int], Any] = {}
+        self._dur_children: dict[str, Any] = {}
+        self._up_children: dict[str, Any] = {}
+        self._auth_children = {o: self._auth.labels(o) for o in self.OUTCOMES}
+        for route in ("-", "whoami", *routes):
+            self._bind(route)
+
+    def _bind(self, route: str) -> None:
+        for cls in range(1, 6):
+            self._req_children[(route, cls)] = self._requests.labels(route, f"{cls}xx")
+        self._dur_children[route] = self._duration.labels(route)
+        self._up_children[route] = self._upstream.labels(route)
+
+    def add_routes(self, routes: Iterable[str]) -> None:
+        for route in routes:
+            if route not in self._dur_children:
+                self._bind(route)
+
+    def request(
+        self, route: str, status: int, outcome: str | None, seconds: float, upstream: float | None
+    ) -> None:
+        child = self._req_children.get((route, status // 100))
+        if child is None:
+            self._bind(route)
+            child = self._req_children[(route, status // 100)]
+        child.inc()
+        if outcome is not None:
+            self._auth_children[outcome].inc()
+        self._dur_children[route].observe(seconds)
+        if upstream is not None:
+            self._up_children[route].observe(upstream)
+
+    def upstream_error(self, kind: str) -> None:
+        self._upstream_errors.labels(kind).inc()
+
+    def add_state(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        """Publish values read at scrape time (tier counters, breaker, usage buffer)."""
+        self.registry.register(_StateCollector(collect))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _StateCollector(Collector):
+    def __init__(self, collect: Callable[[], Iterable[Metric]]) -> None:
+        self._collect = collect
+
+    def collect(self) -> Iterable[Metric]:
+        return self._collect()
+
+
+def counter(name: str, doc: str, samples: Iterable[tuple[dict[str, str], float]]) -> Metric:
+    fam = CounterMetricFamily(name, doc, labels=sorted({k for labels, _ in samples for k in labels}) or None)
+    for labels, value in samples:
+        fam.add_metric([labels[k] for k in sorted(labels)], value)
+    return fam
+
+
+def gauge(name: str, doc: str, value: float) -> Metric:
+    return GaugeMetricFamily(name, doc, value=value)

@@ -54,6 +54,7 @@ class _Thread:
         self._path = path
         self._timeout = timeout
         self.db: sqlite3.Connection | None = None
+        self._closed = False
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def call() -> T:
@@ -66,6 +67,8 @@ class _Thread:
                 self.db.execute("PRAGMA foreign_keys=ON")
             return fn(self.db)
 
+        if self._closed:
+            raise StoreUnavailable("sqlite: the store is closed")
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, call)
         except sqlite3.OperationalError as e:
@@ -76,6 +79,10 @@ class _Thread:
             raise StoreError(f"sqlite: {e}") from None
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+
         def shut() -> None:
             if self.db is not None:
                 self.db.close()
