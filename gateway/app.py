@@ -60,12 +60,14 @@ def check_runtime() -> None:
 
 
 class Gateway:
-    def __init__(self, cfg: Config, secrets: Secrets, *, store: Store | None = None) -> None:
+    def __init__(
+        self, cfg: Config, secrets: Secrets, *, store: Store | None = None, metrics_dir: str | None = None
+    ) -> None:
         self.cfg = cfg
         self.secrets = secrets
         self.store: Store | None = store
         self._own_store = store is None
-        self.metrics = Metrics(r.prefix for r in cfg.routes)
+        self.metrics = Metrics((r.prefix for r in cfg.routes), multiprocess_dir=metrics_dir)
         self._runners: list[web.BaseRunner] = []
         self._sites: list[web.TCPSite | web.SockSite] = []
         self._background: set[asyncio.Task[None]] = set()
@@ -79,7 +81,7 @@ class Gateway:
             self.store.find_identities(digests, time.time()), self.cfg.store.timeout
         )
 
-    async def start(self, proxy_sock: socket.socket | None = None) -> None:
+    async def start(self, proxy_sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
         check_runtime()
         cfg = self.cfg
         if self.store is None:
@@ -129,7 +131,7 @@ class Gateway:
             site: web.TCPSite | web.SockSite = web.SockSite(proxy_runner, proxy_sock)
         else:
             host, port = parse_listen(cfg.proxy.listen)
-            site = web.TCPSite(proxy_runner, host, port, backlog=1024)
+            site = web.TCPSite(proxy_runner, host, port, backlog=1024, reuse_port=reuse_port or None)
         await site.start()
         self._sites.append(site)
         self.proxy_port = _bound_port(proxy_runner)
@@ -141,7 +143,7 @@ class Gateway:
         await admin_runner.setup()
         self._runners.append(admin_runner)
         host, port = parse_listen(cfg.admin.listen)
-        admin_site = web.TCPSite(admin_runner, host, port)
+        admin_site = web.TCPSite(admin_runner, host, port, reuse_port=reuse_port or None)
         await admin_site.start()
         self._sites.append(admin_site)
         self.admin_port = _bound_port(admin_runner)
@@ -358,6 +360,8 @@ def _bound_port(runner: web.BaseRunner) -> int:
     return 0
 
 
-def create_app(cfg: Config, secrets: Secrets, *, store: Store | None = None) -> Gateway:
+def create_app(
+    cfg: Config, secrets: Secrets, *, store: Store | None = None, metrics_dir: str | None = None
+) -> Gateway:
     """A Gateway ready to ``await start()``."""
-    return Gateway(cfg, secrets, store=store)
+    return Gateway(cfg, secrets, store=store, metrics_dir=metrics_dir)

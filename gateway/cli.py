@@ -107,11 +107,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     cfg, secrets = _load(args)
     configure_logging(cfg.logging.level)
+    path = config_mod.config_path(args.config)
+    if args.workers > 1 and args.worker_of is None:
+        from gateway.workers import Supervisor
+
+        if args.pid_file:
+            Path(args.pid_file).write_text(f"{os.getpid()}\n")
+        return Supervisor(args.workers, ["--config", path] if path else [], cfg.proxy.shutdown_timeout).run()
 
     async def main() -> int:
-        gw = create_app(cfg, secrets)
+        gw = create_app(cfg, secrets, metrics_dir=args.metrics_dir)
         try:
-            await gw.start()
+            await gw.start(reuse_port=args.reuse_port)
         except (StoreError, StartupError, OSError) as e:
             await gw.stop()
             raise Fail(f"keystile: cannot start: {e}") from None
@@ -119,7 +126,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        path = config_mod.config_path(args.config)
         reloading: set[asyncio.Task[None]] = set()
 
         async def reload() -> None:
@@ -140,8 +146,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
             task.add_done_callback(reloading.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
-        if args.pid_file:
+        if args.pid_file and args.worker_of is None:
             Path(args.pid_file).write_text(f"{os.getpid()}\n")  # noqa: ASYNC240
+        if args.worker_of is not None:
+            # A worker outlives no supervisor: stop when the parent is gone.
+            async def watch_parent() -> None:
+                while os.getppid() == args.worker_of:  # noqa: ASYNC110 - nothing to wait on but time
+                    await asyncio.sleep(1.0)
+                stop.set()
+
+            watcher = loop.create_task(watch_parent())
+            reloading.add(watcher)
         await stop.wait()
         await gw.stop()
         return 0
@@ -357,7 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
         return sp
 
     s = with_config(sub.add_parser("serve", help="run the gateway"))
-    s.add_argument("--pid-file", help="write the process id here")
+    s.add_argument("--pid-file", help="write the process id here (the supervisor's with --workers)")
+    s.add_argument("--workers", type=int, default=1, help="worker processes sharing the ports (SO_REUSEPORT)")
+    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--metrics-dir", help=argparse.SUPPRESS)
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("config", help="configuration tools").add_subparsers(dest="sub", required=True)

@@ -14,6 +14,7 @@ from typing import Any, Final
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 _enc = msgspec.json.Encoder()
@@ -58,8 +59,10 @@ class Metrics:
 
     OUTCOMES: Final = ("ok", "missing", "invalid", "expired", "insufficient_scope", "unavailable")
 
-    def __init__(self, routes: Iterable[str]) -> None:
+    def __init__(self, routes: Iterable[str], multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        self._multiprocess_dir = multiprocess_dir
+        self._state: list[Collector] = []
         self._requests = Counter(
             "keystile_requests",
             "Requests answered by the proxy listener.",
@@ -121,10 +124,19 @@ class Metrics:
 
     def add_state(self, collect: Callable[[], Iterable[Metric]]) -> None:
         """Publish values read at scrape time (tier counters, breaker, usage buffer)."""
-        self.registry.register(_StateCollector(collect))
+        collector = _StateCollector(collect)
+        self._state.append(collector)
+        self.registry.register(collector)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self._multiprocess_dir is None:
+            return generate_latest(self.registry)
+        # Workers: request metrics summed over every worker's files; state from this worker.
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, path=self._multiprocess_dir)  # type: ignore[no-untyped-call]
+        for collector in self._state:
+            merged.register(collector)
+        return generate_latest(merged)
 
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
