@@ -115,7 +115,13 @@ class Gateway:
         self.usage = UsageRecorder(self.store, cfg.usage.flush_interval, cfg.usage.max_pending)
         self.usage.start()
         self.handler = ProxyHandler(
-            cfg, RouteTable(cfg.routes), self.authenticator, self.forwarder, self.usage, self.metrics
+            cfg,
+            RouteTable(cfg.routes),
+            self.authenticator,
+            self.forwarder,
+            self.usage,
+            self.metrics,
+            self._stored_last_use,
         )
 
         server = web.Server(
@@ -192,7 +198,13 @@ class Gateway:
         )
         self.metrics.add_routes(r.prefix for r in cfg.routes)
         handler = ProxyHandler(
-            cfg, RouteTable(cfg.routes), authenticator, forwarder, self.usage, self.metrics
+            cfg,
+            RouteTable(cfg.routes),
+            authenticator,
+            forwarder,
+            self.usage,
+            self.metrics,
+            self._stored_last_use,
         )
         assert self.store is not None
         lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
@@ -214,6 +226,13 @@ class Gateway:
             await asyncio.sleep(after)
         finally:
             await forwarder.close()
+
+    async def _stored_last_use(self, key_id: str) -> float | None:
+        assert self.store is not None
+        try:
+            return (await asyncio.wait_for(self.store.get_key(key_id), self.cfg.store.timeout)).last_used_at
+        except Exception:  # whoami still answers from memory when the store cannot
+            return None
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self.handler(request)

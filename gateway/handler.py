@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import random
 import time
+from collections.abc import Awaitable, Callable
 from typing import Final
 
 import msgspec
@@ -50,6 +51,8 @@ class WhoAmI(msgspec.Struct, frozen=True):
 
 
 _whoami_enc = msgspec.json.Encoder()
+# The stored last use of a key (None when unknown or the store cannot say right now).
+LastUsed = Callable[[str], Awaitable[float | None]]
 
 
 class _Seen:
@@ -80,12 +83,14 @@ class ProxyHandler:
         forwarder: Forwarder,
         usage: UsageRecorder,
         metrics: Metrics,
+        last_used: LastUsed | None = None,
     ) -> None:
         self.cfg = cfg
         self.routes = routes
         self.auth = authenticator
         self.forwarder = forwarder
         self.usage = usage
+        self._last_used = last_used
         self.metrics = metrics
         self._whoami = cfg.proxy.whoami_path
         self._query_keys = bool(cfg.proxy.query_param)
@@ -122,7 +127,7 @@ class ProxyHandler:
             seen.outcome, seen.ident = await self.auth.identify(presented.key)
             if seen.outcome != auth.OK or seen.ident is None:
                 return _OUTCOME_ERRORS[seen.outcome].response()
-            return self._whoami_response(seen.ident)
+            return await self._whoami_response(seen.ident)
 
         route = self.routes.match(request.method, hosts[0] if hosts else "", target)
         if route is None:
@@ -152,7 +157,12 @@ class ProxyHandler:
         seen.upstream_ms = (time.perf_counter() - up_started) * 1000
         return resp
 
-    def _whoami_response(self, ident: IdentityRecord) -> web.Response:
+    async def _whoami_response(self, ident: IdentityRecord) -> web.Response:
+        stored = None
+        if self._last_used is not None:
+            stored = await self._last_used(ident.key_id)
+        pending = self.usage.last_seen(ident.key_id)
+        seen = max((t for t in (stored, pending) if t is not None), default=None)
         body = _whoami_enc.encode(
             WhoAmI(
                 key_id=ident.key_id,
@@ -163,6 +173,7 @@ class ProxyHandler:
                 scopes=list(ident.scopes),
                 env=ident.env,
                 expires_at=ident.expires_at,
+                last_used_at=seen,
             )
         )
         return web.Response(

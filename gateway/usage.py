@@ -45,6 +45,11 @@ class UsageRecorder:
                 entry[0] = now
             entry[1] += 1
 
+    def last_seen(self, key_id: str) -> float | None:
+        """The latest use not yet written to the store."""
+        entry = self._pending.get(key_id)
+        return None if entry is None else entry[0]
+
     @property
     def pending(self) -> int:
         return len(self._pending)

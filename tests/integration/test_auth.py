@@ -198,4 +198,12 @@ async def test_whoami(keystile, upstream: RecordingUpstream) -> None:
     assert data["expires_at"] > time.time()
     assert key not in body.decode()
     assert upstream.received == []
+    assert data["last_used_at"] is None
+    before = time.time()
+    assert (await get(gw.url + "/x", {"X-API-Key": key}))[0] == 200
+    data = json.loads((await get(gw.url + "/_keystile/whoami", {"X-API-Key": key}))[2])
+    assert data["last_used_at"] >= before  # from memory, before any flush
+    await gw.gateway.usage.flush()
+    data = json.loads((await get(gw.url + "/_keystile/whoami", {"X-API-Key": key}))[2])
+    assert data["last_used_at"] >= before  # from the store
     assert (await get(gw.url + "/_keystile/whoami"))[0] == 401
