@@ -23,6 +23,7 @@ from typing import Any, Literal, cast
 
 import asyncpg  # type: ignore[import-untyped, unused-ignore]
 
+from gateway.keys import KeyDigest
 from gateway.models import UsageUpdate
 from gateway.store import NameTaken, SchemaMismatch, StoreError, StoreUnavailable
 from gateway.store.migrations import migrations
@@ -124,6 +125,10 @@ class PostgresStore(SQLStore):
     backend: Literal["sqlite", "postgresql"] = "postgresql"
     greatest = "GREATEST"
     ilike = "ILIKE"
+
+    def _digests_in(self, digests: list[KeyDigest]) -> tuple[str, list[Any]]:
+        # One array parameter: one prepared statement whatever the batch size.
+        return "(k.digest = ANY($1::bytea[]) OR k.previous_digest = ANY($1::bytea[]))", [digests]
 
     def __init__(self, pool: Any, timeout: float) -> None:
         self._pool = pool

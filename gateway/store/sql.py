@@ -126,6 +126,11 @@ class SQLStore(Store):
     def _tx(self, principal_id: str | None = None) -> AbstractAsyncContextManager[Conn]:
         """A transaction; writers for one principal must be serialised by it."""
 
+    def _digests_in(self, digests: list[KeyDigest]) -> tuple[str, list[Any]]:
+        """The WHERE fragment matching a key by current or previous digest, and its parameters."""
+        marks = ", ".join(f"${n}" for n in range(1, len(digests) + 1))
+        return f"(k.digest IN ({marks}) OR k.previous_digest IN ({marks}))", list(digests)
+
     @abstractmethod
     def _read(self) -> AbstractAsyncContextManager[Conn]: ...
 
@@ -222,15 +227,14 @@ class SQLStore(Store):
         async with self._read() as conn:
             for i in range(0, len(digests), 500):
                 chunk = list(digests[i : i + 500])
-                marks = ", ".join(f"${n}" for n in range(1, len(chunk) + 1))
+                match, params = self._digests_in(chunk)
                 rows = await conn.fetch(
                     "SELECT k.id, k.digest, k.previous_digest, k.previous_valid_until, k.start, "
                     "k.principal_id, p.name, k.project, k.scopes, k.expires_at, k.env, g.scopes "
                     f"{_KEY_FROM} LEFT JOIN grants g "
                     "ON g.principal_id = k.principal_id AND g.project = k.project "
-                    f"WHERE (k.digest IN ({marks}) OR k.previous_digest IN ({marks})) "
-                    "AND k.revoked_at IS NULL AND NOT p.disabled",
-                    *chunk,
+                    f"WHERE {match} AND k.revoked_at IS NULL AND NOT p.disabled",
+                    *params,
                 )
                 wanted = set(chunk)
                 for r in rows:
