@@ -22,7 +22,7 @@ from prometheus_client.core import Metric
 from gateway.admin import create_admin_app
 from gateway.auth import Authenticator
 from gateway.cache import IdentityCache, LocalTier
-from gateway.cache.redis_tier import RedisTier, Subscriber
+from gateway.cache.redis_tier import RedisTier, Subscriber, tombstone_ttl
 from gateway.cache.tiers import TieredLoader
 from gateway.config import Config, Secrets, parse_listen
 from gateway.handler import ProxyHandler
@@ -95,9 +95,8 @@ class Gateway:
         self.redis: RedisTier | None = None
         self.subscriber: Subscriber | None = None
         if cfg.redis.url:
-            # A tombstone must outlive any lookup that could have read the store before the write.
-            tombstone_ttl = max(10.0, 2 * (cfg.store.timeout + cfg.redis.socket_timeout))
-            self.redis = RedisTier(cfg.redis, cfg.cache, tombstone_ttl)
+            ttl = tombstone_ttl(cfg.store.timeout, cfg.redis.socket_timeout)
+            self.redis = RedisTier(cfg.redis, cfg.cache, ttl)
         self.loader = TieredLoader(self.redis, self._store_load)
         self.cache = IdentityCache(
             LocalTier(cfg.cache.local_ttl, cfg.cache.negative_ttl, cfg.cache.local_max_entries),

@@ -335,3 +335,21 @@ class Subscriber:
             except BaseException:  # noqa: S110
                 pass
         await self._client.aclose()
+
+
+def tombstone_ttl(store_timeout: float, redis_timeout: float) -> float:
+    """How long a tombstone must live: longer than any lookup that could have read the store
+    before the write committed."""
+    return max(10.0, 2 * (store_timeout + redis_timeout))
+
+
+async def publish_invalidation(
+    redis: RedisConfig, cache: CacheConfig, store_timeout: float, digests: Sequence[KeyDigest]
+) -> bool:
+    """For writers that are not a running gateway (the CLI's direct store mode): tombstone and
+    publish once. False when Redis could not be reached."""
+    tier = RedisTier(redis, cache, tombstone_ttl(store_timeout, redis.socket_timeout))
+    try:
+        return await tier.invalidate(digests)
+    finally:
+        await tier.aclose()
