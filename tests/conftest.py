@@ -2,24 +2,55 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
+import uvloop
 
 from gateway import config as config_mod
 from gateway.app import Gateway, create_app
 from gateway.config import Config, Secrets
 from gateway.lifecycle import Lifecycle
 from gateway.store import Store, open_store
+from tests.servers import PgCluster, RedisServer, require_server
 from tests.upstream import RecordingUpstream
 
 HASH_SECRET = secrets.token_bytes(32)
 ADMIN_TOKEN = "test-admin-token-" + secrets.token_hex(8)
+
+
+def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Tests run on uvloop, the loop Keystile serves on."""
+    return {"uvloop": uvloop.new_event_loop}
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of this test's own, which it may kill or freeze."""
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def pg_cluster() -> Iterator[PgCluster]:
+    """A PostgreSQL cluster of this test's own (initdb + pg_ctl), which it may stop and start."""
+    cluster = PgCluster()
+    try:
+        cluster.init()
+        cluster.start()
+    except RuntimeError as e:
+        cluster.destroy()
+        require_server("postgresql", f"private cluster: {e}")
+    yield cluster
+    cluster.destroy()
 
 
 @pytest.fixture
@@ -113,7 +144,3 @@ async def keystile(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator
     for r in started:
         await r.gateway.stop()
         await r.store.close()
-
-
-def replace(cfg: Config, **changes: Any) -> Config:
-    return msgspec.structs.replace(cfg, **changes)

@@ -9,30 +9,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import aiohttp
-import pytest
 
 from gateway.store import open_store
-from tests.servers import PgCluster, free_port, require_server, wait_tcp
+from tests.servers import PgCluster, free_port, wait_tcp
 from tests.upstream import RecordingUpstream
 
 SECRET = "fedcba9876543210" * 4
 
-
-@pytest.fixture
-def pg_cluster() -> Iterator[PgCluster]:
-    cluster = PgCluster()
-    try:
-        cluster.init()
-        cluster.start()
-    except RuntimeError as e:
-        cluster.destroy()
-        require_server("postgresql", f"private cluster: {e}")
-    yield cluster
-    cluster.destroy()
 
 
 def env() -> dict[str, str]:

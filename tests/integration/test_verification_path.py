@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import aiohttp
@@ -35,25 +35,6 @@ def redis_url() -> str:
     return "redis://127.0.0.1:6379/9"
 
 
-@pytest.fixture
-def private_redis(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def pg_cluster() -> Iterator[PgCluster]:
-    cluster = PgCluster()
-    try:
-        cluster.init()
-        cluster.start()
-    except RuntimeError as e:
-        cluster.destroy()
-        require_server("postgresql", f"private cluster: {e}")
-    yield cluster
-    cluster.destroy()
 
 
 async def status_of(session: aiohttp.ClientSession, url: str, key: str | None, timeout: float = 10) -> int:
