@@ -128,7 +128,11 @@ class PostgresStore(SQLStore):
 
     def _digests_in(self, digests: list[KeyDigest]) -> tuple[str, list[Any]]:
         # One array parameter: one prepared statement whatever the batch size.
-        return "(k.digest = ANY($1::bytea[]) OR k.previous_digest = ANY($1::bytea[]))", [digests]
+        return (
+            "k.id IN (SELECT id FROM keys WHERE digest = ANY($1::bytea[]) "
+            "UNION ALL SELECT id FROM keys WHERE previous_digest IS NOT NULL AND previous_digest = ANY($1::bytea[]))",
+            [digests],
+        )
 
     def __init__(self, pool: Any, timeout: float) -> None:
         self._pool = pool

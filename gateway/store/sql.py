@@ -129,7 +129,12 @@ class SQLStore(Store):
     def _digests_in(self, digests: list[KeyDigest]) -> tuple[str, list[Any]]:
         """The WHERE fragment matching a key by current or previous digest, and its parameters."""
         marks = ", ".join(f"${n}" for n in range(1, len(digests) + 1))
-        return f"(k.digest IN ({marks}) OR k.previous_digest IN ({marks}))", list(digests)
+        # Two indexed lookups: an OR across the two columns can make the planner scan the table.
+        return (
+            f"k.id IN (SELECT id FROM keys WHERE digest IN ({marks}) "
+            f"UNION ALL SELECT id FROM keys WHERE previous_digest IS NOT NULL AND previous_digest IN ({marks}))",
+            list(digests),
+        )
 
     @abstractmethod
     def _read(self) -> AbstractAsyncContextManager[Conn]: ...

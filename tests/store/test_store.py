@@ -677,8 +677,8 @@ async def test_migrations_apply_once_and_refuse_a_newer_database(fresh_url: str)
         assert await store.schema_version() == 0
         with pytest.raises(SchemaMismatch, match="keystile migrate"):
             await store.check_schema()
-        assert await store.migrate() == [1]
-        assert await store.schema_version() == 1
+        assert await store.migrate() == [1, 2]
+        assert await store.schema_version() == 2
         await store.check_schema()
         assert await store.migrate() == []
         await store.ping()
@@ -725,8 +725,8 @@ async def test_concurrent_migrations_apply_once(fresh_pg_url: str) -> None:
     stores = [await open_store(fresh_pg_url, pool_min=1, pool_max=1) for _ in range(4)]
     try:
         applied = await asyncio.gather(*(s.migrate() for s in stores))
-        assert sorted(applied) == [[], [], [], [1]]
-        assert await stores[0].schema_version() == 1
+        assert sorted(applied) == [[], [], [], [1, 2]]
+        assert await stores[0].schema_version() == 2
     finally:
         for s in stores:
             await s.close()

@@ -1,0 +1,523 @@
+"""Build every benchmark scenario on this machine, run it, and report.
+
+    python -m benchmarks.run [--quick] [--only NAME,...] [--duration S] [--runs N]
+                             [--keys 1000,100000,1000000]
+
+Peers (nginx ``return 200`` alone, nginx and HAProxy doing the key check, a plain aiohttp proxy,
+aiohttp's hello world) and Keystile's scenarios run in the same session on the same pinned cores:
+the server under test alone on core 0, wrk and the upstream nginx on core 1. Each scenario gets a
+warm-up, then rounds alternate over all scenarios (3 rounds, 1 with --quick) and the medians are
+reported with their ratio to the nginx key-auth proxy of the same run. Results: a markdown table
+on stdout, and ``benchmarks/results/<timestamp>.{md,json,png}`` plus ``latest.*`` copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import http.client
+import json
+import os
+import secrets
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks import configs, report, seed
+from benchmarks.load import KEY_HEADER, LoadError, LoadResult, run_wrk
+from benchmarks.procs import Processes, Server, ServerFailed, cores, free_port
+from benchmarks.tools import ensure_tools, machine
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+SERVER_CORE = 0
+LOAD_CORE = 1
+BASE_KEYS = 1000  # the store behind the fixed-key scenarios, and the keys every peer holds
+UNKNOWN_POOL = 200_000
+MALFORMED_KEY = "ks_live_this-is-not-a-keystile-key"
+REFERENCE = "nginx"
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    group: str  # "peer" or "keystile"
+    server: str  # id of the server under test (see Bench.server_for)
+    what: str
+    mode: str  # wrk/keys.lua KS_MODE: fixed, zipf, cycle, missing, malformed
+    keys: int | str = BASE_KEYS  # key count whose keys file to send, or "unknown"
+    path: str = "/"
+    expect: int = 200
+    proxied: bool = True  # the request reaches the upstream (identity can be checked)
+
+
+def _count_name(n: int) -> str:
+    if n % 1_000_000 == 0:
+        return f"{n // 1_000_000}m"
+    if n % 1000 == 0:
+        return f"{n // 1000}k"
+    return str(n)
+
+
+def scenarios(key_counts: list[int]) -> list[Scenario]:
+    base = f"ks:local:{BASE_KEYS}:1"
+    out = [
+        Scenario("upstream", "peer", "upstream_alone", "nginx `return 200` alone: the floor", "fixed",
+                 proxied=False),
+        Scenario("nginx", "peer", "nginx", "nginx key-auth proxy (`map`, keep-alive upstream)", "zipf"),
+        Scenario("haproxy", "peer", "haproxy", "HAProxy key-auth proxy (map file)", "zipf"),
+        Scenario("plain_aiohttp", "peer", "plain_aiohttp",
+                 "plain aiohttp proxy (dict, ClientSession, `await resp.read()`)", "zipf"),
+        Scenario("hello", "peer", "hello", "aiohttp `web.Server` hello world, no upstream", "fixed",
+                 proxied=False),
+        Scenario("valid", "keystile", base, "valid key, in-process cache hit", "fixed"),
+        Scenario("redis_only", "keystile", f"ks:redis:{BASE_KEYS}:1",
+                 "valid key, Redis tier only (local_ttl = 0)", "fixed"),
+        Scenario("store_only", "keystile", f"ks:store:{BASE_KEYS}:1",
+                 "valid key, store only (local_ttl = 0, no Redis)", "fixed"),
+        Scenario("missing", "keystile", base, "no key", "missing", expect=401, proxied=False),
+        Scenario("malformed", "keystile", base, "malformed key (fails the format check)",
+                 "malformed", expect=401, proxied=False),
+        Scenario("unknown", "keystile", base,
+                 f"well-formed unknown keys, a new one per request ({UNKNOWN_POOL // 1000}k cycled)",
+                 "cycle", keys="unknown", expect=401, proxied=False),
+        Scenario("auth_none", "keystile", base, 'route with auth = "none", no key', "missing",
+                 path="/open/"),
+    ]
+    for n in key_counts:
+        server = base if n == BASE_KEYS else f"ks:local:{n}:1"
+        out.append(Scenario(f"keys_{_count_name(n)}", "keystile", server,
+                            f"{n:,} keys in the store, Zipf(1.1) key choice", "zipf", keys=n))
+    out.append(Scenario("workers_2", "keystile", f"ks:local:{BASE_KEYS}:2",
+                        "valid key, in-process hit, `--workers 2` (both on core 0)", "fixed"))
+    return out
+
+
+@dataclass
+class Outcome:
+    scenario: Scenario
+    status: str = "pending"  # ok, not available, failed
+    reason: str = ""
+    checks: list[str] = field(default_factory=list)
+    identity_seen: str = ""
+    runs: list[dict[str, float]] = field(default_factory=list)
+
+    def median(self) -> dict[str, float]:
+        if not self.runs:
+            return {}
+        keys = ("rps", "p50_ms", "p99_ms", "cpu_us", "requests")
+        return {k: statistics.median(r[k] for r in self.runs) for k in keys}
+
+
+def redis_reachable(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    try:
+        with socket.create_connection((u.hostname or "127.0.0.1", u.port or 6379), timeout=0.5) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, procs: Processes, tmp: Path) -> None:
+        self.args = args
+        self.procs = procs
+        self.tmp = tmp
+        self.cache = seed.cache_dir(args.cache_dir)
+        self.secret = seed.bench_secret(self.cache)
+        self.tools = ensure_tools(["wrk", "nginx", "haproxy"], install=not args.no_install)
+        self.servers: dict[str, Server | ServerFailed] = {}
+        self.stores: dict[int, seed.SeededStore] = {}
+        self.redis_ok = redis_reachable(args.redis_url)
+        self.upstream_port = 0
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def store(self, count: int) -> seed.SeededStore:
+        if count not in self.stores:
+            self.stores[count] = seed.seeded_store(self.cache, count, self.secret)
+        return self.stores[count]
+
+    def keys_file(self, sc: Scenario) -> Path | None:
+        if sc.keys == "unknown":
+            return seed.unknown_keys_file(self.cache, UNKNOWN_POOL)
+        if sc.mode in ("missing", "malformed"):
+            return None
+        assert isinstance(sc.keys, int)
+        return self.store(sc.keys).keys_file
+
+    def peer_keys(self) -> list[str]:
+        return self.store(BASE_KEYS).keys_file.read_text().split()
+
+    # -- servers -------------------------------------------------------------------------
+
+    def _log(self, name: str) -> Path:
+        return self.tmp / f"{name.replace(':', '-')}.log"
+
+    def _tool(self, name: str) -> str:
+        path = self.tools.get(name)
+        if path is None:
+            raise ServerFailed(f"{name} is not installed")
+        return path
+
+    def start_upstream(self) -> None:
+        nginx = self._tool("nginx")
+        self.upstream_port = free_port()
+        conf = configs.nginx_upstream(self.tmp, "upstream", self.upstream_port)
+        self.procs.start("upstream", configs.nginx_argv(nginx, self.tmp, "upstream", conf),
+                         port=self.upstream_port, log=self._log("upstream"), core=LOAD_CORE)
+
+    def server_for(self, sid: str) -> Server:
+        got = self.servers.get(sid)
+        if got is None:
+            try:
+                got = self._start(sid)
+            except ServerFailed as e:
+                got = e
+            self.servers[sid] = got
+        if isinstance(got, ServerFailed):
+            raise got
+        if not got.alive():
+            raise ServerFailed(f"{sid} is no longer running\n{got.log_tail()}")
+        return got
+
+    def _start(self, sid: str) -> Server:
+        port = free_port()
+        log = self._log(sid)
+        py = sys.executable
+        if sid == "upstream_alone":
+            conf = configs.nginx_upstream(self.tmp, sid, port)
+            argv = configs.nginx_argv(self._tool("nginx"), self.tmp, sid, conf)
+        elif sid == "nginx":
+            conf = configs.nginx_keyauth(self.tmp, sid, port, self.upstream_port, self.peer_keys())
+            argv = configs.nginx_argv(self._tool("nginx"), self.tmp, sid, conf)
+        elif sid == "haproxy":
+            conf = configs.haproxy_keyauth(self.tmp, sid, port, self.upstream_port, self.peer_keys())
+            argv = configs.haproxy_argv(self._tool("haproxy"), conf)
+        elif sid == "plain_aiohttp":
+            argv = [py, str(HERE / "peers" / "plain_aiohttp.py"), "--port", str(port),
+                    "--upstream", f"http://127.0.0.1:{self.upstream_port}",
+                    "--keys", str(self.store(BASE_KEYS).keys_file)]
+        elif sid == "hello":
+            argv = [py, str(HERE / "peers" / "hello_aiohttp.py"), "--port", str(port)]
+        elif sid.startswith("ks:"):
+            return self._start_keystile(sid, port, log)
+        else:
+            raise ServerFailed(f"unknown server {sid!r}")
+        return self.procs.start(sid, argv, port=port, log=log, core=SERVER_CORE)
+
+    def _start_keystile(self, sid: str, port: int, log: Path) -> Server:
+        _, tier, count_s, workers_s = sid.split(":")
+        count, workers = int(count_s), int(workers_s)
+        if tier == "redis" and not self.redis_ok:
+            raise ServerFailed(f"Redis is not reachable at {self.args.redis_url}")
+        exe = shutil.which("keystile", path=str(Path(sys.executable).parent)) or shutil.which(
+            "keystile"
+        )
+        if exe is None:
+            raise ServerFailed("the `keystile` command is not installed (pip install -e .)")
+        db = seed.working_copy(self.store(count), self.tmp)
+        name = sid.replace(":", "-")
+        conf = configs.keystile_config(
+            self.tmp,
+            name,
+            port=port,
+            admin_port=free_port(),
+            upstream_port=self.upstream_port,
+            store_db=db,
+            redis_url=self.args.redis_url if tier != "store" and self.redis_ok else "",
+            local_ttl=0.0 if tier in ("redis", "store") else None,
+        )
+        env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTILE_")}
+        env["KEYSTILE_KEY_HASH_SECRET"] = self.secret
+        env["KEYSTILE_ADMIN_TOKENS"] = secrets.token_hex(16)
+        try:
+            from gateway.config import ConfigError, load
+
+            load(conf, env=env)
+        except ConfigError as e:
+            raise ServerFailed("config rejected: " + "; ".join(e.problems)) from None
+        except ImportError as e:
+            raise ServerFailed(f"gateway.config not importable: {e}") from None
+        argv = [exe, "serve", "--config", str(conf)]
+        if workers != 1:
+            argv += ["--workers", str(workers)]
+        return self.procs.start(sid, argv, port=port, log=log, core=SERVER_CORE, env=env,
+                                cwd=self.tmp, ready_timeout=self.args.ready_timeout)
+
+    # -- one scenario --------------------------------------------------------------------
+
+    def _headers(self, sc: Scenario) -> dict[str, str]:
+        if sc.mode == "missing":
+            return {}
+        if sc.mode == "malformed":
+            return {KEY_HEADER: MALFORMED_KEY}
+        path = self.keys_file(sc)
+        assert path is not None
+        with path.open() as f:
+            return {KEY_HEADER: f.readline().strip()}
+
+    def preflight(self, sc: Scenario, server: Server, out: Outcome) -> None:
+        headers = self._headers(sc)
+        status, _ = _get(server.port, sc.path, headers)
+        if status != sc.expect:
+            out.checks.append(f"expected {sc.expect}, got {status}")
+        if sc.proxied and sc.expect == 200:
+            status, body = _get(server.port, sc.path + "_bench/echo", headers)
+            out.identity_seen = body.strip()
+            seen = dict(part.partition("=")[::2] for part in body.split())
+            if status != 200:
+                out.checks.append(f"echo: got {status}")
+            elif seen.get("key"):
+                out.checks.append("API key forwarded upstream")
+            if sc.group == "peer" and seen.get("owner") != configs.OWNER:
+                out.checks.append("owner header missing upstream")
+
+    def load(self, sc: Scenario, server: Server, seconds: float) -> LoadResult:
+        return run_wrk(
+            f"http://127.0.0.1:{server.port}{sc.path}",
+            mode=sc.mode,
+            keys_file=self.keys_file(sc),
+            duration=seconds,
+            core=LOAD_CORE,
+            wrk=self._tool("wrk"),
+        )
+
+    def measure(self, sc: Scenario, server: Server) -> dict[str, float]:
+        before = server.cpu_seconds()
+        res = self.load(sc, server, self.args.duration)
+        after = server.cpu_seconds()
+        if not server.alive():
+            raise ServerFailed(f"{sc.server} died during the run\n{server.log_tail()}")
+        cpu_us = (after - before) / res.requests * 1e6 if res.requests else float("nan")
+        return {**res.as_dict(), "cpu_us": round(cpu_us, 2)}
+
+
+def _get(port: int, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", path, headers=headers)
+        resp = conn.getresponse()
+        return resp.status, resp.read().decode(errors="replace")
+    except OSError as e:
+        return 0, str(e)
+    finally:
+        conn.close()
+
+
+def _unexpected(sc: Scenario, run: dict[str, float]) -> str:
+    total = run["requests"] or 1
+    bad = run["non_2xx"] if sc.expect < 400 else total - run["non_2xx"]
+    parts = []
+    if bad:
+        parts.append(f"{100 * bad / total:.1f}% unexpected status")
+    if run["errors"]:
+        parts.append(f"{int(run['errors'])} socket errors")
+    return ", ".join(parts)
+
+
+def loadavg() -> str:
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
+    load_before = loadavg()
+    if len(cores()) < 2:
+        print("warning: fewer than 2 usable cores: no pinning, numbers are not comparable",
+              file=sys.stderr)
+    with contextlib.suppress(OSError):
+        os.sched_setaffinity(0, {LOAD_CORE})  # keep the orchestrator off the server's core
+    all_sc = scenarios(args.keys)
+    chosen = all_sc
+    if args.only:
+        wanted = set(args.only)
+        names = {s.name for s in all_sc}
+        unknown = wanted - names - {"peers", "keystile"}
+        if unknown:
+            print(f"unknown scenario(s): {', '.join(sorted(unknown))}; "
+                  f"choose from {', '.join(s.name for s in all_sc)}, peers, keystile",
+                  file=sys.stderr)
+            return 2
+        groups = {"peers": "peer", "keystile": "keystile"}
+        chosen = [s for s in all_sc if s.name in wanted or any(
+            groups[g] == s.group for g in wanted & groups.keys())]
+        if REFERENCE not in {s.name for s in chosen}:
+            print(f"adding {REFERENCE!r}: every ratio is against it", file=sys.stderr)
+            chosen.insert(0, next(s for s in all_sc if s.name == REFERENCE))
+
+    tmp = Path(tempfile.mkdtemp(prefix="keystile-bench-"))
+    tmp.chmod(0o755)  # nginx workers run as an unprivileged user when started by root
+    outcomes = [Outcome(s) for s in chosen]
+    try:
+        with Processes() as procs:
+            bench = Bench(args, procs, tmp)
+            if bench.tools.get("wrk") is None or bench.tools.get("nginx") is None:
+                print("wrk and nginx are required (the load generator and the upstream)",
+                      file=sys.stderr)
+                return 2
+            mach = machine(bench.tools)
+            bench.start_upstream()
+            # Start, check and warm every scenario once, then alternate measured rounds.
+            for o in outcomes:
+                sc = o.scenario
+                print(f"[warm-up] {sc.name} ...", file=sys.stderr)
+                try:
+                    server = bench.server_for(sc.server)
+                    bench.preflight(sc, server, o)
+                    bench.load(sc, server, args.warmup)
+                    o.status = "ok"
+                except ServerFailed as e:
+                    o.status, o.reason = "not available", str(e)
+                except LoadError as e:
+                    o.status, o.reason = "failed", str(e)
+                if o.status != "ok":
+                    print(f"  {o.status}: {o.reason.splitlines()[0] if o.reason else ''}",
+                          file=sys.stderr)
+            for r in range(args.runs):
+                for o in outcomes:
+                    if o.status != "ok":
+                        continue
+                    try:
+                        server = bench.server_for(o.scenario.server)
+                        o.runs.append(bench.measure(o.scenario, server))
+                    except (ServerFailed, LoadError) as e:
+                        o.status, o.reason = "failed", str(e)
+                        continue
+                    m = o.runs[-1]
+                    print(f"[run {r + 1}/{args.runs}] {o.scenario.name}: {m['rps']:,.0f} req/s, "
+                          f"CPU {m['cpu_us']:.1f} µs/req", file=sys.stderr)
+            for o in outcomes:
+                for run_ in o.runs:
+                    problem = _unexpected(o.scenario, run_)
+                    if problem and problem not in o.checks:
+                        o.checks.append(problem)
+            micro = run_micro(args) if not args.no_micro else None
+            elapsed = time.monotonic() - started
+            result = report.build(
+                outcomes=[_outcome_dict(o) for o in outcomes],
+                reference=REFERENCE,
+                machine=mach,
+                settings={
+                    "quick": args.quick,
+                    "duration_s": args.duration,
+                    "warmup_s": args.warmup,
+                    "runs": args.runs,
+                    "connections": 50,
+                    "wrk_threads": 1,
+                    "server_core": SERVER_CORE,
+                    "load_core": LOAD_CORE,
+                    "zipf_s": 1.1,
+                    "peer_keys": BASE_KEYS,
+                    "key_counts": args.keys,
+                    "redis_url": args.redis_url if bench.redis_ok else "unreachable",
+                    "elapsed_s": round(elapsed, 1),
+                    "loadavg_before": load_before,
+                    "loadavg_after": loadavg(),
+                },
+                micro=micro,
+            )
+    except KeyboardInterrupt:
+        print("interrupted: servers stopped", file=sys.stderr)
+        return 130
+    finally:
+        if args.keep_tmp:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+    md = report.markdown(result)
+    print(md)
+    paths = report.write(result, md, Path(args.results))
+    print(f"wrote {', '.join(str(p) for p in paths)} in {result['settings']['elapsed_s']}s",
+          file=sys.stderr)
+    return 0
+
+
+def _outcome_dict(o: Outcome) -> dict[str, Any]:
+    sc = o.scenario
+    return {
+        "name": sc.name,
+        "group": sc.group,
+        "what": sc.what,
+        "server": sc.server,
+        "mode": sc.mode,
+        "keys": sc.keys,
+        "path": sc.path,
+        "expect": sc.expect,
+        "status": o.status,
+        "reason": o.reason,
+        "checks": o.checks,
+        "identity_seen": o.identity_seen,
+        "median": o.median(),
+        "runs": o.runs,
+    }
+
+
+def run_micro(args: argparse.Namespace) -> dict[str, Any] | None:
+    """benchmarks.micro in a child pinned to the server core; None (with a note) if it fails."""
+    argv = [sys.executable, "-m", "benchmarks.micro", "--json"]
+    if args.quick:
+        argv.append("--quick")
+    if shutil.which("taskset") and SERVER_CORE in cores():
+        argv = ["taskset", "-c", str(SERVER_CORE), *argv]
+    print("[micro] per-op costs ...", file=sys.stderr)
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False,
+                             cwd=HERE.parent)
+    except subprocess.TimeoutExpired:
+        print("  micro-benchmarks timed out", file=sys.stderr)
+        return None
+    try:
+        data: dict[str, Any] = json.loads(out.stdout)
+        return data
+    except json.JSONDecodeError:
+        print(f"  micro-benchmarks failed: {out.stderr.strip()[-300:]}", file=sys.stderr)
+        return None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true",
+                   help="1 round of 3 s after a 1 s warm-up (finishes in under 3 minutes)")
+    p.add_argument("--only", type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
+                   help="comma-separated scenario names, or 'peers' / 'keystile'")
+    p.add_argument("--duration", type=float, help="seconds per measured run (8; 3 with --quick)")
+    p.add_argument("--warmup", type=float, help="seconds of warm-up per scenario (2; 1 with --quick)")
+    p.add_argument("--runs", type=int, help="alternating rounds, medians reported (3; 1 with --quick)")
+    p.add_argument("--keys", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
+                   default=[1000, 100_000, 1_000_000],
+                   help="key counts for the keys_N scenarios (default 1000,100000,1000000)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--ready-timeout", type=float, default=30.0,
+                   help="seconds a Keystile server may take to listen")
+    p.add_argument("--results", default=str(RESULTS), help="output directory")
+    p.add_argument("--cache-dir", help="where seeded stores are cached (~/.cache/keystile-bench)")
+    p.add_argument("--no-install", action="store_true", help="never run apt-get")
+    p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
+    p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs for inspection")
+    a = p.parse_args(argv)
+    a.duration = a.duration or (3.0 if a.quick else 8.0)
+    a.warmup = a.warmup if a.warmup is not None else (1.0 if a.quick else 2.0)
+    a.runs = a.runs or (1 if a.quick else 3)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
