@@ -29,7 +29,7 @@ from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
 from gateway.lifecycle import Lifecycle
 from gateway.models import IdentityRecord
-from gateway.observability import Metrics, counter, gauge
+from gateway.observability import AccessLog, Metrics, counter, gauge
 from gateway.proxy import Forwarder
 from gateway.routing import RouteTable
 from gateway.store import Store, open_store
@@ -71,6 +71,7 @@ class Gateway:
         self._runners: list[web.BaseRunner] = []
         self._sites: list[web.TCPSite | web.SockSite] = []
         self._background: set[asyncio.Task[None]] = set()
+        self.access_log = AccessLog()
         self.proxy_port = 0
         self.admin_port = 0
         self.started_at = 0.0
@@ -121,6 +122,7 @@ class Gateway:
             self.usage,
             self.metrics,
             self._stored_last_use,
+            self.access_log,
         )
 
         server = web.Server(
@@ -204,6 +206,7 @@ class Gateway:
             self.usage,
             self.metrics,
             self._stored_last_use,
+            self.access_log,
         )
         assert self.store is not None
         lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
@@ -352,6 +355,7 @@ class Gateway:
             await self.forwarder.close()
         if self.store is not None and self._own_store:
             await self.store.close()
+        self.access_log.flush()
         if self.started_at:
             log.info("keystile stopped")
 

@@ -20,13 +20,12 @@ from gateway import auth, errors
 from gateway.auth import Authenticator
 from gateway.config import Config
 from gateway.models import IdentityRecord
-from gateway.observability import Metrics
+from gateway.observability import AccessLog, Metrics
 from gateway.paths import BadPath, parse_target
 from gateway.proxy import Forwarder, UpstreamFailure
 from gateway.routing import RouteTable
 from gateway.usage import UsageRecorder
 
-access_log = logging.getLogger("keystile.access")
 log = logging.getLogger("keystile.proxy")
 
 _OUTCOME_ERRORS: Final = {
@@ -84,6 +83,7 @@ class ProxyHandler:
         usage: UsageRecorder,
         metrics: Metrics,
         last_used: LastUsed | None = None,
+        access_log: AccessLog | None = None,
     ) -> None:
         self.cfg = cfg
         self.routes = routes
@@ -95,6 +95,7 @@ class ProxyHandler:
         self._whoami = cfg.proxy.whoami_path
         self._query_keys = bool(cfg.proxy.query_param)
         self._log_access = cfg.logging.access_log
+        self.access_log = access_log or AccessLog()
         self._sample = cfg.logging.access_sample
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -193,4 +194,4 @@ class ProxyHandler:
             "upstream_status": seen.upstream_status,
             "upstream_ms": None if upstream_ms is None else round(upstream_ms, 3),
         }
-        access_log.info("request", extra={"fields": fields})
+        self.access_log.write(fields)

@@ -6,10 +6,12 @@ logged here may contain a key, a digest or an admin token: callers pass key ids 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
+import time
 from collections.abc import Callable, Iterable
-from typing import Any, Final
+from typing import Any, Final, TextIO
 
 import msgspec
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
@@ -44,6 +46,58 @@ def configure_logging(level: str, stream: Any = None) -> None:
     root.setLevel(level.upper())
     # aiohttp's own access logger is replaced by ours.
     logging.getLogger("aiohttp.access").disabled = True
+
+
+class AccessLog:
+    """One JSON line per request, written in batches: a request costs one encode and an append.
+
+    Lines have the application logs' shape (``time``, ``level``, ``logger``, ``message`` plus the
+    request fields) and go to stderr (resolved at write time) or the given stream. The buffer is
+    written every ``interval`` seconds, when it passes ``max_bytes``, and on ``flush()``.
+    """
+
+    def __init__(
+        self, stream: TextIO | None = None, interval: float = 0.2, max_bytes: int = 64 * 1024
+    ) -> None:
+        self._stream = stream
+        self._interval = interval
+        self._max = max_bytes
+        self._lines: list[bytes] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def write(self, fields: dict[str, Any]) -> None:
+        line = _enc.encode(
+            {
+                "time": round(time.time(), 6),
+                "level": "info",
+                "logger": "keystile.access",
+                "message": "request",
+                **fields,
+            }
+        )
+        self._lines.append(line)
+        self._size += len(line) + 1
+        if self._size >= self._max:
+            self.flush()
+        elif self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(self._interval, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._lines:
+            return
+        data = b"\n".join(self._lines) + b"\n"
+        self._lines.clear()
+        self._size = 0
+        stream = self._stream or sys.stderr
+        try:
+            stream.write(data.decode())
+            stream.flush()
+        except (OSError, ValueError):  # a closed or broken log stream must not break requests
+            pass
 
 
 class Metrics:

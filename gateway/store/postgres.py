@@ -130,7 +130,8 @@ class PostgresStore(SQLStore):
         # One array parameter: one prepared statement whatever the batch size.
         return (
             "k.id IN (SELECT id FROM keys WHERE digest = ANY($1::bytea[]) "
-            "UNION ALL SELECT id FROM keys WHERE previous_digest IS NOT NULL AND previous_digest = ANY($1::bytea[]))",
+            "UNION ALL SELECT id FROM keys "
+            "WHERE previous_digest IS NOT NULL AND previous_digest = ANY($1::bytea[]))",
             [digests],
         )
 

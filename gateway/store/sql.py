@@ -132,7 +132,8 @@ class SQLStore(Store):
         # Two indexed lookups: an OR across the two columns can make the planner scan the table.
         return (
             f"k.id IN (SELECT id FROM keys WHERE digest IN ({marks}) "
-            f"UNION ALL SELECT id FROM keys WHERE previous_digest IS NOT NULL AND previous_digest IN ({marks}))",
+            "UNION ALL SELECT id FROM keys "
+            f"WHERE previous_digest IS NOT NULL AND previous_digest IN ({marks}))",
             list(digests),
         )
 
