@@ -1,8 +1,12 @@
-"""The ``keystile`` command line: serve, check config, migrate, manage keys, demo.
+"""The ``keystile`` command line: serve, check config, migrate, principals, keys, audit, demo.
 
 Owns: argument parsing, human tables and ``--json`` output, exit codes. It is the one place that
 installs uvloop. Must not: hold lifecycle rules (``gateway.lifecycle`` does) or read the environment
 itself (``gateway.config`` does).
+
+The ``principals``, ``keys`` and ``audit`` commands mirror the admin API (``gateway.admin``): over
+HTTP to a running server, or straight on the store for bootstrap (see ``ADMIN_MODES``); both ways
+build the API's own request Structs and print its own views.
 
 Exit codes: 0 success, 1 operation failed (store, network, policy), 2 bad config or usage.
 """
@@ -21,19 +25,30 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
 from gateway import config as config_mod
+from gateway.admin import schemas
 from gateway.config import Config, ConfigError, Secrets
-from gateway.keys import ENVIRONMENTS
+from gateway.keys import ENVIRONMENTS, KeyDigest
 from gateway.lifecycle import Lifecycle, PolicyError
-from gateway.models import KeyRecord
-from gateway.store import KeyFilter, NotFound, Store, StoreError, open_store
+from gateway.store import Store, StoreError, open_store
+
+if TYPE_CHECKING:
+    from gateway.admin.client import Admin, AdminError
 
 T = TypeVar("T")
+S = TypeVar("S", bound=msgspec.Struct)
 _json = msgspec.json.Encoder()
+
+ADMIN_MODES = f"""These commands use a running admin API (--admin-url and --token, or
+{config_mod.ADMIN_URL_ENV} and {config_mod.ADMIN_TOKEN_ENV}) or, to bootstrap, the store itself:
+--config FILE always means the store; without it, an admin URL means the API, else the store of
+{config_mod.CONFIG_ENV} (or the defaults). Prefer the API while a gateway runs: it drops changed keys
+from its cache at once; store-mode changes reach running gateways through Redis when one is
+configured, else only as their cache entries expire (cache.local_ttl)."""
 
 
 class Fail(Exception):
@@ -69,24 +84,6 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     for r in rows:
         lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
     return "\n".join(lines)
-
-
-def key_view(rec: KeyRecord, now: float) -> dict[str, Any]:
-    """The public view of a key, as lists and --json show it."""
-    data: dict[str, Any] = msgspec.to_builtins(rec)
-    data["start"] = rec.start + "…"
-    data["status"] = rec.status(now)
-    return data
-
-
-def parse_expiry(text: str | None) -> float | None:
-    """``30d``/``12h`` -> seconds from now."""
-    if text is None:
-        return None
-    try:
-        return config_mod.parse_duration(text)
-    except ValueError as e:
-        raise Fail(f"--expires-in: {e}", 2) from None
 
 
 async def _with_store(cfg: Config, fn: Callable[[Store], Awaitable[T]]) -> T:
@@ -204,18 +201,309 @@ def cmd_secret(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_keys_create(args: argparse.Namespace) -> int:
-    cfg, secrets = _load(args)
-    scopes = None if args.scopes is None else [s for s in args.scopes.split(",") if s]
+# -- admin commands: the /v1 operations over HTTP (--admin-url) or on the store (--config) ---------
 
-    async def main(store: Store) -> tuple[Any, list[str]]:
-        lc = Lifecycle(cfg, secrets.hash_secret, store)
+
+def _admin_target(args: argparse.Namespace) -> tuple[str, str] | None:
+    """(url, token) of a running admin API, or None to work on the store of ``--config``."""
+    if args.config and args.admin_url:
+        raise Fail("keystile: give --config (the store) or --admin-url (a running server), not both", 2)
+    url, token = config_mod.admin_endpoint(args.admin_url, args.token)
+    if args.config or url is None:
+        return None
+    if token is None:
+        raise Fail(f"keystile: {url} needs an admin token: --token or {config_mod.ADMIN_TOKEN_ENV}", 2)
+    return url, token
+
+
+def _refusal(e: AdminError) -> str:
+    where = f"{e.field}: " if e.field else ""
+    return f"keystile: {where}{e} ({e.error})"
+
+
+def _admin(args: argparse.Namespace, fn: Callable[[Admin], Awaitable[T]], *, need_secret: bool = False) -> T:
+    """Run ``fn`` against the admin API or, for bootstrap, straight against the store.
+
+    Both ways refuse alike (``AdminError``); store mode writes with the actor ``cli`` and tells
+    running gateways through Redis when one is configured (see ``ADMIN_MODES``).
+    """
+    import aiohttp
+
+    from gateway.admin.api import Operations
+    from gateway.admin.client import AdminClient, AdminError, StoreAdmin
+
+    target = _admin_target(args)
+    loaded = None if target is not None else _load(args, need_secret=need_secret)
+
+    async def main() -> T:
+        if target is not None:
+            async with AdminClient(*target) as client:
+                return await fn(client)
+        assert loaded is not None
+        cfg, secrets = loaded
+
+        async def publish(digests: Sequence[KeyDigest]) -> None:
+            await _publish(cfg, digests)
+
+        async def on_store(store: Store) -> T:
+            lifecycle = Lifecycle(
+                cfg, secrets.hash_secret, store, invalidate=publish if cfg.redis.url else None
+            )
+            return await fn(StoreAdmin(Operations(lifecycle, "cli")))
+
+        return await _with_store(cfg, on_store)
+
+    try:
+        return run(main())
+    except AdminError as e:
+        raise Fail(_refusal(e)) from None
+    except (aiohttp.ClientError, TimeoutError) as e:
+        if target is None:
+            raise
+        raise Fail(f"keystile: cannot reach the admin API at {target[0]}: {e or type(e).__name__}") from None
+
+
+async def _publish(cfg: Config, digests: Sequence[KeyDigest]) -> None:
+    """Tell running gateways (through Redis) which keys a store-mode write changed."""
+    from gateway.cache.redis_tier import publish_invalidation
+
+    try:
+        delivered = await publish_invalidation(cfg.redis, cfg.cache, cfg.store.timeout, digests)
+    except Exception as e:
+        delivered = False
+        print(f"keystile: redis: {type(e).__name__}: {e}", file=sys.stderr)
+    if not delivered:
+        print(
+            "warning: the change is stored, but Redis could not be told: running gateways may "
+            f"answer from their caches for up to {cfg.cache.redis_ttl:g}s",
+            file=sys.stderr,
+        )
+
+
+def _build(typ: type[S], **fields: Any) -> S:
+    """A request Struct from flag values, checked exactly as the API checks a body."""
+    try:
+        return msgspec.convert({k: v for k, v in fields.items() if v is not msgspec.UNSET}, typ)
+    except msgspec.ValidationError as e:  # a flag value the API's own types refuse: usage
+        from gateway.admin.client import AdminError
+
+        err = AdminError.from_exception(e)
+        assert err is not None
+        raise Fail(_refusal(err), 2) from None
+
+
+def _print_json(obj: Any) -> None:
+    print(_json.encode(obj).decode())
+
+
+def _print_fields(pairs: Sequence[tuple[str, str]]) -> None:
+    width = max(len(k) for k, _ in pairs) + 1
+    for k, v in pairs:
+        print(f"{k + ':':<{width}} {v}")
+
+
+def _csv(text: str | None) -> list[str] | None:
+    return None if text is None else [p for p in text.split(",") if p]
+
+
+def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, str] | None:
+    """``["a=1", "b=2"]`` -> ``{"a": "1", "b": "2"}``."""
+    if items is None:
+        return None
+    out = {}
+    for item in items:
+        k, sep, v = item.partition("=")
+        if not sep or not k:
+            raise Fail(f"keystile: {flag}: expected NAME=VALUE, got {item!r}", 2)
+        out[k] = v
+    return out
+
+
+def _grants(items: Sequence[str] | None) -> dict[str, list[str]] | None:
+    pairs = _pairs(items, "--grant")
+    return None if pairs is None else {p: _csv(scopes) or [] for p, scopes in pairs.items()}
+
+
+def _duration(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        return config_mod.parse_duration(text)
+    except ValueError as e:
+        raise Fail(f"keystile: {flag}: {e}", 2) from None
+
+
+def parse_expiry(text: str | None) -> float | None:
+    """``30d``/``12h`` -> seconds from now."""
+    return _duration(text, "--expires-in")
+
+
+def _when(text: str | None, flag: str) -> float | None:
+    """UNIX seconds, an ISO 8601 time (UTC unless it says otherwise), or a duration ago (``2h``)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return time.time() - config_mod.parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        t = datetime.fromisoformat(text)
+    except ValueError:
+        raise Fail(f"keystile: {flag}: expected UNIX seconds, an ISO 8601 time or a duration", 2) from None
+    return (t if t.tzinfo else t.replace(tzinfo=UTC)).timestamp()
+
+
+def _confirm(args: argparse.Namespace, expected: str, what: str) -> None:
+    if args.yes:
+        return
+    print(f"This deletes {what} for good. Type {expected} to confirm: ", end="", file=sys.stderr, flush=True)
+    if sys.stdin.readline().strip() != expected:
+        raise Fail("keystile: not confirmed; nothing was deleted")
+
+
+def _more(next_cursor: str | None) -> None:
+    if next_cursor:
+        print(f"(more: --cursor {next_cursor})", file=sys.stderr)
+
+
+def _grants_text(grants: dict[str, list[str]]) -> str:
+    return "; ".join(f"{p}: {','.join(sc) or '(no scopes)'}" for p, sc in grants.items()) or "-"
+
+
+def _show_principal(args: argparse.Namespace, p: schemas.PrincipalView) -> None:
+    if args.json:
+        _print_json(p)
+        return
+    pairs = [
+        ("id", p.id),
+        ("name", p.name),
+        ("kind", p.kind),
+        ("status", "disabled" if p.disabled else "enabled"),
+        ("created", _fmt_time(p.created_at)),
+        ("grants", _grants_text(p.grants)),
+    ]
+    pairs += [(f"metadata.{k}", v) for k, v in p.metadata.items()]
+    _print_fields(pairs)
+
+
+def _show_key(args: argparse.Namespace, k: schemas.KeyView) -> None:
+    if args.json:
+        _print_json(k)
+        return
+    pairs = [
+        ("id", k.id),
+        ("name", k.name),
+        ("start", k.start),
+        ("status", k.status),
+        ("owner", f"{k.principal} ({k.principal_id})"),
+        ("project", k.project),
+        ("scopes", "(all of the owner's grant)" if k.scopes is None else ",".join(k.scopes) or "(none)"),
+        ("env", k.env),
+        ("created", _fmt_time(k.created_at)),
+        ("expires", _fmt_time(k.expires_at) if k.expires_at is not None else "never"),
+        ("last used", _fmt_time(k.last_used_at) if k.last_used_at is not None else "never"),
+        ("requests", str(k.request_count)),
+    ]
+    if k.revoked_at is not None:
+        pairs.append(("revoked", _fmt_time(k.revoked_at)))
+    if k.previous_valid_until is not None and k.previous_valid_until > time.time():
+        pairs.append(("previous secret valid until", _fmt_time(k.previous_valid_until)))
+    pairs += [(f"metadata.{m}", v) for m, v in k.metadata.items()]
+    _print_fields(pairs)
+
+
+def cmd_principals_create(args: argparse.Namespace) -> int:
+    body = _build(
+        schemas.PrincipalCreate,
+        name=args.name,
+        kind=args.kind,
+        grants=_grants(args.grant) or {},
+        metadata=_pairs(args.metadata, "--metadata") or {},
+    )
+    _show_principal(args, _admin(args, lambda admin: admin.create_principal(body)))
+    return 0
+
+
+def cmd_principals_list(args: argparse.Namespace) -> int:
+    query = _build(schemas.PrincipalQuery, limit=args.limit, cursor=args.cursor)
+    page = _admin(args, lambda admin: admin.list_principals(query))
+    if args.json:
+        _print_json(page)
+        return 0
+    rows = [
+        [
+            p.name,
+            p.id,
+            p.kind,
+            "disabled" if p.disabled else "enabled",
+            _fmt_time(p.created_at),
+            _grants_text(p.grants),
+        ]
+        for p in page.items
+    ]
+    print(_table(["name", "id", "kind", "status", "created", "grants"], rows))
+    _more(page.next_cursor)
+    return 0
+
+
+def cmd_principals_show(args: argparse.Namespace) -> int:
+    _show_principal(args, _admin(args, lambda admin: admin.get_principal(args.principal)))
+    return 0
+
+
+def cmd_principals_update(args: argparse.Namespace) -> int:
+    grants: Any = {} if args.no_grants else _grants(args.grant)
+    metadata = _pairs(args.metadata, "--metadata")
+    if grants is None and metadata is None:
+        raise Fail("keystile: nothing to change: give --grant, --no-grants or --metadata", 2)
+    body = _build(
+        schemas.PrincipalUpdate,
+        grants=msgspec.UNSET if grants is None else grants,
+        metadata=msgspec.UNSET if metadata is None else metadata,
+    )
+    _show_principal(args, _admin(args, lambda admin: admin.update_principal(args.principal, body)))
+    return 0
+
+
+def cmd_principals_disable(args: argparse.Namespace) -> int:
+    _show_principal(args, _admin(args, lambda admin: admin.set_disabled(args.principal, True)))
+    return 0
+
+
+def cmd_principals_enable(args: argparse.Namespace) -> int:
+    _show_principal(args, _admin(args, lambda admin: admin.set_disabled(args.principal, False)))
+    return 0
+
+
+def cmd_principals_delete(args: argparse.Namespace) -> int:
+    query = _build(schemas.PrincipalDeleteQuery, with_keys=args.with_keys)
+    if not args.yes:
+        p = _admin(args, lambda admin: admin.get_principal(args.principal))
+        what = f"principal {p.name} ({p.id})" + (" and all of its keys" if args.with_keys else "")
+        _confirm(args, p.name, what)
+    _admin(args, lambda admin: admin.delete_principal(args.principal, query))
+    print(f"deleted principal {args.principal}", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    scopes = _csv(args.scopes)
+
+    async def main(admin: Admin) -> tuple[schemas.IssuedKey, list[str]]:
+        from gateway.admin.client import AdminError
+
         notes = []
         try:
-            principal = await store.get_principal(args.owner)
-        except NotFound:
-            principal = await lc.create_principal(
-                args.owner, grants={args.project: scopes or []}, actor="cli"
+            principal = await admin.get_principal(args.owner)
+        except AdminError as e:
+            if e.status != 404:
+                raise
+            principal = await admin.create_principal(
+                _build(schemas.PrincipalCreate, name=args.owner, grants={args.project: scopes or []})
             )
             shown = ",".join(scopes or []) or "(no scopes)"
             notes.append(f"created principal {principal.name} with grant {args.project}: {shown}")
@@ -232,60 +520,145 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
                     f"warning: scopes not granted to {principal.name} in {args.project} "
                     f"have no effect: {','.join(missing)}"
                 )
-        created = await lc.create_key(
-            principal.id,
-            args.project,
+        body = _build(
+            schemas.KeyCreate,
+            owner=principal.id,
+            project=args.project,
             name=args.name,
             scopes=scopes,
             expires_in=parse_expiry(args.expires_in),
             env=args.env,
-            actor="cli",
         )
-        return created, notes
+        return await admin.create_key(body), notes
 
-    created, notes = run(_with_store(cfg, main))
+    created, notes = _admin(args, main, need_secret=True)
     for n in notes:
         print(n, file=sys.stderr)
     if args.json:
-        view = key_view(created.record, time.time())
-        view["key"] = created.secret
-        print(_json.encode(view).decode())
+        _print_json(created)
     else:
-        print(f"key:  {created.secret}")
-        print(f"id:   {created.record.id}")
-        print(f"name: {created.record.name}")
+        print(f"key:  {created.key}")
+        print(f"id:   {created.id}")
+        print(f"name: {created.name}")
         print("Store the key now: it is shown only once.", file=sys.stderr)
     return 0
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
-    cfg, _ = _load(args, need_secret=False)
-    flt = KeyFilter(
-        principal_id=args.owner, project=args.project, status=args.status, q=args.q, limit=args.limit
+    query = _build(
+        schemas.KeyQuery,
+        owner=args.owner,
+        project=args.project,
+        status=args.status,
+        q=args.q,
+        limit=args.limit,
+        cursor=args.cursor,
     )
-    now = time.time()
-    page = run(_with_store(cfg, lambda store: store.list_keys(flt, now)))
-    views = [key_view(k, now) for k in page.items]
+    page = _admin(args, lambda admin: admin.list_keys(query))
     if args.json:
-        print(_json.encode({"items": views, "next_cursor": page.next_cursor}).decode())
+        _print_json(page)
         return 0
     rows = [
         [
-            v["id"],
-            v["name"],
-            v["start"],
-            v["principal"],
-            v["project"],
-            _fmt_time(v["created_at"]),
-            _fmt_time(v["expires_at"]),
-            _fmt_time(v["last_used_at"]),
-            v["status"],
+            k.id,
+            k.name,
+            k.start,
+            k.principal,
+            k.project,
+            _fmt_time(k.created_at),
+            _fmt_time(k.expires_at),
+            _fmt_time(k.last_used_at),
+            k.status,
         ]
-        for v in views
+        for k in page.items
     ]
     print(
         _table(["id", "name", "start", "owner", "project", "created", "expires", "last used", "status"], rows)
     )
+    _more(page.next_cursor)
+    return 0
+
+
+def cmd_keys_show(args: argparse.Namespace) -> int:
+    _show_key(args, _admin(args, lambda admin: admin.get_key(args.key_id)))
+    return 0
+
+
+def cmd_keys_update(args: argparse.Namespace) -> int:
+    changes: dict[str, Any] = {}
+    if args.name is not None:
+        changes["name"] = args.name
+    if args.no_expiry:
+        changes["expires_at"] = None
+    elif args.expires_in is not None:
+        changes["expires_at"] = time.time() + (_duration(args.expires_in, "--expires-in") or 0)
+    if args.all_scopes:
+        changes["scopes"] = None
+    elif args.scopes is not None:
+        changes["scopes"] = _csv(args.scopes)
+    if args.metadata is not None:
+        changes["metadata"] = _pairs(args.metadata, "--metadata")
+    if not changes:
+        raise Fail("keystile: nothing to change: give --name, --expires-in, --no-expiry, --scopes, ...", 2)
+    body = _build(schemas.KeyUpdate, **changes)
+    _show_key(args, _admin(args, lambda admin: admin.update_key(args.key_id, body)))
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    key = _admin(args, lambda admin: admin.revoke_key(args.key_id))
+    if args.json:
+        _print_json(key)
+    else:
+        print(f"revoked {key.id} ({key.name}); it stays listed as revoked")
+    return 0
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    body = _build(schemas.KeyRotate, grace_seconds=_duration(args.grace, "--grace") or 0)
+    created = _admin(args, lambda admin: admin.rotate_key(args.key_id, body), need_secret=True)
+    if args.json:
+        _print_json(created)
+        return 0
+    print(f"key:  {created.key}")
+    print(f"id:   {created.id}")
+    until = created.previous_valid_until
+    print(
+        "the previous secret stopped working"
+        if until is None
+        else f"the previous secret works until {_fmt_time(until)} UTC",
+        file=sys.stderr,
+    )
+    print("Store the key now: it is shown only once.", file=sys.stderr)
+    return 0
+
+
+def cmd_keys_delete(args: argparse.Namespace) -> int:
+    if not args.yes:
+        k = _admin(args, lambda admin: admin.get_key(args.key_id))
+        _confirm(args, k.id, f"key {k.id} ({k.name}, {k.principal}/{k.project})")
+    _admin(args, lambda admin: admin.delete_key(args.key_id))
+    print(f"deleted key {args.key_id}", file=sys.stderr)
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    query = _build(
+        schemas.AuditQuery,
+        key_id=args.key,
+        principal=args.principal,
+        since=_when(args.since, "--since"),
+        until=_when(args.until, "--until"),
+        limit=args.limit,
+        cursor=args.cursor,
+    )
+    page = _admin(args, lambda admin: admin.list_audit(query))
+    if args.json:
+        _print_json(page)
+        return 0
+    rows = [[_fmt_time(e.at), e.actor, e.action, e.target_id] for e in page.items]
+    print(_table(["time", "actor", "action", "target"], rows))
+    _more(page.next_cursor)
     return 0
 
 
@@ -398,24 +771,97 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--admin-port", type=int, default=8081)
     d.set_defaults(fn=cmd_demo)
 
-    k = sub.add_parser("keys", help="manage API keys").add_subparsers(dest="sub", required=True)
-    kc = with_config(k.add_parser("create", help="create a key (printed once)"))
-    kc.add_argument("--owner", required=True, help="principal name or id")
+    def admin_command(
+        parent: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = with_config(parent.add_parser(name, help=help))
+        sp.add_argument(
+            "--admin-url",
+            help=f"a running admin API, e.g. http://127.0.0.1:8081 (${config_mod.ADMIN_URL_ENV})",
+        )
+        sp.add_argument("--token", help=f"admin token for --admin-url (${config_mod.ADMIN_TOKEN_ENV})")
+        sp.add_argument("--json", action="store_true", help="print JSON for scripts")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    pr = sub.add_parser(
+        "principals",
+        help="manage principals (users, service accounts) and their grants",
+        description=ADMIN_MODES,
+    ).add_subparsers(dest="sub", required=True)
+    pc = admin_command(pr, "create", cmd_principals_create, "create a principal")
+    pc.add_argument("name")
+    pc.add_argument("--kind", choices=["user", "service"], default="user")
+    pc.add_argument("--grant", action="append", metavar="PROJECT=SCOPES", help="repeatable; SCOPES a,b,c")
+    pc.add_argument("--metadata", action="append", metavar="NAME=VALUE")
+    pl = admin_command(pr, "list", cmd_principals_list, "list principals by name")
+    pl.add_argument("--limit", type=int, default=100)
+    pl.add_argument("--cursor")
+    admin_command(pr, "show", cmd_principals_show, "show a principal").add_argument("principal")
+    pu = admin_command(pr, "update", cmd_principals_update, "replace a principal's grants or metadata")
+    pu.add_argument("principal", help="id or name")
+    pu.add_argument(
+        "--grant",
+        action="append",
+        metavar="PROJECT=SCOPES",
+        help="repeatable; the grants given replace all others, for every key at once",
+    )
+    pu.add_argument("--no-grants", action="store_true", help="remove every grant")
+    pu.add_argument("--metadata", action="append", metavar="NAME=VALUE", help="replaces all metadata")
+    admin_command(pr, "disable", cmd_principals_disable, "disable: all its keys stop working").add_argument(
+        "principal"
+    )
+    admin_command(pr, "enable", cmd_principals_enable, "enable again: its keys work again").add_argument(
+        "principal"
+    )
+    pd = admin_command(pr, "delete", cmd_principals_delete, "delete a principal (asks to confirm)")
+    pd.add_argument("principal", help="id or name")
+    pd.add_argument("--with-keys", action="store_true", help="also delete its keys (else refused if any)")
+    pd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+    k = sub.add_parser("keys", help="manage API keys", description=ADMIN_MODES).add_subparsers(
+        dest="sub", required=True
+    )
+    kc = admin_command(k, "create", cmd_keys_create, "create a key (printed once)")
+    kc.add_argument("--owner", required=True, help="principal name or id (created if missing)")
     kc.add_argument("--project", required=True)
     kc.add_argument("--name")
     kc.add_argument("--scopes", help="comma-separated; narrows the owner's grant")
     kc.add_argument("--expires-in", help="e.g. 30d, 12h")
     kc.add_argument("--env", choices=ENVIRONMENTS)
-    kc.add_argument("--json", action="store_true")
-    kc.set_defaults(fn=cmd_keys_create)
-    kl = with_config(k.add_parser("list", help="list keys, newest first"))
+    kl = admin_command(k, "list", cmd_keys_list, "list keys, newest first")
     kl.add_argument("--owner")
     kl.add_argument("--project")
     kl.add_argument("--status", choices=["active", "expired", "revoked"])
     kl.add_argument("--q", help="name contains (case-insensitive)")
     kl.add_argument("--limit", type=int, default=100)
-    kl.add_argument("--json", action="store_true")
-    kl.set_defaults(fn=cmd_keys_list)
+    kl.add_argument("--cursor")
+    admin_command(k, "show", cmd_keys_show, "show a key").add_argument("key_id")
+    ku = admin_command(k, "update", cmd_keys_update, "change a key's name, expiry, scopes or metadata")
+    ku.add_argument("key_id")
+    ku.add_argument("--name")
+    ku.add_argument("--expires-in", help="new expiry from now, e.g. 30d")
+    ku.add_argument("--no-expiry", action="store_true", help="remove the expiry")
+    ku.add_argument("--scopes", help="comma-separated; narrows the owner's grant")
+    ku.add_argument("--all-scopes", action="store_true", help="remove the narrowing")
+    ku.add_argument("--metadata", action="append", metavar="NAME=VALUE", help="replaces all metadata")
+    admin_command(k, "revoke", cmd_keys_revoke, "revoke a key (kept, listed as revoked)").add_argument(
+        "key_id"
+    )
+    kr = admin_command(k, "rotate", cmd_keys_rotate, "new secret, same settings (printed once)")
+    kr.add_argument("key_id")
+    kr.add_argument("--grace", help="the old secret keeps working this long, e.g. 1h (at most 24h)")
+    kd = admin_command(k, "delete", cmd_keys_delete, "delete a key for good (asks to confirm)")
+    kd.add_argument("key_id")
+    kd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+    au = admin_command(sub, "audit", cmd_audit, "list lifecycle changes, newest first")
+    au.add_argument("--key", help="key id")
+    au.add_argument("--principal", help="principal id or name")
+    au.add_argument("--since", help="UNIX seconds, ISO 8601 time, or a duration ago (2h)")
+    au.add_argument("--until", help="UNIX seconds, ISO 8601 time, or a duration ago")
+    au.add_argument("--limit", type=int, default=100)
+    au.add_argument("--cursor")
     return p
 
 

@@ -31,6 +31,9 @@ ENV_PREFIX = "KEYSTILE_"
 HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET"  # noqa: S105 - a variable name
 ADMIN_TOKENS_ENV = "KEYSTILE_ADMIN_TOKENS"
 CONFIG_ENV = "KEYSTILE_CONFIG"
+# Where the CLI finds a running admin API, and the admin token it presents there.
+ADMIN_URL_ENV = "KEYSTILE_ADMIN_URL"
+ADMIN_TOKEN_ENV = "KEYSTILE_ADMIN_TOKEN"  # noqa: S105 - a variable name
 MIN_SECRET_BYTES = 32
 
 Seconds = Annotated[float, Meta(gt=0)]
@@ -387,6 +390,15 @@ def config_path(explicit: str | None, env: Mapping[str, str] | None = None) -> s
     """The config file to read: the ``--config`` flag, else ``KEYSTILE_CONFIG``, else none."""
     environ = os.environ if env is None else env
     return explicit or environ.get(CONFIG_ENV) or None
+
+
+def admin_endpoint(
+    url: str | None, token: str | None, env: Mapping[str, str] | None = None
+) -> tuple[str | None, str | None]:
+    """The admin API the CLI talks to: ``--admin-url``/``--token``, else ``KEYSTILE_ADMIN_URL`` and
+    ``KEYSTILE_ADMIN_TOKEN``. Each is None when neither is given."""
+    environ = os.environ if env is None else env
+    return url or environ.get(ADMIN_URL_ENV) or None, token or environ.get(ADMIN_TOKEN_ENV) or None
 
 
 def load_secrets(

@@ -6,7 +6,8 @@ telling the cache what changed after every committed write. Must not: speak HTTP
 Policies (``[policy]``): at most ``max_active_keys`` active keys per principal and project (1 gives
 the "one key, rotate to replace it" model); ``default_lifetime`` applies when no expiry is asked
 for; ``max_lifetime`` caps any expiry; names are unique per principal and project, at most 200
-characters, and default to ``API Key name YYYYMMDDHHMMSS`` (UTC).
+characters, and default to ``API Key name YYYYMMDDHHMMSS`` (UTC; `` (2)``, `` (3)``... when keys
+are made within one second).
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from gateway import keys
 from gateway.config import Config, durations
 from gateway.keys import KeyDigest
 from gateway.models import KeyRecord, NewKey, Principal, PrincipalKind
-from gateway.store import KeyChanges, PrincipalChanges, Store
+from gateway.store import KeyChanges, NameTaken, PrincipalChanges, Store
 
 MAX_NAME = 200
+MAX_NAME_ATTEMPTS = 20  # generated names tried before a NameTaken is reported
 Invalidate = Callable[[Sequence[KeyDigest]], Awaitable[object]]
 
 
@@ -177,6 +179,7 @@ class Lifecycle:
         env = env or self.cfg.keys.default_env
         if env not in keys.ENVIRONMENTS:
             raise PolicyError("env", "must be live or test")
+        named = name is not None
         name = _check_name(name) if name is not None else default_name(now)
         narrowed = None if scopes is None else _check_scopes(scopes, "scopes")
         expiry = self._expiry(
@@ -184,24 +187,32 @@ class Lifecycle:
         )
         principal = await self.store.get_principal(owner)
         secret = keys.generate_key(self.cfg.keys.prefix, env)
-        record = await self.store.create_key(
-            NewKey(
-                id=keys.generate_id("key"),
-                digest=keys.digest(self._secret, secret),
-                name=name,
-                start=keys.display_start(secret),
-                env=env,
-                principal_id=principal.id,
-                project=project,
-                scopes=narrowed,
-                created_at=now,
-                expires_at=expiry,
-                metadata=metadata or {},
-            ),
-            max_active=self.cfg.policy.max_active_keys,
-            actor=actor,
+        new = NewKey(
+            id=keys.generate_id("key"),
+            digest=keys.digest(self._secret, secret),
+            name=name,
+            start=keys.display_start(secret),
+            env=env,
+            principal_id=principal.id,
+            project=project,
+            scopes=narrowed,
+            created_at=now,
+            expires_at=expiry,
+            metadata=metadata or {},
         )
-        return CreatedKey(record, secret)
+        # A generated name is unique to the second; keys made within one second get " (2)", ...
+        attempt = 1
+        while True:
+            try:
+                record = await self.store.create_key(
+                    new, max_active=self.cfg.policy.max_active_keys, actor=actor
+                )
+                return CreatedKey(record, secret)
+            except NameTaken:
+                attempt += 1
+                if named or attempt > MAX_NAME_ATTEMPTS:
+                    raise
+                new = msgspec.structs.replace(new, name=f"{default_name(now)} ({attempt})")
 
     async def update_key(
         self,

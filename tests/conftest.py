@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import msgspec
+import aiohttp
 import pytest
 import uvloop
 
@@ -18,6 +18,7 @@ from gateway.app import Gateway, create_app
 from gateway.config import Config, Secrets
 from gateway.lifecycle import Lifecycle
 from gateway.store import Store, open_store
+from tests.admin_client import AdminAPI
 from tests.servers import PgCluster, RedisServer, require_server
 from tests.upstream import RecordingUpstream
 
@@ -144,3 +145,16 @@ async def keystile(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator
     for r in started:
         await r.gateway.stop()
         await r.store.close()
+
+
+@pytest.fixture
+async def admin() -> AsyncIterator[Callable[..., AdminAPI]]:
+    """``admin(running)`` -> a client for its admin API (token ``ADMIN_TOKEN`` unless given) that
+    checks every answer against the OpenAPI document."""
+    async with aiohttp.ClientSession() as session:
+
+        def connect(running: Running, token: str | None = ADMIN_TOKEN) -> AdminAPI:
+            return AdminAPI(session, running.admin_url, token)
+
+        yield connect
+

@@ -1,6 +1,11 @@
-"""The admin listener: health, readiness and metrics now; the key-lifecycle API joins it.
+"""The admin listener: health, readiness, the ``/v1`` key-lifecycle API and its OpenAPI document.
 
-Owns: the admin ``web.Application``. Must not: be reachable from the proxy listener.
+Owns: the admin ``web.Application`` (its middlewares and routes; what each route does is in
+``gateway.admin.api``, the wire types in ``schemas``, the document in ``openapi``). Must not: be
+reachable from the proxy listener.
+
+Routes (``ENDPOINTS`` in ``api`` is the list): ``/healthz``, ``/readyz`` and ``/v1/openapi.json``
+are public; every other ``/v1`` route needs an admin bearer token.
 """
 
 from __future__ import annotations
@@ -9,25 +14,21 @@ from typing import TYPE_CHECKING
 
 from aiohttp import web
 
+from gateway.admin.api import GATEWAY, auth_middleware, error_middleware, http_handler, log_middleware
+from gateway.admin.openapi import ALL_ENDPOINTS
+
 if TYPE_CHECKING:
     from gateway.app import Gateway
 
-GATEWAY: web.AppKey[Gateway] = web.AppKey("gateway")
-
-
-async def healthz(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-async def readyz(request: web.Request) -> web.Response:
-    gw = request.app[GATEWAY]
-    ready, checks = await gw.readiness()
-    return web.json_response({"ready": ready, "checks": checks}, status=200 if ready else 503)
+__all__ = ["GATEWAY", "create_admin_app"]
 
 
 def create_admin_app(gateway: Gateway) -> web.Application:
-    app = web.Application(client_max_size=1 << 20)
+    app = web.Application(
+        client_max_size=1 << 20,
+        middlewares=[log_middleware, error_middleware, auth_middleware(gateway.secrets.admin_tokens)],
+    )
     app[GATEWAY] = gateway
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
+    for ep in ALL_ENDPOINTS:
+        app.router.add_route(ep.method, ep.path, http_handler(ep))
     return app

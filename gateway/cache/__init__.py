@@ -1,7 +1,9 @@
 """The identity cache: one front, ``IdentityCache``, over the in-process tier and a loader.
 
 Owns: remembering what a digest resolved to (including "unknown", for a short time), coalescing
-concurrent misses and batching the misses of one event-loop turn into one loader call.
+concurrent misses and batching misses into few loader calls: the misses of one event-loop turn go
+out together, and while ``MAX_CONCURRENT_LOADS`` loads are in flight new misses wait for the next
+batch.
 Must not: touch HTTP or call the store directly; the loader it is given does that (and may itself
 go through Redis first, see ``gateway.cache.redis_tier``).
 
@@ -26,6 +28,11 @@ Loader = Callable[[Sequence[KeyDigest]], Awaitable[dict[KeyDigest, IdentityRecor
 
 class LookupUnavailable(Exception):
     """No tier could say what a digest is; the request must get 503, never 401."""
+
+
+# Loads in flight at once; misses arriving meanwhile wait and go out together in the next batch,
+# so under load a Redis MGET or store query carries many digests instead of one each.
+MAX_CONCURRENT_LOADS: Final = 4
 
 
 class _Miss:
@@ -95,6 +102,7 @@ class IdentityCache:
         self._generation = 0
         self._inflight: dict[KeyDigest, asyncio.Future[IdentityRecord | None]] = {}
         self._batch: list[KeyDigest] = []
+        self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
         self.loads = 0
         self.load_errors = 0
@@ -110,9 +118,10 @@ class IdentityCache:
         if fut is None:
             fut = asyncio.get_running_loop().create_future()
             self._inflight[digest] = fut
-            if not self._batch:
-                asyncio.get_running_loop().call_soon(self._start_batch)
             self._batch.append(digest)
+            if not self._scheduled and len(self._tasks) < MAX_CONCURRENT_LOADS:
+                self._scheduled = True
+                asyncio.get_running_loop().call_soon(self._start_batch)
         # shield: a client that disconnects must not cancel the lookup other requests share.
         return await asyncio.shield(fut)
 
@@ -141,10 +150,19 @@ class IdentityCache:
             self.invalidate(digests)
 
     def _start_batch(self) -> None:
+        self._scheduled = False
+        if not self._batch or len(self._tasks) >= MAX_CONCURRENT_LOADS:
+            return  # a finishing load starts the next batch
         batch, self._batch = self._batch, []
         task = asyncio.get_running_loop().create_task(self._load(batch))
         self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._load_done)
+
+    def _load_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._batch and not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._start_batch)
 
     async def _load(self, batch: list[KeyDigest]) -> None:
         generation = self._generation

@@ -86,9 +86,10 @@ async def test_concurrent_misses_coalesce_into_one_lookup(keystile, tmp_path: Pa
             *(status_of(s, gw.url + "/x", k) for k in others),
         )
     assert results[:30] == [200] * 30 and results[30:] == [401] * 20
-    # One key x 30 requests and 20 unknown keys arrived together: a couple of batched loads.
-    assert gw.gateway.loader.store_loads <= 3
-    assert store.calls <= 3 and store.digests_seen == 21
+    # One key x 30 requests and 20 unknown keys: each digest looked up once, in a few batches
+    # (at most 4 loads in flight; later misses wait and go out together).
+    assert store.digests_seen == 21
+    assert store.calls <= 6
 
 
 # -- Redis tier and invalidation ---------------------------------------------------------------

@@ -1,0 +1,314 @@
+"""The admin API's wire types: every request body, query string and response as a msgspec Struct.
+
+Owns: the JSON shapes of ``/v1`` and the views that turn store records into them (``key_view``,
+``principal_view``, ``audit_view``; the CLI prints the same views). The same Structs decode requests,
+encode responses and generate the OpenAPI document, so the three cannot drift apart. Must not: hold
+policy (``gateway.lifecycle`` does: names, lifetimes, limits, grace), speak HTTP or touch the store.
+
+Conventions: times are UNIX seconds (float, UTC); request Structs reject unknown fields; a field
+left out of a PATCH body is left alone (``UNSET``), ``null`` clears it where that is allowed.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import UNSET, Meta, UnsetType
+
+from gateway.lifecycle import MAX_NAME
+from gateway.models import AuditEvent, KeyRecord, KeyStatus, Principal, PrincipalKind
+
+MAX_PAGE = 500
+MAX_GRACE_SECONDS = 86400
+
+Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME, description=f"1-{MAX_NAME} characters")]
+Ref = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
+UnixTime = Annotated[float, Meta(description="UNIX seconds, UTC")]
+Limit = Annotated[int, Meta(ge=1, le=MAX_PAGE, description=f"page size, 1-{MAX_PAGE}")]
+Cursor = Annotated[
+    str, Meta(max_length=512, description="`next_cursor` of the previous page; omit for the first page")
+]
+Scopes = Annotated[list[str], Meta(max_length=100)]
+Grants = Annotated[
+    dict[str, Scopes],
+    Meta(max_length=200, description="project -> scopes granted in it; replaces every grant"),
+]
+Metadata = Annotated[
+    dict[Annotated[str, Meta(max_length=100)], Annotated[str, Meta(max_length=1000)]],
+    Meta(max_length=50, description="free-form string pairs (at most 50)"),
+]
+VerifyCode = Literal[
+    "ok", "missing_api_key", "invalid_api_key", "expired_api_key", "insufficient_scope", "auth_unavailable"
+]
+
+
+class _Request(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class _Response(msgspec.Struct, kw_only=True):
+    pass
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+class ErrorBody(_Response):
+    """Every error the admin API answers with."""
+
+    error: str
+    message: str
+    field: str | None = None
+
+
+# -- health --------------------------------------------------------------------------------
+
+
+class Health(_Response):
+    status: Literal["ok"]
+
+
+class Readiness(_Response):
+    ready: bool
+    checks: Annotated[dict[str, str], Meta(description="component -> ok, or why it is not")]
+
+
+# -- principals ------------------------------------------------------------------------------
+
+
+class PrincipalCreate(_Request):
+    """A user or service account; its keys act with its grants."""
+
+    name: Name
+    kind: PrincipalKind = "user"
+    grants: Grants = {}
+    metadata: Metadata = {}
+
+
+class PrincipalUpdate(_Request):
+    """Fields left out are unchanged. New grants apply to every key of the principal at once."""
+
+    grants: Grants | UnsetType = UNSET
+    metadata: Metadata | UnsetType = UNSET
+
+
+class PrincipalQuery(_Request):
+    limit: Limit = 50
+    cursor: Cursor | None = None
+
+
+class PrincipalDeleteQuery(_Request):
+    with_keys: Annotated[
+        bool,
+        Meta(description="also delete its keys; without it a principal with keys is refused (409)"),
+    ] = False
+
+
+class PrincipalView(_Response):
+    id: str
+    name: str
+    kind: PrincipalKind
+    disabled: bool
+    created_at: UnixTime
+    grants: dict[str, list[str]]
+    metadata: dict[str, str]
+
+
+class PrincipalPage(_Response):
+    items: list[PrincipalView]
+    next_cursor: str | None
+
+
+# -- keys ------------------------------------------------------------------------------------
+
+
+class KeyCreate(_Request):
+    """A new key for ``owner`` in ``project``; the secret is in the response and nowhere else."""
+
+    owner: Annotated[str, Meta(min_length=1, max_length=MAX_NAME, description="principal id or name")]
+    project: str
+    name: Name | None = None
+    scopes: Annotated[
+        Scopes | None, Meta(description="narrow the owner's grant to these; null: all of it")
+    ] = None
+    expires_at: UnixTime | None = None
+    expires_in: Annotated[float, Meta(gt=0, description="seconds from now")] | None = None
+    env: Literal["live", "test"] | None = None
+    metadata: Metadata = {}
+
+
+class KeyUpdate(_Request):
+    """Fields left out are unchanged; ``expires_at: null`` removes the expiry, ``scopes: null`` the
+    narrowing (the key then has all of its owner's grant in its project)."""
+
+    name: Name | UnsetType = UNSET
+    expires_at: UnixTime | UnsetType | None = UNSET
+    scopes: Scopes | UnsetType | None = UNSET
+    metadata: Metadata | UnsetType = UNSET
+
+
+class KeyRotate(_Request):
+    """A new secret for the key, same settings; the old secret stops at once or after the grace."""
+
+    grace_seconds: Annotated[
+        float,
+        Meta(ge=0, le=MAX_GRACE_SECONDS, description="seconds the old secret keeps working (0-86400)"),
+    ] = 0
+
+
+class KeyQuery(_Request):
+    owner: Annotated[str, Meta(description="principal id or name")] | None = None
+    project: str | None = None
+    status: KeyStatus | None = None
+    q: Annotated[str, Meta(max_length=MAX_NAME, description="name contains (case-insensitive)")] | None = None
+    limit: Limit = 50
+    cursor: Cursor | None = None
+
+
+class KeyView(_Response):
+    """A key as lists show it: never the secret, never its digest."""
+
+    id: str
+    name: str
+    start: Annotated[str, Meta(description="the first characters of the secret, for recognising it")]
+    status: KeyStatus
+    principal: Annotated[str, Meta(description="the owner's name")]
+    principal_id: str
+    project: str
+    scopes: Annotated[list[str] | None, Meta(description="the key's narrowing; null: the owner's grant")]
+    env: str
+    created_at: UnixTime
+    expires_at: UnixTime | None
+    revoked_at: UnixTime | None
+    last_used_at: UnixTime | None
+    request_count: int
+    previous_valid_until: Annotated[
+        float | None, Meta(description="after a rotation with grace: the old secret works until then")
+    ]
+    metadata: dict[str, str]
+
+
+class IssuedKey(KeyView):
+    """A key with its secret: the answer to create and rotate, the only place a secret appears."""
+
+    key: Annotated[str, Meta(description="the secret; store it now, it is never shown again")]
+
+
+class KeyPage(_Response):
+    items: list[KeyView]
+    next_cursor: str | None
+
+
+# -- verify ----------------------------------------------------------------------------------
+
+
+class VerifyRequest(_Request):
+    key: Annotated[str, Meta(max_length=256)] | None = None
+    scopes: Annotated[Scopes, Meta(description="all of these must be among the key's effective scopes")] = []
+
+
+class Identity(_Response):
+    """Who a valid key acts as: the same fields as the proxy's whoami."""
+
+    key_id: str
+    start: str
+    principal: str
+    principal_id: str
+    project: str
+    scopes: list[str]
+    env: str
+    expires_at: UnixTime | None
+    last_used_at: Annotated[float | None, Meta(description="the use before this one")] = None
+
+
+class VerifyResponse(_Response):
+    valid: bool
+    code: VerifyCode
+    identity: Identity | None = None
+
+
+# -- audit -----------------------------------------------------------------------------------
+
+
+class AuditQuery(_Request):
+    key_id: str | None = None
+    principal: Annotated[str, Meta(description="principal id or name")] | None = None
+    since: Annotated[float, Meta(description="at or after, UNIX seconds")] | None = None
+    until: Annotated[float, Meta(description="before, UNIX seconds")] | None = None
+    limit: Limit = 50
+    cursor: Cursor | None = None
+
+
+class AuditEventView(_Response):
+    id: int
+    at: UnixTime
+    actor: str
+    action: str
+    target_type: Annotated[str, Meta(description="key or principal")]
+    target_id: str
+    before: dict[str, Any] | None
+    after: dict[str, Any] | None
+
+
+class AuditPage(_Response):
+    items: list[AuditEventView]
+    next_cursor: str | None
+
+
+# -- views -----------------------------------------------------------------------------------
+
+
+def key_view(rec: KeyRecord, now: float) -> KeyView:
+    """The one public view of a key (API responses, CLI tables and ``--json``)."""
+    return KeyView(**_key_fields(rec, now))
+
+
+def issued_key(rec: KeyRecord, secret: str, now: float) -> IssuedKey:
+    return IssuedKey(**_key_fields(rec, now), key=secret)
+
+
+def _key_fields(rec: KeyRecord, now: float) -> dict[str, Any]:
+    return {
+        "id": rec.id,
+        "name": rec.name,
+        "start": rec.start + "…",
+        "status": rec.status(now),
+        "principal": rec.principal,
+        "principal_id": rec.principal_id,
+        "project": rec.project,
+        "scopes": None if rec.scopes is None else list(rec.scopes),
+        "env": rec.env,
+        "created_at": rec.created_at,
+        "expires_at": rec.expires_at,
+        "revoked_at": rec.revoked_at,
+        "last_used_at": rec.last_used_at,
+        "request_count": rec.request_count,
+        "previous_valid_until": rec.previous_valid_until,
+        "metadata": dict(rec.metadata),
+    }
+
+
+def principal_view(p: Principal) -> PrincipalView:
+    return PrincipalView(
+        id=p.id,
+        name=p.name,
+        kind=p.kind,
+        disabled=p.disabled,
+        created_at=p.created_at,
+        grants={project: list(scopes) for project, scopes in p.grants.items()},
+        metadata=dict(p.metadata),
+    )
+
+
+def audit_view(e: AuditEvent) -> AuditEventView:
+    return AuditEventView(
+        id=e.id,
+        at=e.at,
+        actor=e.actor,
+        action=e.action,
+        target_type=e.target_type,
+        target_id=e.target_id,
+        before=e.before,
+        after=e.after,
+    )
