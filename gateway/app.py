@@ -121,7 +121,7 @@ class Gateway:
             self.forwarder,
             self.usage,
             self.metrics,
-            self._stored_last_use,
+            self.last_used,
             self.access_log,
         )
 
@@ -205,7 +205,7 @@ class Gateway:
             forwarder,
             self.usage,
             self.metrics,
-            self._stored_last_use,
+            self.last_used,
             self.access_log,
         )
         assert self.store is not None
@@ -229,11 +229,15 @@ class Gateway:
         finally:
             await forwarder.close()
 
-    async def _stored_last_use(self, key_id: str) -> float | None:
+    async def last_used(self, key_id: str) -> float | None:
+        """A key's last use: the unflushed one in memory, else the stored one."""
+        pending = self.usage.last_seen(key_id)
+        if pending is not None:
+            return pending
         assert self.store is not None
         try:
             return (await asyncio.wait_for(self.store.get_key(key_id), self.cfg.store.timeout)).last_used_at
-        except Exception:  # whoami still answers from memory when the store cannot
+        except Exception:  # the answer is about the key, not its history: go on without it
             return None
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:

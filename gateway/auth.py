@@ -11,6 +11,7 @@ passed to the upstream. Sending the key header twice is refused as invalid.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 from typing import Final
 
 from multidict import CIMultiDictProxy, MultiMapping
@@ -89,6 +90,9 @@ class Authenticator:
 
 def permits(route: Route, ident: IdentityRecord) -> bool:
     """Whether an authenticated identity may use ``route``."""
-    if not ident.member:
-        return False
-    return route.scopes.issubset(ident.scopes)
+    return permits_scopes(ident, route.scopes)
+
+
+def permits_scopes(ident: IdentityRecord, required: Iterable[str]) -> bool:
+    """A key needs a grant in its project and every required scope (403 otherwise)."""
+    return ident.member and set(required).issubset(ident.scopes)

@@ -19,7 +19,7 @@ from aiohttp import web
 from gateway import auth, errors
 from gateway.auth import Authenticator
 from gateway.config import Config
-from gateway.models import IdentityRecord
+from gateway.models import IdentityRecord, IdentityView
 from gateway.observability import AccessLog, Metrics
 from gateway.paths import BadPath, parse_target
 from gateway.proxy import Forwarder, UpstreamFailure
@@ -37,20 +37,9 @@ _OUTCOME_ERRORS: Final = {
 }
 
 
-class WhoAmI(msgspec.Struct, frozen=True):
-    key_id: str
-    start: str
-    principal: str
-    principal_id: str
-    project: str
-    scopes: list[str]
-    env: str
-    expires_at: float | None
-    last_used_at: float | None = None
-
-
 _whoami_enc = msgspec.json.Encoder()
-# The stored last use of a key (None when unknown or the store cannot say right now).
+_JSON_NO_STORE: Final = {"Content-Type": "application/json", "Cache-Control": "no-store"}
+# The last use of a key: unflushed in memory, else stored (None when unknown or unavailable).
 LastUsed = Callable[[str], Awaitable[float | None]]
 
 
@@ -159,24 +148,8 @@ class ProxyHandler:
         return resp
 
     async def _whoami_response(self, ident: IdentityRecord) -> web.Response:
-        stored = None
-        if self._last_used is not None:
-            stored = await self._last_used(ident.key_id)
-        pending = self.usage.last_seen(ident.key_id)
-        seen = max((t for t in (stored, pending) if t is not None), default=None)
-        body = _whoami_enc.encode(
-            WhoAmI(
-                key_id=ident.key_id,
-                start=ident.start + "…",
-                principal=ident.principal,
-                principal_id=ident.principal_id,
-                project=ident.project,
-                scopes=list(ident.scopes),
-                env=ident.env,
-                expires_at=ident.expires_at,
-                last_used_at=seen,
-            )
-        )
+        last = None if self._last_used is None else await self._last_used(ident.key_id)
+        body = _whoami_enc.encode(IdentityView.of(ident, last))
         return web.Response(
             body=body, headers={"Content-Type": "application/json", "Cache-Control": "no-store"}
         )

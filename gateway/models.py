@@ -6,7 +6,7 @@ Times are UNIX seconds (float, UTC) everywhere inside Keystile; only the edges f
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, Self
 
 import msgspec
 
@@ -37,6 +37,34 @@ class IdentityRecord(msgspec.Struct, frozen=True, array_like=True):
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
+
+
+class IdentityView(msgspec.Struct, frozen=True, kw_only=True):
+    """What a valid key acts as, as whoami and verify show it: never the secret or digest."""
+
+    key_id: str
+    start: str
+    principal: str
+    principal_id: str
+    project: str
+    scopes: list[str]
+    env: str
+    expires_at: float | None
+    last_used_at: float | None = None
+
+    @classmethod
+    def of(cls, ident: IdentityRecord, last_used_at: float | None) -> Self:
+        return cls(
+            key_id=ident.key_id,
+            start=ident.start + "…",
+            principal=ident.principal,
+            principal_id=ident.principal_id,
+            project=ident.project,
+            scopes=list(ident.scopes),
+            env=ident.env,
+            expires_at=ident.expires_at,
+            last_used_at=last_used_at,
+        )
 
 
 class Principal(msgspec.Struct, frozen=True, kw_only=True):

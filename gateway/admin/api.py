@@ -20,7 +20,6 @@ with ``field`` naming the input); 503 ``store_unavailable`` with ``Retry-After``
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -526,37 +525,18 @@ VERIFY_CODES: Final[dict[str, s.VerifyCode]] = {
 }
 
 
-async def _stored_last_use(gw: Gateway, key_id: str) -> float | None:
-    try:
-        return (await asyncio.wait_for(gw.lifecycle.store.get_key(key_id), gw.cfg.store.timeout)).last_used_at
-    except Exception:  # the answer is about the key, not its history: go on without it
-        return None
-
-
 async def _verify_key(call: Call) -> Result:
     body: s.VerifyRequest = call.body
     gw = call.gateway
     outcome, ident = await gw.authenticator.identify(body.key)
-    # The proxy's rule (auth.permits) for a route needing ``body.scopes``.
-    if outcome == auth.OK and ident is not None:
-        if not ident.member or not set(body.scopes).issubset(ident.scopes):
-            outcome = auth.INSUFFICIENT_SCOPE
+    # The proxy's rule for a route needing ``body.scopes``.
+    if outcome == auth.OK and ident is not None and not auth.permits_scopes(ident, body.scopes):
+        outcome = auth.INSUFFICIENT_SCOPE
     identity = None
     if outcome == auth.OK and ident is not None:
-        # Like whoami: the last use before this one, unflushed (memory) or stored.
-        seen = [t for t in (await _stored_last_use(gw, ident.key_id), gw.usage.last_seen(ident.key_id)) if t]
+        # Like whoami: the last use before this one.
+        identity = s.Identity.of(ident, await gw.last_used(ident.key_id))
         gw.usage.bump(ident.key_id, time.time())
-        identity = s.Identity(
-            key_id=ident.key_id,
-            start=ident.start + "…",
-            principal=ident.principal,
-            principal_id=ident.principal_id,
-            project=ident.project,
-            scopes=list(ident.scopes),
-            env=ident.env,
-            expires_at=ident.expires_at,
-            last_used_at=max(seen, default=None),
-        )
     result = s.VerifyResponse(valid=identity is not None, code=VERIFY_CODES[outcome], identity=identity)
     if outcome == auth.UNAVAILABLE:
         return Reply(result, 503, {"Retry-After": "1"})

@@ -17,7 +17,7 @@ import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
 from gateway.lifecycle import MAX_NAME
-from gateway.models import AuditEvent, KeyRecord, KeyStatus, Principal, PrincipalKind
+from gateway.models import AuditEvent, IdentityView, KeyRecord, KeyStatus, Principal, PrincipalKind
 
 MAX_PAGE = 500
 MAX_GRACE_SECONDS = 86400
@@ -208,18 +208,9 @@ class VerifyRequest(_Request):
     scopes: Annotated[Scopes, Meta(description="all of these must be among the key's effective scopes")] = []
 
 
-class Identity(_Response):
-    """Who a valid key acts as: the same fields as the proxy's whoami."""
-
-    key_id: str
-    start: str
-    principal: str
-    principal_id: str
-    project: str
-    scopes: list[str]
-    env: str
-    expires_at: UnixTime | None
-    last_used_at: Annotated[float | None, Meta(description="the use before this one")] = None
+class Identity(IdentityView, frozen=True):
+    """Who a valid key acts as: the same fields as the proxy's whoami
+    (``last_used_at`` is the use before this one)."""
 
 
 class VerifyResponse(_Response):
