@@ -13,7 +13,8 @@ Errors::
     └── Conflict           the change would break a rule (409)
         ├── NameTaken      a principal name, or a key name within principal+project, is in use
         ├── LimitExceeded  the principal already has the maximum of active keys in the project
-        └── HasKeys        a principal with keys cannot be deleted without ``with_keys``
+        ├── HasKeys        a principal with keys cannot be deleted without ``with_keys``
+        └── KeyNotActive   only an active key can be rotated
 """
 
 from __future__ import annotations
@@ -58,6 +59,10 @@ class LimitExceeded(Conflict):
 
 class HasKeys(Conflict):
     code = "principal_has_keys"
+
+
+class KeyNotActive(Conflict):
+    code = "key_not_active"
 
 
 class KeyFilter(msgspec.Struct, frozen=True, kw_only=True):

@@ -23,10 +23,10 @@ from gateway.models import AuditEvent, IdentityRecord, KeyRecord, NewKey, Princi
 from gateway.store import (
     AuditFilter,
     AuditPage,
-    Conflict,
     HasKeys,
     KeyChanges,
     KeyFilter,
+    KeyNotActive,
     LimitExceeded,
     NameTaken,
     NotFound,
@@ -579,8 +579,9 @@ class SQLStore(Store):
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
             before = await self._key_row(conn, key_id)
-            if before.status(now) != "active":
-                raise Conflict(f"key {key_id!r} is {before.status(now)}; only an active key can be rotated")
+            status = before.status(now)
+            if status != "active":
+                raise KeyNotActive(f"key {key_id!r} is {status}; only an active key can be rotated")
             old = await self._digests(conn, "id", key_id)
             row = await conn.fetchrow("SELECT digest FROM keys WHERE id = $1", key_id)
             assert row is not None

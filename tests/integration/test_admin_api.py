@@ -290,7 +290,7 @@ async def test_revoked_keys_stay_listed_and_cannot_be_rotated(keystile, admin) -
     assert (await api.ok("POST", "/v1/keys/verify", {"key": k["key"]}))["code"] == "invalid_api_key"
     before = await api.state()
     r = await api.post(f"/v1/keys/{k['id']}/rotate", {"grace_seconds": 60})
-    assert r.status == 409 and r.error == "conflict" and "revoked" in r.json["message"]
+    assert r.status == 409 and r.error == "key_not_active" and "revoked" in r.json["message"]
     assert await api.state() == before
 
 
