@@ -33,6 +33,7 @@ from gateway.observability import AccessLog, Metrics, counter, gauge
 from gateway.proxy import Forwarder
 from gateway.routing import RouteTable
 from gateway.store import Store, open_store
+from gateway.store.migrations import latest_version
 from gateway.usage import UsageRecorder
 
 log = logging.getLogger("keystile")
@@ -244,14 +245,24 @@ class Gateway:
         return await self.handler(request)
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
-        """Ready when the store answers with a current schema. Redis is reported, not required:
-        without it Keystile falls back to the store."""
+        """Ready when the store answers and the schema is migrated. Redis is reported, not
+        required: without it Keystile falls back to the store."""
         checks: dict[str, str] = {}
         ready = True
+        assert self.store is not None
         try:
-            assert self.store is not None
-            await asyncio.wait_for(self.store.check_schema(), self.cfg.store.timeout)
+            version = await asyncio.wait_for(self.store.schema_version(), self.cfg.store.timeout)
             checks["store"] = "ok"
+            latest = latest_version(self.store.backend)
+            if version < latest:
+                ready = False
+                checks["schema"] = f"version {version}, needs {latest}: run keystile migrate"
+            elif version > latest:
+                # A rolling upgrade migrated ahead of this instance; migrations are additive, so
+                # it keeps serving until it is replaced (a new start would refuse).
+                checks["schema"] = f"version {version}, newer than this instance ({latest})"
+            else:
+                checks["schema"] = f"version {version}"
         except Exception as e:
             ready = False
             checks["store"] = f"unavailable: {type(e).__name__}: {e}"

@@ -163,3 +163,20 @@ async def test_reload_changes_routes_without_dropping_requests(tmp_path: Path, u
     logs = (tmp_path / "serve.log").read_text()
     assert "configuration reloaded" in logs
     assert "reload refused" in logs
+
+
+async def test_readiness_follows_the_schema(keystile, tmp_path: Path) -> None:
+    import sqlite3
+
+    gw = await keystile()
+    db = gw.cfg.store.url.removeprefix("sqlite:///")
+    async with aiohttp.ClientSession() as s:
+        with sqlite3.connect(db) as c:
+            c.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (99, 0)")
+        async with s.get(gw.admin_url + "/readyz") as r:
+            # Migrated ahead of this instance during a rolling upgrade: keep serving.
+            assert r.status == 200 and "newer" in (await r.json())["checks"]["schema"]
+        with sqlite3.connect(db) as c:
+            c.execute("DELETE FROM schema_migrations")
+        async with s.get(gw.admin_url + "/readyz") as r:
+            assert r.status == 503 and "keystile migrate" in (await r.json())["checks"]["schema"]
