@@ -22,7 +22,6 @@ from __future__ import annotations
 import hmac
 import secrets
 import zlib
-from dataclasses import dataclass
 from typing import Final
 
 BASE62: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -34,6 +33,7 @@ DISPLAY_BODY_CHARS: Final = 4
 ID_CHARS: Final = 16
 
 KeyDigest = bytes
+_B62_VALUE: Final = {c: i for i, c in enumerate(BASE62)}
 
 
 def _b62(n: int, width: int) -> str:
@@ -69,28 +69,36 @@ def generate_id(kind: str) -> str:
     return kind + "_" + "".join(secrets.choice(BASE62) for _ in range(ID_CHARS))
 
 
-@dataclass(frozen=True, slots=True)
 class KeyFormat:
     """The checks a presented key must pass before any lookup; built once from config."""
 
-    prefix: str
+    __slots__ = ("_heads", "_head_len", "_length", "prefix")
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self._heads = (f"{prefix}_live_", f"{prefix}_test_")
+        self._head_len = len(prefix) + 6
+        self._length = self._head_len + BODY_CHARS
 
     def well_formed(self, key: str) -> bool:
         """True when ``key`` has this deployment's shape and a correct checksum.
 
-        Cheap checks first: length, then split, then charset; the CRC only runs on a key of the
+        Cheap checks first: length, then prefix, then charset; the CRC only runs on a key of the
         right shape, and no hashing happens here.
         """
-        p = self.prefix
-        if len(key) != len(p) + 6 + BODY_CHARS:  # prefix + "_live_" + body
+        if len(key) != self._length:
             return False
-        head_len = len(p) + 6
-        if key[:head_len] not in (f"{p}_live_", f"{p}_test_"):
+        head_len = self._head_len
+        if key[:head_len] not in self._heads:
             return False
         body = key[head_len:]
         if not (body.isascii() and body.isalnum()):
             return False
-        return _checksum(key[: head_len + RANDOM_CHARS]) == body[RANDOM_CHARS:]
+        # Decode the 6 checksum characters rather than encoding the CRC: no string building.
+        value = 0
+        for c in body[RANDOM_CHARS:]:
+            value = value * 62 + _B62_VALUE[c]
+        return value == zlib.crc32(key[: head_len + RANDOM_CHARS].encode("ascii"))
 
 
 def environment_of(key: str) -> str:
