@@ -72,7 +72,7 @@ def generate_id(kind: str) -> str:
 class KeyFormat:
     """The checks a presented key must pass before any lookup; built once from config."""
 
-    __slots__ = ("_heads", "_head_len", "_length", "prefix")
+    __slots__ = ("_head_len", "_heads", "_length", "prefix")
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
