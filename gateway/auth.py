@@ -89,8 +89,10 @@ class Authenticator:
 
 
 def permits(route: Route, ident: IdentityRecord) -> bool:
-    """Whether an authenticated identity may use ``route``."""
-    return permits_scopes(ident, route.scopes)
+    """Whether an authenticated identity may use ``route`` (``permits_scopes`` for a route)."""
+    if not route.scopes:
+        return ident.member
+    return ident.member and route.scopes.issubset(ident.scopes)
 
 
 def permits_scopes(ident: IdentityRecord, required: Iterable[str]) -> bool:
