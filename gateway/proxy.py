@@ -1,8 +1,11 @@
-"""Forwarding: one upstream client for the process, header hygiene, identity injection, streaming.
+"""Forwarding: header hygiene, identity injection, and one request/response exchange per call.
 
 Owns: building the upstream request (hop-by-hop and credential stripping, spoof-proof identity
-headers, X-Forwarded-*), the keep-alive pool, streaming both bodies, and mapping upstream failures
-to 502/504. Must not: decide whether a key is valid; it is handed the identity to inject.
+headers, X-Forwarded-*), serialising it, choosing how its body travels, the stale-connection retry,
+turning the upstream's response into the client's (hop-by-hop headers dropped, body streamed
+through aiohttp's response writer) and mapping upstream failures to 502/504. The sockets, pools and
+the HTTP/1.1 parser live in ``gateway.upstream``. Must not: decide whether a key is valid; it is
+handed the identity to inject.
 
 Order of header work, both directions: drop hop-by-hop headers (RFC 9110 §7.6.1 plus every header
 the ``Connection`` header names) first; then, on requests, drop the key, every header that looks
@@ -13,21 +16,23 @@ decompressed or buffered whole.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
+import ssl
 from collections.abc import Iterable
+from typing import Final
 from urllib.parse import unquote_plus
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
-from yarl import URL
 
 from gateway import errors
 from gateway.config import Config
 from gateway.models import IdentityRecord
 from gateway.paths import Target
 from gateway.routing import Route
+from gateway.upstream import BodySource, Connection, Disconnected, Pool, UpstreamError
 
 log = logging.getLogger("keystile.proxy")
 
@@ -45,8 +50,23 @@ HOP_BY_HOP = frozenset(
     }
 )
 _FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
-# Headers aiohttp's client would otherwise add on its own.
-_SKIP_AUTO = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
+# A request these methods make may be sent twice (RFC 9110 §9.2.2).
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
+_LAST_CHUNK = b"0\r\n\r\n"
+# Request header actions (see Forwarder._classify).
+_KEEP, _DROP, _AUTHZ, _FWD, _HOST = range(5)
+_ACTIONS_MAX = 4096
+
+_SPECS: Final = {
+    "timeout": errors.UPSTREAM_TIMEOUT,
+    "unreachable": errors.UPSTREAM_UNREACHABLE,
+    "bad_response": errors.UPSTREAM_BAD_RESPONSE,
+}
+# Defence in depth: a header Keystile would send upstream carries CR, LF or NUL (the client's own
+# headers were refused by the listener's parser, so the value came from Keystile's side).
+UNSAFE_HEADER: Final = errors.ErrorSpec(
+    500, "unsafe_upstream_header", "A header for the upstream contains a forbidden character."
+)
 
 
 def _connection_tokens(values: Iterable[str]) -> set[str]:
@@ -65,6 +85,74 @@ class UpstreamFailure(Exception):
         self.spec = spec
 
 
+class UnsafeHeader(ValueError):
+    pass
+
+
+def serialize_head(method: str, target: str, headers: CIMultiDict[str], chunked: bool) -> bytes:
+    """The request line and header block, in the given order; refuses CR, LF and NUL anywhere."""
+    head = method + " " + target + " HTTP/1.1\r\n"
+    if headers:
+        head += "\r\n".join(map(": ".join, headers.items())) + "\r\n"
+    head += "Transfer-Encoding: chunked\r\n\r\n" if chunked else "\r\n"
+    # Exactly one CR and one LF per line we wrote: any other one came from a name or value.
+    n = len(headers) + 2 + chunked
+    if head.count("\n") != n or head.count("\r") != n or "\x00" in head or " " in target:
+        raise UnsafeHeader("CR, LF or NUL in the request line or a header, or a space in the target")
+    # Header text came from bytes decoded as UTF-8 with surrogateescape: this restores them.
+    return head.encode("utf-8", "surrogateescape")
+
+
+# Per-process caches of what upstreams send, bounded against an upstream sending junk.
+_CACHE_MAX = 4096
+# Reason phrases seen so far → as sent to the client; None lets aiohttp use the standard phrase.
+_REASONS: dict[bytes, str | None] = {}
+_CTL = bytes(range(32)) + b"\x7f"
+
+
+def _reason(raw: bytes) -> str | None:
+    try:
+        return _REASONS[raw]
+    except KeyError:
+        pass
+    # llhttp lets control characters through in the reason phrase: never relay them.
+    ok = raw and len(raw.translate(None, _CTL)) == len(raw)
+    reason = raw.decode("utf-8", "surrogateescape") if ok else None
+    if len(_REASONS) < _CACHE_MAX:
+        _REASONS[raw] = reason
+    return reason
+
+
+# Response header names seen so far → (name as str, 0 keep / 1 hop-by-hop / 2 Connection).
+_NAMES: dict[bytes, tuple[str, int]] = {}
+
+
+def _header_name(raw: bytes) -> tuple[str, int]:
+    name = raw.decode("latin-1")  # llhttp allows only token characters
+    low = name.lower()
+    got = (name, 2 if low == "connection" else 1 if low in HOP_BY_HOP else 0)
+    if len(_NAMES) < _CACHE_MAX:
+        _NAMES[raw] = got
+    return got
+
+
+def client_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """The upstream's response headers for the client: order and duplicates kept, hop-by-hop
+    headers and those its ``Connection`` header names dropped."""
+    out: list[tuple[str, str]] = []
+    listed: set[str] | None = None
+    for rname, rvalue in raw:
+        name, kind = _NAMES.get(rname) or _header_name(rname)
+        if kind:
+            if kind == 2:
+                listed = (listed or set()) | _connection_tokens((rvalue.decode("latin-1"),))
+            continue
+        out.append((name, rvalue.decode("utf-8", "surrogateescape")))
+    if listed:
+        out = [p for p in out if p[0].lower() not in listed]
+    return out
+
+
 class Forwarder:
     def __init__(self, cfg: Config) -> None:
         p = cfg.proxy
@@ -77,34 +165,28 @@ class Forwarder:
         self._key_headers = frozenset(_norm(h) for h in p.key_headers)
         self._query_param = p.query_param
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in p.trusted_proxies)
-        self._timeout = aiohttp.ClientTimeout(
-            total=None, connect=cfg.upstream.connect_timeout, sock_read=cfg.upstream.read_timeout
-        )
-        self._pool_size = cfg.upstream.pool_size
-        self._keepalive = cfg.upstream.keepalive_timeout
-        self._session: aiohttp.ClientSession | None = None
+        self._actions: dict[str, int] = {}
+        up = cfg.upstream
+        self._connect_timeout = up.connect_timeout
+        self._read_timeout = up.read_timeout
+        self._pool_size = up.pool_size
+        self._keepalive = up.keepalive_timeout
+        self._pools: dict[str, Pool] = {}  # by Route.upstream_origin
+        self._ssl: ssl.SSLContext | None = None
+        self._started = False
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=0,
-            limit_per_host=self._pool_size,
-            keepalive_timeout=self._keepalive,
-            ttl_dns_cache=60,
-        )
-        self._session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=self._timeout,
-            auto_decompress=False,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO,
-            trust_env=False,
-            raise_for_status=False,
-        )
+        self._started = True
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        self._started = False
+        pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.close()
+
+    def stats(self) -> dict[str, dict[str, int]]:
+        """Per upstream origin: open, idle, waiting connections and buffered response bytes."""
+        return {origin: pool.stats() for origin, pool in self._pools.items()}
 
     def _trusted_peer(self, peer: str | None) -> bool:
         if not self._trusted or not peer:
@@ -115,6 +197,28 @@ class Forwarder:
             return False
         return any(addr in net for net in self._trusted)
 
+    def _classify(self, name: str) -> int:
+        """What ``upstream_headers`` does with a request header name; cached, bounded."""
+        low = name.lower()
+        n = low.replace("_", "-")
+        if low in HOP_BY_HOP or low == "expect":
+            act = _DROP
+        elif n.startswith(self._identity_prefix) or n in self._key_headers:
+            act = _DROP
+        elif low == "authorization":
+            act = _AUTHZ
+        elif low == "forwarded":
+            act = _FWD
+        elif low in _FORWARDING:
+            act = _DROP
+        elif low == "host":
+            act = _HOST
+        else:
+            act = _KEEP
+        if len(self._actions) < _ACTIONS_MAX:
+            self._actions[name] = act
+        return act
+
     def upstream_headers(
         self,
         request: web.BaseRequest,
@@ -123,55 +227,85 @@ class Forwarder:
         ident: IdentityRecord | None,
     ) -> CIMultiDict[str]:
         src = request.headers
-        drop = _connection_tokens(src.getall("Connection", ()))
-        trusted = self._trusted_peer(request.remote)
-        out: CIMultiDict[str] = CIMultiDict()
-        prefix = self._identity_prefix
-        for name, value in src.items():
-            low = name.lower()
-            if low in HOP_BY_HOP or low in drop or low == "expect":
-                continue
-            n = _norm(name)
-            if n.startswith(prefix) or n in self._key_headers:
-                continue
-            if low == "authorization" and from_bearer:
-                continue
-            if low in _FORWARDING and not (trusted and low == "forwarded"):
-                continue
-            if low == "host":
-                if route.preserve_host:
-                    out.add(name, value)
-                continue
-            out.add(name, value)
-        if not route.preserve_host:
-            out["Host"] = route.upstream_host
-        # X-Forwarded-*: extend the chain only when the peer is a trusted proxy.
+        conn_hdr = src.getall("Connection", ())
+        drop = _connection_tokens(conn_hdr) if conn_hdr else None
         peer = request.remote or ""
+        trusted = self._trusted_peer(peer)
+        preserve_host = route.preserve_host
+        actions = self._actions
+        out: list[tuple[str, str]] = []
+        has_host = False
+        for name, value in src.items():
+            act = actions.get(name)
+            if act is None:
+                act = self._classify(name)
+            if act:
+                if act == _DROP:
+                    continue
+                if act == _AUTHZ:
+                    if from_bearer:
+                        continue
+                elif act == _FWD:
+                    if not trusted:  # Forwarded passes only from a trusted proxy
+                        continue
+                elif act == _HOST:
+                    if not preserve_host:
+                        continue
+                    has_host = True
+            if drop and name.lower() in drop:
+                continue
+            out.append((name, value))
+        if not has_host:
+            out.append(("Host", route.upstream_host))
+        # X-Forwarded-*: extend the chain only when the peer is a trusted proxy.
         if trusted:
             chain = ", ".join(src.getall("X-Forwarded-For", ()))
-            out["X-Forwarded-For"] = f"{chain}, {peer}" if chain else peer
-            out["X-Forwarded-Proto"] = src.get("X-Forwarded-Proto", request.scheme)
-            out["X-Forwarded-Host"] = src.get("X-Forwarded-Host", src.get("Host", ""))
+            out.append(("X-Forwarded-For", f"{chain}, {peer}" if chain else peer))
+            out.append(("X-Forwarded-Proto", src.get("X-Forwarded-Proto", request.scheme)))
+            out.append(("X-Forwarded-Host", src.get("X-Forwarded-Host", src.get("Host", ""))))
         else:
-            out["X-Forwarded-For"] = peer
-            out["X-Forwarded-Proto"] = request.scheme
-            out["X-Forwarded-Host"] = src.get("Host", "")
+            out.append(("X-Forwarded-For", peer))
+            out.append(("X-Forwarded-Proto", request.scheme))
+            out.append(("X-Forwarded-Host", src.get("Host", "")))
         if ident is not None:
-            out[self._h_key_id] = ident.key_id
-            out[self._h_owner] = ident.principal
-            out[self._h_project] = ident.project
-            out[self._h_scopes] = ",".join(ident.scopes)
-        return out
+            out.append((self._h_key_id, ident.key_id))
+            out.append((self._h_owner, ident.principal))
+            out.append((self._h_project, ident.project))
+            out.append((self._h_scopes, ",".join(ident.scopes)))
+        return CIMultiDict(out)
 
-    def upstream_url(self, route: Route, target: Target, strip_query_key: bool) -> str:
-        url = route.upstream_origin + route.upstream_path(target)
+    def _request_target(self, route: Route, target: Target, strip_query_key: bool) -> str:
+        path = route.upstream_path(target)
         query = target.query
         if strip_query_key and query and self._query_param:
             kept = [
                 part for part in query.split("&") if unquote_plus(part.partition("=")[0]) != self._query_param
             ]
             query = "&".join(kept)
-        return url + ("?" + query if query else "")
+        return path + "?" + query if query else path
+
+    def upstream_url(self, route: Route, target: Target, strip_query_key: bool) -> str:
+        return route.upstream_origin + self._request_target(route, target, strip_query_key)
+
+    def _new_pool(self, origin: str) -> Pool:
+        assert self._started, "Forwarder.start() was not called"
+        ctx = None
+        if origin.startswith("https:"):
+            if self._ssl is None:
+                self._ssl = ssl.create_default_context()
+                self._ssl.set_alpn_protocols(["http/1.1"])
+            ctx = self._ssl
+        pool = Pool(
+            asyncio.get_running_loop(),
+            origin,
+            ssl_context=ctx,
+            limit=self._pool_size,
+            connect_timeout=self._connect_timeout,
+            read_timeout=self._read_timeout,
+            keepalive_timeout=self._keepalive,
+        )
+        self._pools[origin] = pool
+        return pool
 
     async def forward(
         self,
@@ -185,54 +319,127 @@ class Forwarder:
 
         Raises UpstreamFailure when nothing has been sent to the client yet.
         """
-        session = self._session
-        assert session is not None, "Forwarder.start() was not called"
-        url = self.upstream_url(route, target, strip_query_key)
-        data = request.content if request.body_exists else None
+        pool = self._pools.get(route.upstream_origin) or self._new_pool(route.upstream_origin)
+        method = request.method
+        # The body: none; all of it already received (sent with the head, replayable); or
+        # streamed from the client as it arrives, with exactly its Content-Length or re-chunked.
+        has_body = request.body_exists
+        source: BodySource | None = None
+        length: int | None = None
+        body = b""
+        chunked = False
+        if has_body:
+            content = request.content
+            length = request.content_length
+            chunked = length is None
+            if content.is_eof():
+                try:
+                    body = content.read_nowait(-1)
+                except Exception as e:
+                    raise UpstreamFailure(errors.UPSTREAM_UNREACHABLE, f"client body: {e!r}") from None
+                if length is not None and len(body) != length:
+                    raise UpstreamFailure(errors.UPSTREAM_UNREACHABLE, "client body incomplete")
+                if chunked:
+                    body = (b"%x\r\n%b\r\n" % (len(body), body) + _LAST_CHUNK) if body else _LAST_CHUNK
+            else:
+                source = content
+        path = self._request_target(route, target, strip_query_key)
         try:
-            upstream = await session.request(
-                request.method,
-                URL(url, encoded=True),
-                headers=headers,
-                data=data,
-                allow_redirects=False,
-                compress=None,
-                chunked=None,
-            )
-        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
-            raise UpstreamFailure(errors.UPSTREAM_TIMEOUT, f"timeout: {e!r}") from None
-        except (aiohttp.ClientConnectorError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
-            raise UpstreamFailure(errors.UPSTREAM_UNREACHABLE, f"connection: {e!r}") from None
-        except aiohttp.ClientResponseError as e:
-            raise UpstreamFailure(errors.UPSTREAM_BAD_RESPONSE, f"bad response: {e.message}") from None
-        except aiohttp.ClientPayloadError as e:
-            # The client's own body failed while we were sending it.
-            raise UpstreamFailure(errors.UPSTREAM_UNREACHABLE, f"payload: {e!r}") from None
-        except aiohttp.ClientError as e:
-            raise UpstreamFailure(errors.UPSTREAM_BAD_RESPONSE, f"client error: {e!r}") from None
+            head = serialize_head(method, path, headers, chunked)
+        except UnsafeHeader as e:
+            raise UpstreamFailure(UNSAFE_HEADER, str(e)) from None
+        if source is None:
+            head += body
 
-        try:
-            out = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            drop = _connection_tokens(upstream.headers.getall("Connection", ()))
-            for name, value in upstream.headers.items():
-                low = name.lower()
-                if low in HOP_BY_HOP or low in drop:
-                    continue
-                out.headers.add(name, value)
-            await out.prepare(request)
+        retried = False
+        while True:
             try:
-                async for chunk in upstream.content.iter_any():
+                conn, reused = await pool.acquire(fresh=retried)
+            except UpstreamError as e:
+                raise UpstreamFailure(_SPECS[e.kind], str(e)) from None
+            pump: asyncio.Task[None] | None = None
+            try:
+                conn.begin(method == "HEAD")
+                if source is None:
+                    conn.send(head)
+                else:
+                    pump = conn.send_streaming(head, source, length)
+                await conn.read_head()
+                break
+            except UpstreamError as e:
+                _release(pool, conn, pump, False)
+                # Stale keep-alive race: a reused connection died before answering. Send again,
+                # once and on a new connection, when the request can be replayed in full.
+                if (
+                    reused
+                    and not retried
+                    and isinstance(e, Disconnected)
+                    and not e.got_bytes
+                    and (not has_body or (method in _IDEMPOTENT and (pump is None or not conn.body_started)))
+                ):
+                    retried = True
+                    log.debug("stale upstream connection on route %s (%s); retrying", route.name, e)
+                    continue
+                raise UpstreamFailure(_SPECS[e.kind], str(e)) from None
+            except BaseException:
+                _release(pool, conn, pump, False)
+                raise
+
+        released = False
+        try:
+            status = conn.status
+            reason = _reason(conn.reason)
+            hdrs = client_headers(conn.headers)
+            if conn.complete:
+                # The whole response is here: free the connection first, then answer in one write.
+                data = conn.take_body()
+                _release(pool, conn, pump, True)
+                released = True
+                try:
+                    resp = web.Response(status=status, reason=reason, headers=hdrs, body=data)
+                    await resp.prepare(request)
+                except ValueError as e:  # aiohttp's header validation
+                    raise UpstreamFailure(errors.UPSTREAM_BAD_RESPONSE, f"response header: {e}") from None
+                try:
+                    await resp.write_eof()
+                except ConnectionError:
+                    _abort(request)
+                return resp, status
+
+            try:
+                out = web.StreamResponse(status=status, reason=reason, headers=hdrs)
+                await out.prepare(request)
+            except ValueError as e:
+                raise UpstreamFailure(errors.UPSTREAM_BAD_RESPONSE, f"response header: {e}") from None
+            try:
+                while chunk := await conn.read_body():
                     await out.write(chunk)
-            except (TimeoutError, aiohttp.ClientError) as e:
+            except UpstreamError as e:
                 # Headers are gone already: cut the connection so the client sees a truncated body
                 # rather than a clean end.
-                log.warning("upstream failed mid-response on route %s: %r", route.name, e)
+                log.warning("upstream failed mid-response on route %s: %s", route.name, e)
                 _abort(request)
-                return out, upstream.status
-            await out.write_eof()
-            return out, upstream.status
+                return out, status
+            except ConnectionError:  # the client went away
+                _abort(request)
+                return out, status
+            _release(pool, conn, pump, True)
+            released = True
+            try:
+                await out.write_eof()
+            except ConnectionError:
+                _abort(request)
+            return out, status
         finally:
-            upstream.release()
+            if not released:
+                _release(pool, conn, pump, False)
+
+
+def _release(pool: Pool, conn: Connection, pump: asyncio.Task[None] | None, ok: bool) -> None:
+    reuse = conn.finish() and ok
+    if pump is not None and not pump.done() and not conn.body_sent:
+        pump.cancel()
+    pool.release(conn, reuse)
 
 
 def _abort(request: web.BaseRequest) -> None:
