@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable
+from hashlib import sha256
 from typing import Final
 
 from multidict import CIMultiDictProxy, MultiMapping
 
 from gateway.cache import MISS, IdentityCache
 from gateway.config import Config
-from gateway.keys import KeyFormat, digest
+from gateway.keys import KeyDigest, KeyFormat, digest
 from gateway.models import IdentityRecord
 from gateway.routing import Route
 
@@ -47,6 +48,11 @@ class Authenticator:
         self._query = cfg.proxy.query_param
         self._format = KeyFormat(cfg.keys.prefix)
         self._secret = secret
+        # SHA-256 of a key -> its HMAC digest. The keyed digest costs four SHA-256 compressions,
+        # a plain one costs one; the mapping never changes while the secret stays, so it needs no
+        # invalidation. Bounded like the in-process cache; raw keys are never kept.
+        self._memo: dict[bytes, KeyDigest] = {}
+        self._memo_max = cfg.cache.local_max_entries
         self.cache = cache
 
     def presented(self, headers: CIMultiDictProxy[str], query: MultiMapping[str] | None) -> Presented:
@@ -67,13 +73,25 @@ class Authenticator:
                 return Presented(values[0] if len(values) == 1 else "", False)
         return Presented(None, False)
 
+    def _digest(self, key: str) -> KeyDigest:
+        raw = key.encode("ascii")
+        short = sha256(raw).digest()
+        d = self._memo.get(short)
+        if d is None:
+            d = digest(self._secret, key)
+            memo = self._memo
+            if len(memo) >= self._memo_max:
+                del memo[next(iter(memo))]
+            memo[short] = d
+        return d
+
     async def identify(self, key: str | None) -> tuple[str, IdentityRecord | None]:
         """(outcome, identity). Never raises: a failed lookup is ``UNAVAILABLE``, never "unknown"."""
         if key is None:
             return MISSING, None
         if not self._format.well_formed(key):
             return INVALID, None
-        d = digest(self._secret, key)
+        d = self._digest(key)
         ident = self.cache.peek(d)
         if ident is MISS:
             try:

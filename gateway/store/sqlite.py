@@ -65,6 +65,10 @@ class _Thread:
                 self.db.execute("PRAGMA journal_mode=WAL")
                 self.db.execute("PRAGMA synchronous=NORMAL")
                 self.db.execute("PRAGMA foreign_keys=ON")
+                # Lookups are random reads by digest: a larger page cache and memory-mapped
+                # reads keep a big key table from going through read() for every miss.
+                self.db.execute("PRAGMA cache_size=-65536")
+                self.db.execute("PRAGMA mmap_size=268435456")
             return fn(self.db)
 
         if self._closed:
