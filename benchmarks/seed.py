@@ -19,12 +19,11 @@ import shutil
 import sqlite3
 import sys
 import time
-import zlib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from gateway.keys import BASE62, CHECKSUM_CHARS, RANDOM_CHARS, KeyFormat, digest, display_start
+from gateway.keys import BASE62, RANDOM_CHARS, KeyFormat, digest, display_start, with_checksum
 from gateway.models import Principal
 
 PREFIX = "ks"
@@ -76,14 +75,6 @@ def secret_bytes(secret: str) -> bytes:
 _BYTE_TO_B62 = bytes(ord(BASE62[b % 62]) for b in range(256))
 
 
-def _b62(n: int, width: int) -> str:
-    out = []
-    for _ in range(width):
-        n, r = divmod(n, 62)
-        out.append(BASE62[r])
-    return "".join(reversed(out))
-
-
 def make_keys(count: int, seed: int = KEY_SEED, env: str = "live") -> list[str]:
     """``count`` well-formed keys, deterministic for a seed.
 
@@ -95,11 +86,7 @@ def make_keys(count: int, seed: int = KEY_SEED, env: str = "live") -> list[str]:
     rng = random.Random(seed)
     head0 = f"{PREFIX}_{env}_"
     raw = rng.randbytes(count * RANDOM_CHARS).translate(_BYTE_TO_B62).decode("ascii")
-    crc = zlib.crc32
-    out: list[str] = []
-    for i in range(count):
-        head = head0 + raw[i * RANDOM_CHARS : (i + 1) * RANDOM_CHARS]
-        out.append(head + _b62(crc(head.encode("ascii")), CHECKSUM_CHARS))
+    out = [with_checksum(head0 + raw[i * RANDOM_CHARS : (i + 1) * RANDOM_CHARS]) for i in range(count)]
     fmt = KeyFormat(PREFIX)
     step = max(1, count // 10_000)
     bad = [k for k in out[::step] if not fmt.well_formed(k)]

@@ -44,8 +44,9 @@ def _b62(n: int, width: int) -> str:
     return "".join(reversed(out))
 
 
-def _checksum(head: str) -> str:
-    return _b62(zlib.crc32(head.encode("ascii")), CHECKSUM_CHARS)
+def with_checksum(head: str) -> str:
+    """``head`` (prefix, env and random part) completed with its base62 CRC32."""
+    return head + _b62(zlib.crc32(head.encode("ascii")), CHECKSUM_CHARS)
 
 
 def valid_prefix(prefix: str) -> bool:
@@ -61,7 +62,7 @@ def generate_key(prefix: str, env: str) -> str:
         raise ValueError(f"invalid key environment {env!r}")
     body = "".join(secrets.choice(BASE62) for _ in range(RANDOM_CHARS))
     head = f"{prefix}_{env}_{body}"
-    return head + _checksum(head)
+    return with_checksum(head)
 
 
 def generate_id(kind: str) -> str:
