@@ -307,7 +307,7 @@ def auth_middleware(tokens: tuple[bytes, ...]) -> Middleware:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("an admin token is required: Authorization: Bearer <token>")
-        presented = _token_digest(token.encode())
+        presented = _token_digest(token.encode("utf-8", "surrogateescape"))
         matched = False
         for d in digests:  # every token is compared: no early exit reveals which one matched
             matched |= hmac.compare_digest(presented, d)

@@ -870,3 +870,12 @@ async def test_logs_never_contain_the_admin_token_or_a_key_secret(keystile, admi
     text = "\n".join(lines) + caplog.text
     for secret in (ADMIN_TOKEN, *secrets):
         assert secret not in text
+
+
+async def test_admin_token_with_raw_non_ascii_bytes_is_401(keystile) -> None:
+    from tests.upstream import raw_request
+
+    gw = await keystile()
+    req = b"GET /v1/keys HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer \xff\xfe-not-a-token\r\nConnection: close\r\n\r\n"
+    status, _, body = await raw_request(gw.gateway.admin_port, req)
+    assert status == 401, body
