@@ -11,7 +11,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
 import sqlite3
 import time
@@ -20,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
 from gateway.app import create_app
@@ -30,8 +28,7 @@ from gateway.observability import JSONFormatter
 from gateway.store import open_store
 from tests.admin_client import AdminAPI
 from tests.conftest import ADMIN_TOKEN, HASH_SECRET, make_config
-from tests.servers import require_server
-from tests.store.conftest import DEFAULT_PG_DSN, PG_DSN_ENV, PgServer, _run
+from tests.store.conftest import PgServer, pg_server  # noqa: F401 - the fixture is used by name
 
 ACTOR = "admin:" + hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()[:8]
 
@@ -797,19 +794,9 @@ async def test_verify_is_503_only_when_keys_cannot_be_checked(fragile) -> None:
 
 
 @pytest.fixture
-def pg_database() -> Iterator[str]:
-    """A fresh, empty PostgreSQL database for one test (see tests/store/conftest.py)."""
-    dsn = os.environ.get(PG_DSN_ENV) or DEFAULT_PG_DSN
-
-    async def probe() -> None:
-        conn = await asyncpg.connect(dsn, timeout=3)
-        await conn.close()
-
-    try:
-        _run(probe)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as e:
-        require_server("PostgreSQL", f"cannot connect ({PG_DSN_ENV}): {e!r}")
-    server = PgServer(dsn)
+def pg_database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for one test (the store suite's server fixture)."""
+    server: PgServer = request.getfixturevalue("pg_server")
     name = server.create_database()
     try:
         yield server.url(name)
