@@ -145,6 +145,9 @@ class Gateway:
         self.proxy_port = _bound_port(proxy_runner)
 
         self.metrics.add_state(self._state_metrics)
+        self._metrics_sync = asyncio.get_running_loop().create_task(
+            self._sync_metrics(), name="keystile-metrics-sync"
+        )
         admin_app = create_admin_app(self)
         admin_app.router.add_get("/metrics", self._metrics_endpoint)
         admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=5)
@@ -240,6 +243,11 @@ class Gateway:
             return (await asyncio.wait_for(self.store.get_key(key_id), self.cfg.store.timeout)).last_used_at
         except Exception:  # the answer is about the key, not its history: go on without it
             return None
+
+    async def _sync_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.metrics.sync()
 
     async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
         return await self.handler(request)
@@ -371,6 +379,11 @@ class Gateway:
         if self.store is not None and self._own_store:
             await self.store.close()
         self.access_log.flush()
+        sync: asyncio.Task[None] | None = getattr(self, "_metrics_sync", None)
+        if sync is not None:
+            sync.cancel()
+            await asyncio.gather(sync, return_exceptions=True)
+        self.metrics.sync()  # with workers, the last tallies reach the shared files
         if self.started_at:
             log.info("keystile stopped")
 

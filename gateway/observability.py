@@ -10,6 +10,7 @@ import asyncio
 import logging
 import sys
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable
 from typing import Any, Final, TextIO
 
@@ -103,12 +104,15 @@ class AccessLog:
 class Metrics:
     """Prometheus metrics for one gateway, in a registry of its own.
 
-    Request-path metrics are prometheus-client counters and histograms (multi-process safe when
-    ``PROMETHEUS_MULTIPROC_DIR`` is set by the supervisor); label children are bound once per
-    route, so a request costs dictionary lookups, not label parsing. State that already lives in
-    the pieces (cache tiers, breaker, usage buffer) is read at scrape time by a collector.
-    Label values are route prefixes, status classes and fixed outcome names: never a key, a digest
-    or request input.
+    A request only adds to plain in-process tallies (no locks, no label lookups); ``sync()`` moves
+    them into prometheus-client's counters and histograms. It runs before every scrape and once a
+    second (``Gateway`` does that), so with ``--workers`` — prometheus-client's multi-process mode,
+    the supervisor sets ``PROMETHEUS_MULTIPROC_DIR`` — every worker's files are at most a second
+    behind. Histogram tallies are added bucket by bucket through the client's per-bucket values;
+    if a client version lacks them, ``sync`` falls back to ``observe`` per tallied sample.
+    State that already lives in the pieces (cache tiers, breaker, usage buffer) is read at scrape
+    time by a collector. Label values are route prefixes, status classes and fixed outcome names:
+    never a key, a digest or request input.
     """
 
     OUTCOMES: Final = ("ok", "missing", "invalid", "expired", "insufficient_scope", "unavailable")
@@ -141,37 +145,61 @@ class Metrics:
         self._upstream_errors = Counter(
             "keystile_upstream_errors", "Upstream failures by kind.", ["kind"], registry=self.registry
         )
-        self._req_children: dict[tuple[str, int], Any] = {}
-        self._dur_children: dict[str, Any] = {}
-        self._up_children: dict[str, Any] = {}
-        self._auth_children = {o: self._auth.labels(o) for o in self.OUTCOMES}
-        for route in ("-", "whoami", *routes):
-            self._bind(route)
-
-    def _bind(self, route: str) -> None:
-        for cls in range(1, 6):
-            self._req_children[(route, cls)] = self._requests.labels(route, f"{cls}xx")
-        self._dur_children[route] = self._duration.labels(route)
-        self._up_children[route] = self._upstream.labels(route)
+        # Tallies since the last sync.
+        self._req_tally: dict[tuple[str, int], int] = {}
+        self._auth_tally: dict[str, int] = dict.fromkeys(self.OUTCOMES, 0)
+        self._dur_tally: dict[str, _Tally] = {}
+        self._up_tally: dict[str, _Tally] = {}
+        probe = self._duration.labels("-")
+        self._bucketwise = hasattr(probe, "_buckets") and hasattr(probe, "_sum")
+        self._duration.remove("-")
 
     def add_routes(self, routes: Iterable[str]) -> None:
-        for route in routes:
-            if route not in self._dur_children:
-                self._bind(route)
+        """Kept for callers that announce routes; label children are created on first use."""
 
     def request(
         self, route: str, status: int, outcome: str | None, seconds: float, upstream: float | None
     ) -> None:
-        child = self._req_children.get((route, status // 100))
-        if child is None:
-            self._bind(route)
-            child = self._req_children[(route, status // 100)]
-        child.inc()
+        key = (route, status // 100)
+        tally = self._req_tally
+        tally[key] = tally.get(key, 0) + 1
         if outcome is not None:
-            self._auth_children[outcome].inc()
-        self._dur_children[route].observe(seconds)
+            self._auth_tally[outcome] += 1
+        dur = self._dur_tally.get(route)
+        if dur is None:
+            dur = self._dur_tally[route] = _Tally()
+        dur.add(seconds)
         if upstream is not None:
-            self._up_children[route].observe(upstream)
+            up = self._up_tally.get(route)
+            if up is None:
+                up = self._up_tally[route] = _Tally()
+            up.add(upstream)
+
+    def sync(self) -> None:
+        """Move the tallies into the prometheus-client metrics."""
+        tally, self._req_tally = self._req_tally, {}
+        for (route, cls), n in tally.items():
+            self._requests.labels(route, f"{cls}xx").inc(n)
+        for outcome, n in self._auth_tally.items():
+            if n:
+                self._auth.labels(outcome).inc(n)
+                self._auth_tally[outcome] = 0
+        for hist, tallies in ((self._duration, self._dur_tally), (self._upstream, self._up_tally)):
+            for route, t in tallies.items():
+                if t.count:
+                    self._flush_tally(hist.labels(route), t)
+
+    def _flush_tally(self, child: Any, t: _Tally) -> None:
+        if self._bucketwise:
+            for i, n in enumerate(t.buckets):
+                if n:
+                    child._buckets[i].inc(n)
+            child._sum.inc(t.total)
+        else:  # one observation per tallied sample, at its bucket's bound
+            for i, n in enumerate(t.buckets):
+                for _ in range(n):
+                    child.observe(_BUCKETS[i] if i < len(_BUCKETS) else _BUCKETS[-1] * 2)
+        t.reset()
 
     def upstream_error(self, kind: str) -> None:
         self._upstream_errors.labels(kind).inc()
@@ -183,6 +211,7 @@ class Metrics:
         self.registry.register(collector)
 
     def render(self) -> bytes:
+        self.sync()
         if self._multiprocess_dir is None:
             return generate_latest(self.registry)
         # Workers: request metrics summed over every worker's files; state from this worker.
@@ -191,6 +220,28 @@ class Metrics:
         for collector in self._state:
             merged.register(collector)
         return generate_latest(merged)
+
+
+class _Tally:
+    """Per-route latency tally: counts per bucket (last one +Inf) and the sum."""
+
+    __slots__ = ("buckets", "count", "total")
+
+    def __init__(self) -> None:
+        self.buckets = [0] * (len(_BUCKETS) + 1)
+        self.count = 0
+        self.total = 0.0
+
+    def add(self, value: float) -> None:
+        # bisect_left: the first bound >= value, as a Prometheus bucket is "value <= le".
+        self.buckets[bisect_left(_BUCKETS, value)] += 1
+        self.count += 1
+        self.total += value
+
+    def reset(self) -> None:
+        self.buckets = [0] * (len(_BUCKETS) + 1)
+        self.count = 0
+        self.total = 0.0
 
 
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

@@ -40,6 +40,12 @@ async def test_metrics_count_requests_outcomes_and_tiers(keystile) -> None:
     assert 'keystile_auth_total{outcome="insufficient_scope"} 1.0' in text
     assert 'keystile_cache_lookups_total{result="hit",tier="local"}' in text
     assert "keystile_upstream_duration_seconds_bucket" in text
+    assert 'keystile_request_duration_seconds_count{route="/"} 4.0' in text
+    assert 'keystile_request_duration_seconds_count{route="/admin"} 1.0' in text
+    assert 'keystile_upstream_duration_seconds_count{route="/"} 2.0' in text  # only forwarded ones
+    # Every request falls in the +Inf bucket and in some finite one at most 10 s.
+    assert 'keystile_request_duration_seconds_bucket{le="+Inf",route="/"} 4.0' in text
+    assert 'keystile_request_duration_seconds_bucket{le="10.0",route="/"} 4.0' in text
     assert "keystile_usage_pending_keys" in text
     assert key not in text and key[:12] not in text
 

@@ -64,10 +64,15 @@ async def test_two_workers_share_a_port_and_survive_a_killed_worker(tmp_path: Pa
                 return await asyncio.gather(*(one() for _ in range(n)))
 
         assert await burst(40) == [200] * 40
-        # Request metrics are summed across workers.
-        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{admin}/metrics") as r:
-            text = await r.text()
-        assert 'keystile_requests_total{route="/",status_class="2xx"} 40.0' in text
+        # Request metrics are summed across workers (each syncs its tallies every second).
+        deadline = time.monotonic() + 5
+        while True:
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{admin}/metrics") as r:
+                text = await r.text()
+            if 'keystile_requests_total{route="/",status_class="2xx"} 40.0' in text:
+                break
+            assert time.monotonic() < deadline, "request metrics were not summed across workers"
+            await asyncio.sleep(0.2)
 
         victim = sorted(workers)[0]
         os.kill(victim, signal.SIGKILL)
