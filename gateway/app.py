@@ -13,7 +13,8 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, cast
 
 import aiohttp
 from aiohttp import http_parser, web
@@ -25,6 +26,7 @@ from gateway.cache import IdentityCache, LocalTier
 from gateway.cache.redis_tier import RedisTier, Subscriber, tombstone_ttl
 from gateway.cache.tiers import TieredLoader
 from gateway.config import Config, Secrets, parse_listen
+from gateway.errors import Answer
 from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
 from gateway.lifecycle import Lifecycle
@@ -127,7 +129,9 @@ class Gateway:
         )
 
         server = web.Server(
-            self._dispatch,
+            # aiohttp awaits the handler, then calls prepare/write_eof and reads keep_alive on
+            # what it returns: a StreamResponse, or a Prebuilt error offering exactly those.
+            cast(Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], self._dispatch),
             handler_cancellation=True,
             keepalive_timeout=cfg.proxy.keepalive_timeout,
             access_log=None,
@@ -249,8 +253,10 @@ class Gateway:
             await asyncio.sleep(1.0)
             self.metrics.sync()
 
-    async def _dispatch(self, request: web.BaseRequest) -> web.StreamResponse:
-        return await self.handler(request)
+    def _dispatch(self, request: web.BaseRequest) -> Coroutine[Any, Any, Answer]:
+        # The current handler (a reload swaps it; connections keep this entry point). Returns the
+        # handler's coroutine rather than awaiting it: one coroutine per request, not two.
+        return self.handler(request)
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         """Ready when the store answers and the schema is migrated. Redis is reported, not

@@ -87,7 +87,7 @@ class ProxyHandler:
         self.access_log = access_log or AccessLog()
         self._sample = cfg.logging.access_sample
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: web.BaseRequest) -> errors.Answer:
         started = time.perf_counter()
         seen = _Seen()
         resp = await self._handle(request, seen)
@@ -102,7 +102,7 @@ class ProxyHandler:
             self._access(request, resp.status, started, seen)
         return resp
 
-    async def _handle(self, request: web.BaseRequest, seen: _Seen) -> web.StreamResponse:
+    async def _handle(self, request: web.BaseRequest, seen: _Seen) -> errors.Answer:
         hosts = request.headers.getall("Host", ())
         if len(hosts) > 1:
             return bad_request("more than one Host header")
@@ -136,6 +136,7 @@ class ProxyHandler:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         headers = self.forwarder.upstream_headers(request, route, presented.from_bearer, ident)
         up_started = time.perf_counter()
+        resp: errors.Answer
         try:
             resp, seen.upstream_status = await self.forwarder.forward(
                 request, route, target, headers, strip_query_key=presented.key is not None
