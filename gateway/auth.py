@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from hashlib import sha256
+from time import monotonic
 from typing import Final
 
 from multidict import CIMultiDictProxy, MultiMapping
@@ -54,6 +55,7 @@ class Authenticator:
         self._memo: dict[bytes, KeyDigest] = {}
         self._memo_max = cfg.cache.local_max_entries
         self.cache = cache
+        self._local_get = cache.local.get
 
     def presented(self, headers: CIMultiDictProxy[str], query: MultiMapping[str] | None) -> Presented:
         """The key a request carries, or ``Presented(None)``; ``""`` means "sent but unusable"."""
@@ -73,37 +75,60 @@ class Authenticator:
                 return Presented(values[0] if len(values) == 1 else "", False)
         return Presented(None, False)
 
-    def _digest(self, key: str) -> KeyDigest:
-        raw = key.encode("ascii")
+    def _digest(self, raw: bytes) -> KeyDigest:
         short = sha256(raw).digest()
         d = self._memo.get(short)
         if d is None:
-            d = digest(self._secret, key)
+            d = digest(self._secret, raw)
             memo = self._memo
             if len(memo) >= self._memo_max:
                 del memo[next(iter(memo))]
             memo[short] = d
         return d
 
-    async def identify(self, key: str | None) -> tuple[str, IdentityRecord | None]:
-        """(outcome, identity). Never raises: a failed lookup is ``UNAVAILABLE``, never "unknown"."""
+    def check(self, key: str | None) -> tuple[str, IdentityRecord | None] | KeyDigest:
+        """The outcome when it is known without waiting (missing, malformed, or answered by the
+        in-process tier), else the digest ``identify`` must resolve. No I/O, no await."""
         if key is None:
             return MISSING, None
-        if not self._format.well_formed(key):
+        raw = self._format.checked(key)
+        if raw is None:
             return INVALID, None
-        d = self._digest(key)
-        ident = self.cache.peek(d)
+        # Inlined _digest and cache.peek: this is every authenticated request's path.
+        d = self._memo.get(sha256(raw).digest()) or self._digest(raw)
+        ident = self._local_get(d, monotonic())
         if ident is MISS:
-            try:
-                ident = await self.cache.resolve(d)
-            except Exception:
-                return UNAVAILABLE, None
+            return d
         if ident is None:
             return INVALID, None
         assert isinstance(ident, IdentityRecord)
         if ident.expires_at is not None and time.time() >= ident.expires_at:
             return EXPIRED, ident
         return OK, ident
+
+    async def identify(self, key: str | None) -> tuple[str, IdentityRecord | None]:
+        """(outcome, identity). Never raises: a failed lookup is ``UNAVAILABLE``, never "unknown"."""
+        known = self.check(key)
+        if isinstance(known, tuple):
+            return known
+        return await self.resolve(known)
+
+    async def resolve(self, d: KeyDigest) -> tuple[str, IdentityRecord | None]:
+        """(outcome, identity) for a digest the in-process tier did not answer."""
+        try:
+            ident = await self.cache.resolve(d)
+        except Exception:
+            return UNAVAILABLE, None
+        return _outcome(ident)
+
+
+def _outcome(ident: object) -> tuple[str, IdentityRecord | None]:
+    if ident is None:
+        return INVALID, None
+    assert isinstance(ident, IdentityRecord)
+    if ident.expires_at is not None and time.time() >= ident.expires_at:
+        return EXPIRED, ident
+    return OK, ident
 
 
 def permits(route: Route, ident: IdentityRecord) -> bool:

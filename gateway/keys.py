@@ -33,7 +33,8 @@ DISPLAY_BODY_CHARS: Final = 4
 ID_CHARS: Final = 16
 
 KeyDigest = bytes
-_B62_VALUE: Final = {c: i for i, c in enumerate(BASE62)}
+# Base62 digit value by ASCII byte (0 for bytes that are not base62 digits: checked before use).
+_B62_BYTE: Final = tuple(BASE62.find(chr(b)) if chr(b) in BASE62 else 0 for b in range(128))
 
 
 def _b62(n: int, width: int) -> str:
@@ -82,24 +83,29 @@ class KeyFormat:
         self._length = self._head_len + BODY_CHARS
 
     def well_formed(self, key: str) -> bool:
-        """True when ``key`` has this deployment's shape and a correct checksum.
+        """True when ``key`` has this deployment's shape and a correct checksum."""
+        return self.checked(key) is not None
+
+    def checked(self, key: str) -> bytes | None:
+        """The key's ASCII bytes when it has this deployment's shape and a correct checksum.
 
         Cheap checks first: length, then prefix, then charset; the CRC only runs on a key of the
-        right shape, and no hashing happens here.
+        right shape, and no hashing happens here. The bytes are what the digest is taken of.
         """
-        if len(key) != self._length:
-            return False
         head_len = self._head_len
-        if key[:head_len] not in self._heads:
-            return False
-        body = key[head_len:]
-        if not (body.isascii() and body.isalnum()):
-            return False
+        if len(key) != self._length or key[:head_len] not in self._heads or not key.isascii():
+            return None
+        raw = key.encode("ascii")
+        if not raw[head_len:].isalnum():
+            return None
         # Decode the 6 checksum characters rather than encoding the CRC: no string building.
-        value = 0
-        for c in body[RANDOM_CHARS:]:
-            value = value * 62 + _B62_VALUE[c]
-        return value == zlib.crc32(key[: head_len + RANDOM_CHARS].encode("ascii"))
+        at = head_len + RANDOM_CHARS
+        v = _B62_BYTE
+        value = (
+            (((v[raw[at]] * 62 + v[raw[at + 1]]) * 62 + v[raw[at + 2]]) * 62 + v[raw[at + 3]]) * 62
+            + v[raw[at + 4]]
+        ) * 62 + v[raw[at + 5]]
+        return raw if value == zlib.crc32(raw[:at]) else None
 
 
 def environment_of(key: str) -> str:
@@ -112,9 +118,9 @@ def display_start(key: str) -> str:
     return f"{prefix}_{env}_{body[:DISPLAY_BODY_CHARS]}"
 
 
-def digest(secret: bytes, key: str) -> KeyDigest:
+def digest(secret: bytes, key: str | bytes) -> KeyDigest:
     """The stored, indexed form of a key: HMAC-SHA256 under the server secret."""
-    return hmac.digest(secret, key.encode("ascii"), "sha256")
+    return hmac.digest(secret, key if isinstance(key, bytes) else key.encode("ascii"), "sha256")
 
 
 def same_digest(a: KeyDigest, b: KeyDigest) -> bool:
