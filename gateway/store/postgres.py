@@ -218,13 +218,18 @@ class PostgresStore(SQLStore):
             yield _Conn(raw, self._timeout)
 
     async def _usage(self, conn: Conn, updates: Sequence[UsageUpdate]) -> None:
-        # One statement for the whole batch. UPDATE ... FROM uses one arbitrary joined row per
-        # target row, so the batch must hold each key once (SQLStore.record_usage merges it).
+        # One statement for the whole batch. An upsert may touch a row only once per statement,
+        # so the batch must hold each key once (SQLStore.record_usage merges it).
         await conn.execute(
-            "UPDATE keys SET last_used_at = GREATEST(COALESCE(keys.last_used_at, 0), u.t), "
-            "request_count = keys.request_count + u.c "
+            # The join skips keys deleted since they were used; key order keeps concurrent
+            # flushes from several instances from deadlocking on each other's rows.
+            "INSERT INTO key_usage (key_id, last_used_at, request_count) "
+            "SELECT u.id, u.t, u.c "
             "FROM unnest($1::text[], $2::float8[], $3::bigint[]) AS u(id, t, c) "
-            "WHERE keys.id = u.id",
+            "JOIN keys k ON k.id = u.id ORDER BY u.id "
+            "ON CONFLICT (key_id) DO UPDATE SET "
+            "last_used_at = GREATEST(key_usage.last_used_at, EXCLUDED.last_used_at), "
+            "request_count = key_usage.request_count + EXCLUDED.request_count",
             [u.key_id for u in updates],
             [float(u.last_used_at) for u in updates],
             [u.count for u in updates],

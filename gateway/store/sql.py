@@ -66,11 +66,18 @@ def decode_cursor(cursor: str) -> tuple[float, str]:
         raise ValueError("invalid cursor") from None
 
 
+# Usage lives in key_usage (migration 3); keys.last_used_at/request_count hold what versions before
+# it wrote, so a key's values are the later time and the sum of the two.
 _KEY_COLS = (
     "k.id, k.name, k.start, k.env, k.principal_id, p.name, k.project, k.scopes, k.created_at, "
-    "k.expires_at, k.revoked_at, k.last_used_at, k.request_count, k.metadata, k.previous_valid_until"
+    "k.expires_at, k.revoked_at, "
+    "CASE WHEN u.last_used_at IS NULL OR u.last_used_at < k.last_used_at "
+    "THEN k.last_used_at ELSE u.last_used_at END, "
+    "k.request_count + COALESCE(u.request_count, 0), k.metadata, k.previous_valid_until"
 )
-_KEY_FROM = "FROM keys k JOIN principals p ON p.id = k.principal_id"
+_KEY_FROM = (
+    "FROM keys k JOIN principals p ON p.id = k.principal_id LEFT JOIN key_usage u ON u.key_id = k.id"
+)
 _PRINCIPAL_COLS = "id, name, kind, disabled, created_at, metadata"
 
 
@@ -97,8 +104,8 @@ def _key(row: Row) -> KeyRecord:
 def merge_usage(updates: Sequence[UsageUpdate]) -> list[UsageUpdate]:
     """One update per key (latest time, summed count), in key order.
 
-    ``UPDATE ... FROM`` applies only one arbitrary joined row to a target row, in PostgreSQL and
-    SQLite alike, so a batch naming a key twice would lose counts unless merged first. Key order
+    The usage upsert may touch a row only once per statement (PostgreSQL refuses a second touch;
+    an ``UPDATE ... FROM`` would silently apply one arbitrary row), so a batch names each key once. Key order
     makes concurrent flushes from several instances lock rows in the same order (no deadlock).
     """
     merged: dict[str, UsageUpdate] = {}

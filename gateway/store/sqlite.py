@@ -168,10 +168,14 @@ class SQLiteStore(SQLStore):
 
     async def _usage(self, conn: Conn, updates: Sequence[UsageUpdate]) -> None:
         await conn.execute(
-            "UPDATE keys SET last_used_at = MAX(COALESCE(keys.last_used_at, 0), u.t), "
-            "request_count = keys.request_count + u.c "
+            # The join skips keys deleted since they were used. ORDER BY: rows in key order.
+            "INSERT INTO key_usage (key_id, last_used_at, request_count) "
+            "SELECT u.id, u.t, u.c "
             "FROM (SELECT value ->> 0 AS id, value ->> 1 AS t, value ->> 2 AS c FROM json_each($1)) AS u "
-            "WHERE keys.id = u.id",
+            "JOIN keys k ON k.id = u.id WHERE true ORDER BY u.id "  # WHERE: SQLite's upsert parsing
+            "ON CONFLICT (key_id) DO UPDATE SET "
+            "last_used_at = MAX(key_usage.last_used_at, excluded.last_used_at), "
+            "request_count = key_usage.request_count + excluded.request_count",
             _enc.encode([[u.key_id, u.last_used_at, u.count] for u in updates]).decode(),
         )
 

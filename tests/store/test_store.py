@@ -548,6 +548,23 @@ async def test_delete_key(store: Store) -> None:
 # -- usage and audit ---------------------------------------------------------------------------
 
 
+async def test_usage_written_before_migration_3_still_counts(store: Store, store_url: str) -> None:
+    """Versions before schema 3 wrote usage into the keys table; during a rolling upgrade they may
+    still do. A key's values are the later time and the sum over both places."""
+    p = await make_principal(store)
+    a, b = [(await make_key(store, p, f"k{i}"))[0] for i in range(2)]
+    await execute_sql(store_url, f"UPDATE keys SET last_used_at = {T0 + 50}, request_count = 7 WHERE id = '{a.id}'")
+    await execute_sql(store_url, f"UPDATE keys SET last_used_at = {T0 + 1}, request_count = 2 WHERE id = '{b.id}'")
+    await store.record_usage([UsageUpdate(a.id, T0 + 10, 3), UsageUpdate(b.id, T0 + 20, 1)])
+    got = {k.id: (k.last_used_at, k.request_count) for k in await all_keys(store)}
+    assert got == {a.id: (T0 + 50, 10), b.id: (T0 + 20, 3)}
+    assert (await store.get_key(a.id)).request_count == 10
+    # Deleting a key takes its usage row with it.
+    await store.delete_key(a.id, "test")
+    await store.record_usage([UsageUpdate(a.id, T0 + 60, 1)])  # a late flush for it: ignored
+    assert [k.id for k in await all_keys(store)] == [b.id]
+
+
 async def test_record_usage_merges_batches_from_many_instances(store: Store) -> None:
     p = await make_principal(store)
     keys = [(await make_key(store, p, f"k{i}"))[0] for i in range(4)]
@@ -677,8 +694,8 @@ async def test_migrations_apply_once_and_refuse_a_newer_database(fresh_url: str)
         assert await store.schema_version() == 0
         with pytest.raises(SchemaMismatch, match="keystile migrate"):
             await store.check_schema()
-        assert await store.migrate() == [1, 2]
-        assert await store.schema_version() == 2
+        assert await store.migrate() == [1, 2, 3]
+        assert await store.schema_version() == 3
         await store.check_schema()
         assert await store.migrate() == []
         await store.ping()
@@ -725,8 +742,8 @@ async def test_concurrent_migrations_apply_once(fresh_pg_url: str) -> None:
     stores = [await open_store(fresh_pg_url, pool_min=1, pool_max=1) for _ in range(4)]
     try:
         applied = await asyncio.gather(*(s.migrate() for s in stores))
-        assert sorted(applied) == [[], [], [], [1, 2]]
-        assert await stores[0].schema_version() == 2
+        assert sorted(applied) == [[], [], [], [1, 2, 3]]
+        assert await stores[0].schema_version() == 3
     finally:
         for s in stores:
             await s.close()
