@@ -136,16 +136,30 @@ def _header_name(raw: bytes) -> tuple[str, int]:
     return got
 
 
+# Connection header values seen so far → the header names they list that are not hop-by-hop
+# anyway (usually none: "keep-alive", "close").
+_LISTED: dict[bytes, frozenset[str]] = {}
+
+
+def _listed(raw: bytes) -> frozenset[str]:
+    got = _LISTED.get(raw)
+    if got is None:
+        got = frozenset(_connection_tokens((raw.decode("latin-1"),)) - HOP_BY_HOP)
+        if len(_LISTED) < _CACHE_MAX:
+            _LISTED[raw] = got
+    return got
+
+
 def client_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """The upstream's response headers for the client: order and duplicates kept, hop-by-hop
     headers and those its ``Connection`` header names dropped."""
     out: list[tuple[str, str]] = []
-    listed: set[str] | None = None
+    listed: frozenset[str] = frozenset()
     for rname, rvalue in raw:
         name, kind = _NAMES.get(rname) or _header_name(rname)
         if kind:
             if kind == 2:
-                listed = (listed or set()) | _connection_tokens((rvalue.decode("latin-1"),))
+                listed |= _listed(rvalue)
             continue
         out.append((name, rvalue.decode("utf-8", "surrogateescape")))
     if listed:
