@@ -26,7 +26,6 @@ from gateway.cache import IdentityCache, LocalTier
 from gateway.cache.redis_tier import RedisTier, Subscriber, tombstone_ttl
 from gateway.cache.tiers import TieredLoader
 from gateway.config import Config, Secrets, parse_listen
-from gateway.errors import Answer
 from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
 from gateway.lifecycle import Lifecycle
@@ -37,6 +36,7 @@ from gateway.routing import RouteTable
 from gateway.store import Store, open_store
 from gateway.store.migrations import latest_version
 from gateway.usage import UsageRecorder
+from gateway.wire import Answer
 
 log = logging.getLogger("keystile")
 
@@ -130,7 +130,7 @@ class Gateway:
 
         server = web.Server(
             # aiohttp awaits the handler, then calls prepare/write_eof and reads keep_alive on
-            # what it returns: a StreamResponse, or a Prebuilt error offering exactly those.
+            # what it returns: a StreamResponse, or a wire.RawResponse offering exactly those.
             cast(Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], self._dispatch),
             handler_cancellation=True,
             keepalive_timeout=cfg.proxy.keepalive_timeout,

@@ -25,6 +25,7 @@ from gateway.paths import BadPath, parse_target
 from gateway.proxy import Forwarder, UpstreamFailure
 from gateway.routing import RouteTable
 from gateway.usage import UsageRecorder
+from gateway.wire import Answer
 
 log = logging.getLogger("keystile.proxy")
 
@@ -87,7 +88,7 @@ class ProxyHandler:
         self.access_log = access_log or AccessLog()
         self._sample = cfg.logging.access_sample
 
-    async def __call__(self, request: web.BaseRequest) -> errors.Answer:
+    async def __call__(self, request: web.BaseRequest) -> Answer:
         started = time.perf_counter()
         seen = _Seen()
         resp = await self._handle(request, seen)
@@ -102,7 +103,7 @@ class ProxyHandler:
             self._access(request, resp.status, started, seen)
         return resp
 
-    async def _handle(self, request: web.BaseRequest, seen: _Seen) -> errors.Answer:
+    async def _handle(self, request: web.BaseRequest, seen: _Seen) -> Answer:
         hosts = request.headers.getall("Host", ())
         if len(hosts) > 1:
             return bad_request("more than one Host header")
@@ -137,7 +138,7 @@ class ProxyHandler:
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         headers = self.forwarder.upstream_headers(request, route, presented.from_bearer, ident)
         up_started = time.perf_counter()
-        resp: errors.Answer
+        resp: Answer
         try:
             resp, seen.upstream_status = await self.forwarder.forward(
                 request, route, target, headers, strip_query_key=presented.key is not None

@@ -27,7 +27,7 @@ from urllib.parse import unquote_plus
 from aiohttp import web
 from multidict import CIMultiDict
 
-from gateway import errors
+from gateway import errors, wire
 from gateway.config import Config
 from gateway.models import IdentityRecord
 from gateway.paths import Target
@@ -148,6 +148,81 @@ def _listed(raw: bytes) -> frozenset[str]:
         if len(_LISTED) < _CACHE_MAX:
             _LISTED[raw] = got
     return got
+
+
+# Response header names seen so far → (lower-case name, what client_head does with it).
+_KEEP_H, _DROP_H, _CONN_H, _DATE_H, _LENGTH_H = range(5)
+_RAW_NAMES: dict[bytes, tuple[str, int]] = {}
+# (status, reason phrase as received) → the status line after the version, as sent to the client.
+_TAILS: dict[tuple[int, bytes], bytes] = {}
+
+
+def _raw_name(raw: bytes) -> tuple[str, int]:
+    low = raw.decode("latin-1").lower()  # llhttp allows only token characters
+    kind = (
+        _CONN_H
+        if low == "connection"
+        else _DROP_H
+        if low in HOP_BY_HOP
+        else _DATE_H
+        if low == "date"
+        else _LENGTH_H
+        if low == "content-length"
+        else _KEEP_H
+    )
+    got = (low, kind)
+    if len(_RAW_NAMES) < _CACHE_MAX:
+        _RAW_NAMES[raw] = got
+    return got
+
+
+def _status_tail(status: int, raw_reason: bytes) -> bytes:
+    tail = _TAILS.get((status, raw_reason))
+    if tail is None:
+        tail = wire.status_tail(status, _reason(raw_reason))
+        if len(_TAILS) < _CACHE_MAX:
+            _TAILS[(status, raw_reason)] = tail
+    return tail
+
+
+def client_head(raw: list[tuple[bytes, bytes]], status: int, body: bytes, head: bool) -> tuple[bytes, bool]:
+    """The header block for a complete upstream response and whether it carries ``Date``.
+
+    Like ``client_headers`` (order and duplicates kept, hop-by-hop and Connection-listed headers
+    dropped), with the framing aiohttp would apply: no Content-Length on 1xx/204, one added from the
+    body when the upstream framed it otherwise (chunked, or up to close) unless the status or a HEAD
+    request forbids a body. Raises UnsafeHeader on CR, LF or NUL inside a name or value.
+    """
+    lines: list[bytes] = []
+    names: list[str] = []
+    listed: frozenset[str] = frozenset()
+    has_date = has_length = False
+    no_body_status = status < 200 or status == 204
+    for rname, rvalue in raw:
+        low, kind = _RAW_NAMES.get(rname) or _raw_name(rname)
+        if kind:
+            if kind == _DROP_H:
+                continue
+            if kind == _CONN_H:
+                listed |= _listed(rvalue)
+                continue
+            if kind == _DATE_H:
+                has_date = True
+            elif no_body_status:
+                continue  # Content-Length on a response that cannot have a body
+            else:
+                has_length = True
+        lines.append(rname + b": " + rvalue + b"\r\n")
+        names.append(low)
+    if listed:
+        lines = [line for line, name in zip(lines, names, strict=True) if name not in listed]
+    if not has_length and not no_body_status and status != 304 and not head:
+        lines.append(b"Content-Length: %d\r\n" % len(body))
+    block = b"".join(lines)
+    n = len(lines)
+    if block.count(b"\n") != n or block.count(b"\r") != n or b"\x00" in block:
+        raise UnsafeHeader("CR, LF or NUL in a response header")
+    return block, has_date
 
 
 def client_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
@@ -328,7 +403,7 @@ class Forwarder:
         target: Target,
         headers: CIMultiDict[str],
         strip_query_key: bool,
-    ) -> tuple[web.StreamResponse, int]:
+    ) -> tuple[wire.Answer, int]:
         """Send the request upstream and stream the answer back; returns (response, upstream status).
 
         Raises UpstreamFailure when nothing has been sent to the client yet.
@@ -402,24 +477,21 @@ class Forwarder:
         released = False
         try:
             status = conn.status
-            reason = _reason(conn.reason)
-            hdrs = client_headers(conn.headers)
             if conn.complete:
                 # The whole response is here: free the connection first, then answer in one write.
                 data = conn.take_body()
                 _release(pool, conn, pump, True)
                 released = True
                 try:
-                    resp = web.Response(status=status, reason=reason, headers=hdrs, body=data)
-                    await resp.prepare(request)
-                except ValueError as e:  # aiohttp's header validation
+                    block, has_date = client_head(conn.headers, status, data, method == "HEAD")
+                except UnsafeHeader as e:
                     raise UpstreamFailure(errors.UPSTREAM_BAD_RESPONSE, f"response header: {e}") from None
-                try:
-                    await resp.write_eof()
-                except ConnectionError:
-                    _abort(request)
-                return resp, status
+                # aiohttp's server writes it (prepare) once the handler returns.
+                tail = _status_tail(status, conn.reason)
+                return wire.RawResponse(status, tail, block, data, not has_date), status
 
+            reason = _reason(conn.reason)
+            hdrs = client_headers(conn.headers)
             try:
                 out = web.StreamResponse(status=status, reason=reason, headers=hdrs)
                 await out.prepare(request)

@@ -138,3 +138,24 @@ async def raw_request(port: int, data: bytes, timeout: float = 5.0) -> tuple[int
         k, _, v = line.partition(":")
         headers[k.strip().lower()] = v.strip()
     return status, headers, body
+
+
+async def exchange(port: int, data: bytes, replies: int) -> tuple[list[bytes], bool]:
+    """Send ``data``; read ``replies`` responses framed by Content-Length; say whether the server
+    then closed the connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(data)
+        out = []
+        for _ in range(replies):
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            body = b"" if data.startswith(b"HEAD") else await asyncio.wait_for(reader.readexactly(length), 5)
+            out.append(head + body)
+        try:
+            closed = await asyncio.wait_for(reader.read(1), 0.3) == b""
+        except TimeoutError:
+            closed = False
+        return out, closed
+    finally:
+        writer.close()

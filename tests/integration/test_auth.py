@@ -11,7 +11,7 @@ import aiohttp
 import pytest
 
 from gateway.keys import generate_key
-from tests.upstream import RecordingUpstream, raw_request
+from tests.upstream import RecordingUpstream, exchange, raw_request
 
 MISSING = {
     "error": "missing_api_key",
@@ -210,34 +210,13 @@ async def test_whoami(keystile, upstream: RecordingUpstream) -> None:
     assert (await get(gw.url + "/_keystile/whoami"))[0] == 401
 
 
-async def _exchange(port: int, data: bytes, replies: int) -> tuple[list[bytes], bool]:
-    """Send ``data``; read ``replies`` responses framed by Content-Length; say whether the server
-    then closed the connection."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        out = []
-        for _ in range(replies):
-            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
-            length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
-            body = b"" if data.startswith(b"HEAD") else await asyncio.wait_for(reader.readexactly(length), 5)
-            out.append(head + body)
-        try:
-            closed = await asyncio.wait_for(reader.read(1), 0.3) == b""
-        except TimeoutError:
-            closed = False
-        return out, closed
-    finally:
-        writer.close()
-
-
 async def test_rejections_are_framed_like_any_response(keystile) -> None:
     """The 401 is written from prebuilt bytes: it must still honour keep-alive, HTTP/1.0 and HEAD."""
     gw = await keystile()
     bad = "X-API-Key: ks_live_not-a-key\r\n"
     # HTTP/1.1: two rejections on one kept connection, each a complete framed JSON answer.
     one = f"GET /x HTTP/1.1\r\nHost: t\r\n{bad}\r\n".encode()
-    replies, closed = await _exchange(gw.port, one * 2, 2)
+    replies, closed = await exchange(gw.port, one * 2, 2)
     assert not closed
     for raw in replies:
         head, _, body = raw.partition(b"\r\n\r\n")
@@ -249,16 +228,16 @@ async def test_rejections_are_framed_like_any_response(keystile) -> None:
         assert abs(email.utils.parsedate_to_datetime(date).timestamp() - time.time()) < 5
         assert b"Connection:" not in head
     # HTTP/1.1 with Connection: close: said, then done.
-    replies, closed = await _exchange(gw.port, f"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{bad}\r\n".encode(), 1)
+    replies, closed = await exchange(gw.port, f"GET /x HTTP/1.1\r\nHost: t\r\nConnection: close\r\n{bad}\r\n".encode(), 1)
     assert b"\r\nConnection: close\r\n" in replies[0] and closed
     # HTTP/1.0: closed unless keep-alive was asked for, and then announced.
-    replies, closed = await _exchange(gw.port, f"GET /x HTTP/1.0\r\n{bad}\r\n".encode(), 1)
+    replies, closed = await exchange(gw.port, f"GET /x HTTP/1.0\r\n{bad}\r\n".encode(), 1)
     assert replies[0].startswith(b"HTTP/1.0 401 ") and b"Connection:" not in replies[0] and closed
-    replies, closed = await _exchange(gw.port, f"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n{bad}\r\n".encode(), 1)
+    replies, closed = await exchange(gw.port, f"GET /x HTTP/1.0\r\nConnection: keep-alive\r\n{bad}\r\n".encode(), 1)
     assert b"\r\nConnection: keep-alive\r\n" in replies[0] and not closed
     # HEAD: the headers (with the body's length), no body; the next answer is not corrupted by one.
     head_req = f"HEAD /x HTTP/1.1\r\nHost: t\r\n{bad}\r\n".encode()
-    replies, closed = await _exchange(gw.port, head_req * 2, 2)
+    replies, closed = await exchange(gw.port, head_req * 2, 2)
     assert all(r.startswith(b"HTTP/1.1 401 ") and r.endswith(b"\r\n\r\n") for r in replies) and not closed
     length = int(replies[0].split(b"Content-Length: ")[1].split(b"\r\n")[0])
     assert length == len(json.dumps(INVALID, separators=(",", ":")).encode())

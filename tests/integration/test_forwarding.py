@@ -8,7 +8,7 @@ import json
 import aiohttp
 import pytest
 
-from tests.upstream import RecordingUpstream, malformed_upstream, raw_request
+from tests.upstream import RecordingUpstream, exchange, malformed_upstream, raw_request
 
 
 def req(target: str, *headers: str, method: str = "GET", body: str = "") -> bytes:
@@ -358,3 +358,60 @@ async def test_methods_and_bodies_pass(keystile, upstream: RecordingUpstream) ->
                 assert upstream.received[-1].body_bytes == 5
         async with s.head(gw.url + "/public/echo") as r:
             assert r.status == 200
+
+
+# -- response framing: a complete upstream answer is relayed as bytes ------------------------
+
+
+@pytest.mark.parametrize(
+    ("reply", "method", "expect_head", "absent", "body"),
+    [
+        # 204 cannot carry a body: the upstream's Content-Length is dropped, others kept.
+        (b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\nX-A: 1\r\n\r\n", "GET",
+         [b"HTTP/1.1 204 No Content", b"X-A: 1"], [b"content-length"], b""),
+        # Chunked upstream, complete: relayed with the body's length instead.
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n3\r\nabc\r\n0\r\n\r\n", "GET",
+         [b"HTTP/1.1 200 OK", b"Content-Length: 3", b"X-A: 1"], [b"transfer-encoding"], b"abc"),
+        # A header the Connection header names goes; the upstream's Date and reason phrase stay.
+        (b"HTTP/1.1 299 Custom Thing\r\nConnection: X-Secret\r\nX-Secret: 1\r\nDate: Mon, 01 Jan 2024 00:00:00 GMT"
+         b"\r\nContent-Length: 2\r\n\r\nok", "GET",
+         [b"HTTP/1.1 299 Custom Thing", b"Date: Mon, 01 Jan 2024 00:00:00 GMT", b"Content-Length: 2"],
+         [b"x-secret"], b"ok"),
+        # HEAD: the upstream's length is passed on, no body follows.
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", "HEAD", [b"Content-Length: 10"], [], b""),
+    ],
+)
+async def test_relayed_responses_are_framed_for_the_client(
+    keystile, reply: bytes, method: str, expect_head: list[bytes], absent: list[bytes], body: bytes
+) -> None:
+    server, port = await malformed_upstream(reply)
+    try:
+        gw = await keystile(routes=[{"prefix": "/", "upstream": f"http://127.0.0.1:{port}", "auth": "none"}])
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(req("/x", method=method))
+            raw = await asyncio.wait_for(reader.read(-1), 5)
+        finally:
+            writer.close()
+        head, _, got_body = raw.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        for line in expect_head:
+            assert line in lines, (line, lines)
+        names = [ln.split(b":")[0].lower() for ln in lines[1:]]
+        for name in absent:
+            assert name not in names, (name, lines)
+        assert names.count(b"date") == 1 and names.count(b"content-length") <= 1
+        assert got_body == body
+    finally:
+        server.close()
+
+
+async def test_relayed_responses_follow_the_clients_keep_alive(keystile, upstream: RecordingUpstream) -> None:
+    gw = await keystile()
+    one = b"GET /public/x HTTP/1.1\r\nHost: t\r\n\r\n"
+    replies, closed = await exchange(gw.port, one * 2, 2)
+    assert not closed and all(r.startswith(b"HTTP/1.1 200 ") and b"Connection:" not in r for r in replies)
+    replies, closed = await exchange(gw.port, b"GET /public/x HTTP/1.0\r\n\r\n", 1)
+    assert replies[0].startswith(b"HTTP/1.0 200 ") and closed
+    replies, closed = await exchange(gw.port, b"GET /public/x HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", 1)
+    assert b"\r\nConnection: keep-alive\r\n" in replies[0] and not closed
