@@ -136,12 +136,12 @@ class ProxyHandler:
             self.usage.bump(ident.key_id, time.time())
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        headers = self.forwarder.upstream_headers(request, route, presented.from_bearer, ident)
+        headers = self.forwarder.upstream_headers(request, route, presented.from_bearer)
         up_started = time.perf_counter()
         resp: Answer
         try:
             resp, seen.upstream_status = await self.forwarder.forward(
-                request, route, target, headers, strip_query_key=presented.key is not None
+                request, route, target, headers, ident, strip_query_key=presented.key is not None
             )
         except UpstreamFailure as e:
             log.warning("upstream failure on route %s: %s", route.name, e)

@@ -25,7 +25,6 @@ from typing import Final
 from urllib.parse import unquote_plus
 
 from aiohttp import web
-from multidict import CIMultiDict
 
 from gateway import errors, wire
 from gateway.config import Config
@@ -89,18 +88,33 @@ class UnsafeHeader(ValueError):
     pass
 
 
-def serialize_head(method: str, target: str, headers: CIMultiDict[str], chunked: bool) -> bytes:
-    """The request line and header block, in the given order; refuses CR, LF and NUL anywhere."""
+def serialize_head(
+    method: str, target: str, headers: list[tuple[str, str]], chunked: bool, checked: str = ""
+) -> bytes:
+    """The request line and header block, in the given order; refuses CR, LF and NUL anywhere.
+
+    ``checked``: header lines (each ending CRLF) already known to be clean, appended last.
+    """
     head = method + " " + target + " HTTP/1.1\r\n"
     if headers:
-        head += "\r\n".join(map(": ".join, headers.items())) + "\r\n"
-    head += "Transfer-Encoding: chunked\r\n\r\n" if chunked else "\r\n"
+        head += "\r\n".join(map(": ".join, headers)) + "\r\n"
     # Exactly one CR and one LF per line we wrote: any other one came from a name or value.
-    n = len(headers) + 2 + chunked
+    n = len(headers) + 1
     if head.count("\n") != n or head.count("\r") != n or "\x00" in head or " " in target:
         raise UnsafeHeader("CR, LF or NUL in the request line or a header, or a space in the target")
+    head += checked + ("Transfer-Encoding: chunked\r\n\r\n" if chunked else "\r\n")
     # Header text came from bytes decoded as UTF-8 with surrogateescape: this restores them.
     return head.encode("utf-8", "surrogateescape")
+
+
+def identity_lines(names: tuple[str, str, str, str], ident: IdentityRecord) -> str:
+    """The identity header lines for ``ident`` (key id, owner, project, scopes), each ending CRLF.
+    Raises UnsafeHeader when a value carries CR, LF or NUL."""
+    values = (ident.key_id, ident.principal, ident.project, ",".join(ident.scopes))
+    block = "".join(f"{n}: {v}\r\n" for n, v in zip(names, values, strict=True))
+    if block.count("\n") != 4 or block.count("\r") != 4 or "\x00" in block:
+        raise UnsafeHeader("CR, LF or NUL in an identity header")
+    return block
 
 
 # Per-process caches of what upstreams send, bounded against an upstream sending junk.
@@ -247,10 +261,11 @@ class Forwarder:
         p = cfg.proxy
         self._identity_prefix = _norm(p.identity_header_prefix)
         pfx = p.identity_header_prefix
-        self._h_key_id = pfx + "Key-Id"
-        self._h_owner = pfx + "Owner"
-        self._h_project = pfx + "Project"
-        self._h_scopes = pfx + "Scopes"
+        self._identity_names = (pfx + "Key-Id", pfx + "Owner", pfx + "Project", pfx + "Scopes")
+        # Identity lines by digest, kept with the record they were built from: a record the cache
+        # replaced (new object) is rebuilt. Bounded like the in-process cache.
+        self._identity: dict[bytes, tuple[IdentityRecord, str]] = {}
+        self._identity_max = cfg.cache.local_max_entries
         self._key_headers = frozenset(_norm(h) for h in p.key_headers)
         self._query_param = p.query_param
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in p.trusted_proxies)
@@ -308,13 +323,22 @@ class Forwarder:
             self._actions[name] = act
         return act
 
+    def identity(self, ident: IdentityRecord) -> str:
+        """The identity header lines for ``ident``; raises UnsafeHeader."""
+        hit = self._identity.get(ident.digest)
+        if hit is not None and hit[0] is ident:
+            return hit[1]
+        block = identity_lines(self._identity_names, ident)
+        cache = self._identity
+        if ident.digest not in cache and len(cache) >= self._identity_max:
+            del cache[next(iter(cache))]
+        cache[ident.digest] = (ident, block)
+        return block
+
     def upstream_headers(
-        self,
-        request: web.BaseRequest,
-        route: Route,
-        from_bearer: bool,
-        ident: IdentityRecord | None,
-    ) -> CIMultiDict[str]:
+        self, request: web.BaseRequest, route: Route, from_bearer: bool
+    ) -> list[tuple[str, str]]:
+        """The client's headers as the upstream gets them, without the identity (``identity``)."""
         src = request.headers
         conn_hdr = src.getall("Connection", ())
         drop = _connection_tokens(conn_hdr) if conn_hdr else None
@@ -356,12 +380,7 @@ class Forwarder:
             out.append(("X-Forwarded-For", peer))
             out.append(("X-Forwarded-Proto", request.scheme))
             out.append(("X-Forwarded-Host", src.get("Host", "")))
-        if ident is not None:
-            out.append((self._h_key_id, ident.key_id))
-            out.append((self._h_owner, ident.principal))
-            out.append((self._h_project, ident.project))
-            out.append((self._h_scopes, ",".join(ident.scopes)))
-        return CIMultiDict(out)
+        return out
 
     def _request_target(self, route: Route, target: Target, strip_query_key: bool) -> str:
         path = route.upstream_path(target)
@@ -401,7 +420,8 @@ class Forwarder:
         request: web.BaseRequest,
         route: Route,
         target: Target,
-        headers: CIMultiDict[str],
+        headers: list[tuple[str, str]],
+        ident: IdentityRecord | None,
         strip_query_key: bool,
     ) -> tuple[wire.Answer, int]:
         """Send the request upstream and stream the answer back; returns (response, upstream status).
@@ -434,7 +454,8 @@ class Forwarder:
                 source = content
         path = self._request_target(route, target, strip_query_key)
         try:
-            head = serialize_head(method, path, headers, chunked)
+            lines = "" if ident is None else self.identity(ident)
+            head = serialize_head(method, path, headers, chunked, lines)
         except UnsafeHeader as e:
             raise UpstreamFailure(UNSAFE_HEADER, str(e)) from None
         if source is None:

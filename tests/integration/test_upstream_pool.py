@@ -21,7 +21,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 
-from gateway.proxy import UnsafeHeader, serialize_head
+from gateway.models import IdentityRecord
+from gateway.proxy import UnsafeHeader, identity_lines, serialize_head
 from gateway.upstream import HIGH_WATER
 from tests.upstream import RecordingUpstream, raw_request
 
@@ -829,16 +830,17 @@ async def test_https_upstream_with_untrusted_certificate_is_502(
     [("X-A", "b\r\nX-Evil: 1"), ("X-A", "b\rc"), ("X-A", "b\nc"), ("X-A", "b\x00c"), ("X-\r\nA", "b")],
 )
 def test_head_refuses_cr_lf_nul(name: str, value: str) -> None:
-    from multidict import CIMultiDict
-
     with pytest.raises(UnsafeHeader):
-        serialize_head("GET", "/", CIMultiDict([("Host", "h"), (name, value)]), False)
+        serialize_head("GET", "/", [("Host", "h"), (name, value)], False)
     with pytest.raises(UnsafeHeader):
-        serialize_head("GET", "/a\r\nX: y", CIMultiDict([("Host", "h")]), False)
+        serialize_head("GET", "/a\r\nX: y", [("Host", "h")], False)
     with pytest.raises(UnsafeHeader):
-        serialize_head("GET", "/a HTTP/1.1", CIMultiDict([("Host", "h")]), False)
-    ok = serialize_head("GET", "/p?q=1", CIMultiDict([("Host", "h"), ("X-B", "1"), ("X-B", "2")]), True)
-    assert ok == b"GET /p?q=1 HTTP/1.1\r\nHost: h\r\nX-B: 1\r\nX-B: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+        serialize_head("GET", "/a HTTP/1.1", [("Host", "h")], False)
+    ok = serialize_head("GET", "/p?q=1", [("Host", "h"), ("X-B", "1"), ("X-B", "2")], True, "X-Id: 1\r\n")
+    assert ok == b"GET /p?q=1 HTTP/1.1\r\nHost: h\r\nX-B: 1\r\nX-B: 2\r\nX-Id: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
+    ident = IdentityRecord("key_1", b"d", "ks_live_Ab12", "prn_1", "alice\r\nX-Evil: 1", "p1", ("read",), None, "live")
+    with pytest.raises(UnsafeHeader):
+        identity_lines(("A", "B", "C", "D"), ident)
 
 
 @pytest.mark.parametrize(
