@@ -33,8 +33,54 @@ def build(
         "machine": machine,
         "settings": settings,
         "scenarios": outcomes,
+        "targets": targets(outcomes),
         "micro": micro,
     }
+
+
+def _paired(a: dict[str, Any] | None, b: dict[str, Any] | None, metric: str) -> float | None:
+    """Median over rounds of a's value / b's value in the same round (ratio of medians when the
+    rounds do not pair up); None when either is missing."""
+    if not a or not b or not a["median"] or not b["median"]:
+        return None
+    if len(a["runs"]) == len(b["runs"]):
+        rs = [x[metric] / y[metric] for x, y in zip(a["runs"], b["runs"], strict=True) if y.get(metric)]
+        if rs:
+            return statistics.median(rs)
+    return a["median"][metric] / b["median"][metric] if b["median"].get(metric) else None
+
+
+def targets(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The performance targets of the benchmark issue, each from ratios measured in this run."""
+    by = {o["name"]: o for o in outcomes if o.get("status") == "ok"}
+    keyed = sorted((o["keys"], o["name"]) for o in outcomes if o["name"].startswith("keys_"))
+    small, large = (keyed[0][1], keyed[-1][1]) if len(keyed) > 1 else (None, None)
+
+    def row(what: str, value: float | None, ok: bool | None, shown: str) -> dict[str, Any]:
+        return {"target": what, "value": value, "met": ok, "shown": shown}
+
+    out = []
+    r = _paired(by.get("valid"), by.get("nginx"), "cpu_us")
+    out.append(row("CPU per proxied request, in-process hit, ≤ 6× nginx (goal 3×)", r,
+                   None if r is None else r <= 6.0, "—" if r is None else f"{r:.2f}× nginx"))
+    r = _paired(by.get("valid"), by.get("auth_none"), "rps")
+    cost = None if r is None else 1 - r
+    out.append(row('authentication costs ≤ 5% of throughput (valid key vs auth = "none")', cost,
+                   None if cost is None else cost <= 0.05, "—" if cost is None else f"{cost:.1%}"))
+    r = _paired(by.get("redis_only"), by.get("valid"), "rps")
+    out.append(row("Redis tier only ≥ 70% of the in-process-hit throughput", r,
+                   None if r is None else r >= 0.70, "—" if r is None else f"{r:.0%}"))
+    r = _paired(by.get("malformed"), by.get("hello"), "cpu_us")
+    out.append(row("rejecting a malformed key costs ≤ aiohttp hello world (CPU per request)", r,
+                   None if r is None else r <= 1.0, "—" if r is None else f"{r:.2f}× hello"))
+    r = _paired(by.get(large) if large else None, by.get(small) if small else None, "rps")
+    drop = None if r is None else 1 - r
+    out.append(row(f"{small} → {large}: throughput drops < 10%", drop,
+                   None if drop is None else drop < 0.10, "—" if drop is None else f"{drop:.1%}"))
+    r = _paired(by.get("workers_2"), by.get("valid"), "cpu_us")
+    out.append(row("--workers 2: CPU per request within 10% of 1 worker", r,
+                   None if r is None else r <= 1.10, "—" if r is None else f"{r:.2f}× 1 worker"))
+    return out
 
 
 def _ratios(o: dict[str, Any], ref: dict[str, Any]) -> dict[str, float]:
@@ -106,6 +152,12 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_num(med['p50_ms'], 2)} | {_num(med['p99_ms'], 2)} | {_ratio(ratio.get('p99_ms'))} "
             f"| {_num(med['cpu_us'], 1)} | {_ratio(ratio.get('cpu_us'))} | {check} |"
         )
+    rows = [t for t in result.get("targets") or [] if t["value"] is not None]
+    if rows:
+        lines += ["", "**Targets** (ratios of this run: median over rounds of the per-round ratio):", ""]
+        lines += ["| target | this run | met |", "|---|--:|---|"]
+        for t in rows:
+            lines.append(f"| {t['target']} | {t['shown']} | {'yes' if t['met'] else 'no'} |")
     micro = result.get("micro")
     if micro:
         lines += ["", "**Micro-benchmarks** (ns per op, one process pinned to the server core):", ""]
