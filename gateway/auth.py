@@ -99,12 +99,7 @@ class Authenticator:
         ident = self._local_get(d, monotonic())
         if ident is MISS:
             return d
-        if ident is None:
-            return INVALID, None
-        assert isinstance(ident, IdentityRecord)
-        if ident.expires_at is not None and time.time() >= ident.expires_at:
-            return EXPIRED, ident
-        return OK, ident
+        return _outcome(ident)
 
     async def identify(self, key: str | None) -> tuple[str, IdentityRecord | None]:
         """(outcome, identity). Never raises: a failed lookup is ``UNAVAILABLE``, never "unknown"."""
@@ -123,6 +118,7 @@ class Authenticator:
 
 
 def _outcome(ident: object) -> tuple[str, IdentityRecord | None]:
+    """The decision for what a tier answered: unknown, expired or valid."""
     if ident is None:
         return INVALID, None
     assert isinstance(ident, IdentityRecord)
