@@ -137,19 +137,6 @@ def _reason(raw: bytes) -> str | None:
     return reason
 
 
-# Response header names seen so far → (name as str, 0 keep / 1 hop-by-hop / 2 Connection).
-_NAMES: dict[bytes, tuple[str, int]] = {}
-
-
-def _header_name(raw: bytes) -> tuple[str, int]:
-    name = raw.decode("latin-1")  # llhttp allows only token characters
-    low = name.lower()
-    got = (name, 2 if low == "connection" else 1 if low in HOP_BY_HOP else 0)
-    if len(_NAMES) < _CACHE_MAX:
-        _NAMES[raw] = got
-    return got
-
-
 # Connection header values seen so far → the header names they list that are not hop-by-hop
 # anyway (usually none: "keep-alive", "close").
 _LISTED: dict[bytes, frozenset[str]] = {}
@@ -164,7 +151,7 @@ def _listed(raw: bytes) -> frozenset[str]:
     return got
 
 
-# Response header names seen so far → (lower-case name, what client_head does with it).
+# Response header names seen so far → (lower-case name, what client_head(ers) do with it).
 _KEEP_H, _DROP_H, _CONN_H, _DATE_H, _LENGTH_H = range(5)
 _RAW_NAMES: dict[bytes, tuple[str, int]] = {}
 # (status, reason phrase as received) → the status line after the version, as sent to the client.
@@ -245,12 +232,13 @@ def client_headers(raw: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     out: list[tuple[str, str]] = []
     listed: frozenset[str] = frozenset()
     for rname, rvalue in raw:
-        name, kind = _NAMES.get(rname) or _header_name(rname)
-        if kind:
-            if kind == 2:
-                listed |= _listed(rvalue)
+        _, kind = _RAW_NAMES.get(rname) or _raw_name(rname)
+        if kind == _DROP_H:
             continue
-        out.append((name, rvalue.decode("utf-8", "surrogateescape")))
+        if kind == _CONN_H:
+            listed |= _listed(rvalue)
+            continue
+        out.append((rname.decode("latin-1"), rvalue.decode("utf-8", "surrogateescape")))
     if listed:
         out = [p for p in out if p[0].lower() not in listed]
     return out
