@@ -103,12 +103,22 @@ class Gateway:
             self.redis = RedisTier(cfg.redis, cfg.cache, ttl)
         self.loader = TieredLoader(self.redis, self._store_load)
         self.cache = IdentityCache(
-            LocalTier(cfg.cache.local_ttl, cfg.cache.negative_ttl, cfg.cache.local_max_entries),
+            LocalTier(
+                cfg.cache.local_ttl,
+                cfg.cache.negative_ttl,
+                cfg.cache.local_max_entries,
+                cfg.cache.local_ttl_synced,
+            ),
             self.loader,
         )
         if self.redis is not None:
             self.subscriber = Subscriber(
-                self.redis, self.cache.apply, cfg.redis.url, cfg.redis.connect_timeout
+                self.redis,
+                self.cache.apply,
+                self.cache.confirm_synced,
+                cfg.redis.url,
+                cfg.redis.connect_timeout,
+                cfg.cache.sync_interval,
             )
             self.subscriber.start()
         self.authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
@@ -178,7 +188,7 @@ class Gateway:
     async def invalidate(self, digests: Sequence[KeyDigest]) -> None:
         """After a committed admin write: forget these digests here, tombstone them in Redis and tell
         every other instance. If Redis is unreachable the invalidation is retried in the background;
-        other instances then converge within ``cache.local_ttl``."""
+        other instances, unable to confirm they are in sync, then converge within ``cache.local_ttl``."""
         self.cache.invalidate(digests)
         if self.redis is not None:
             await self.redis.invalidate(digests)
@@ -200,10 +210,11 @@ class Gateway:
         await forwarder.start()
         authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
         local = self.cache.local
-        local.ttl, local.negative_ttl, local.max_entries = (
+        local.ttl, local.negative_ttl, local.max_entries, local.synced_ttl = (
             cfg.cache.local_ttl,
             cfg.cache.negative_ttl,
             cfg.cache.local_max_entries,
+            cfg.cache.local_ttl_synced,
         )
         self.metrics.add_routes(r.prefix for r in cfg.routes)
         handler = ProxyHandler(
@@ -338,6 +349,20 @@ class Gateway:
                     "keystile_invalidation_subscription_up", "1 when subscribed.", 1 if sub.connected else 0
                 )
             )
+            out.append(
+                counter(
+                    "keystile_invalidations_lost",
+                    "Invalidation messages found missing (each cleared the in-process cache).",
+                    [({}, sub.lost)],
+                )
+            )
+            out.append(
+                gauge(
+                    "keystile_cache_in_sync",
+                    "1 while this process can confirm it missed no invalidation.",
+                    1 if local.trusted_until > time.monotonic() else 0,
+                )
+            )
         out.append(counter("keystile_cache_lookups", "Identity lookups by tier and result.", tiers))
         out.append(gauge("keystile_cache_local_entries", "Entries in the in-process cache.", len(local)))
         u = self.usage
@@ -404,6 +429,7 @@ def _restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:
         ("store", a.store, b.store),
         ("redis", a.redis, b.redis),
         ("cache.redis_ttl", a.cache.redis_ttl, b.cache.redis_ttl),
+        ("cache.sync_interval", a.cache.sync_interval, b.cache.sync_interval),
         ("usage", a.usage, b.usage),
         ("logging.level", a.logging.level, b.logging.level),
     ]

@@ -273,9 +273,11 @@ async def _publish(cfg: Config, digests: Sequence[KeyDigest]) -> None:
         delivered = False
         print(f"keystile: redis: {type(e).__name__}: {e}", file=sys.stderr)
     if not delivered:
+        c = cfg.cache
+        stale_for = c.redis_ttl + max(c.local_ttl, c.local_ttl_synced)  # a Redis entry, then a local one
         print(
             "warning: the change is stored, but Redis could not be told: running gateways may "
-            f"answer from their caches for up to {cfg.cache.redis_ttl:g}s",
+            f"answer from their caches for up to {stale_for:g}s",
             file=sys.stderr,
         )
 

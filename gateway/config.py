@@ -104,8 +104,12 @@ class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
 
 
 class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
-    # In-process tier: bound on staleness when an invalidation message is lost.
+    # In-process tier. An entry lives local_ttl seconds, or local_ttl_synced while this instance
+    # can confirm (every sync_interval, through Redis) that it has received every invalidation.
+    # local_ttl = 0 turns the tier off.
     local_ttl: Annotated[float, Meta(ge=0)] = 10.0
+    local_ttl_synced: Annotated[float, Meta(ge=0)] = 300.0
+    sync_interval: Seconds = 1.0
     local_max_entries: Count = 100_000
     # Unknown digests are remembered this long, so random keys do not reach the store.
     negative_ttl: Annotated[float, Meta(ge=0)] = 2.0

@@ -48,15 +48,23 @@ MISS: Final = _Miss()
 class LocalTier:
     """A bounded in-process map with per-entry expiry; ``None`` values are negative entries.
 
+    Every entry has two deadlines: ``ttl`` after it was stored, and the longer ``synced_ttl`` that
+    applies only while ``trusted_until`` (monotonic) lies ahead, that is while whoever sets it (the
+    invalidation subscriber) can confirm that this process has received every invalidation. An
+    entry stored while that is not confirmed gets the short deadline only.
+
     Eviction is oldest-inserted first (dicts keep insertion order): cheap, and an entry that stays
     hot is simply re-inserted when it expires.
     """
 
-    def __init__(self, ttl: float, negative_ttl: float, max_entries: int) -> None:
+    def __init__(self, ttl: float, negative_ttl: float, max_entries: int, synced_ttl: float = 0.0) -> None:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
-        self._data: dict[KeyDigest, tuple[float, IdentityRecord | None]] = {}
+        self.synced_ttl = synced_ttl
+        self.trusted_until = 0.0
+        # digest -> (deadline while synced, deadline otherwise, value)
+        self._data: dict[KeyDigest, tuple[float, float, IdentityRecord | None]] = {}
         self.hits = 0
         self.negative_hits = 0
         self.misses = 0
@@ -66,24 +74,27 @@ class LocalTier:
         if entry is None:
             self.misses += 1
             return MISS
-        if entry[0] <= now:
+        if (entry[0] if now < self.trusted_until else entry[1]) <= now:
             del self._data[digest]
             self.misses += 1
             return MISS
-        if entry[1] is None:
+        if entry[2] is None:
             self.negative_hits += 1
         else:
             self.hits += 1
-        return entry[1]
+        return entry[2]
 
     def put(self, digest: KeyDigest, value: IdentityRecord | None, now: float) -> None:
         ttl = self.ttl if value is not None else min(self.negative_ttl, self.ttl)
         if ttl <= 0:
             return
+        long = ttl
+        if value is not None and now < self.trusted_until:
+            long = max(ttl, self.synced_ttl)
         data = self._data
         if digest not in data and len(data) >= self.max_entries:
             del data[next(iter(data))]
-        data[digest] = (now + ttl, value)
+        data[digest] = (now + long, now + ttl, value)
 
     def discard(self, digest: KeyDigest) -> None:
         self._data.pop(digest, None)
@@ -141,6 +152,11 @@ class IdentityCache:
         self._generation += 1
         self.invalidations += 1
         self.local.clear()
+
+    def confirm_synced(self, until: float) -> None:
+        """Whoever delivers invalidations vouches that none was missed until ``until`` (monotonic):
+        local entries may live their long deadline until then."""
+        self.local.trusted_until = until
 
     def apply(self, digests: Sequence[KeyDigest] | None) -> None:
         """An invalidation message: these digests, or everything (None)."""

@@ -9,6 +9,13 @@ Keys are ``{namespace}id:{hex digest}``; values are msgpack ``IdentityRecord``s,
 the digests it changed; fills use ``SET ... NX``, so a load that read the store before the write
 committed cannot put the old identity back while the tombstone lives (it outlives any load).
 
+Invalidation messages are ``hex,hex,...,g<n>`` (or ``*``, "forget everything", followed by
+``g<n>``), where ``n`` comes from ``INCR {namespace}gen`` in the same script that publishes, so
+generations arrive in order. A subscriber that sees the counter ahead of the messages it received,
+or a generation skipped, has lost a message and clears its in-process cache; while neither happens
+it confirms itself in sync, which lets in-process entries live ``cache.local_ttl_synced``. A parser
+that predates generations skips the ``g<n>`` part (it is not hex) and applies the rest.
+
 Failure: every command runs under ``socket_timeout`` with no retries, so a frozen Redis costs a
 request at most that long; after ``breaker_failures`` consecutive failures the breaker opens and
 lookups skip Redis for ``breaker_reset`` seconds, then one probe is let through (half-open).
@@ -39,6 +46,17 @@ log = logging.getLogger("keystile.redis")
 NEGATIVE: Final = b"-"
 TOMBSTONE: Final = b"x"
 CLEAR_ALL: Final = b"*"
+# Bump the generation and publish with it in one step, so generation order is message order.
+_PUBLISH: Final = """
+local g = redis.call('INCR', KEYS[1])
+if ARGV[2] == '*' then
+  redis.call('PUBLISH', ARGV[1], '*')
+  redis.call('PUBLISH', ARGV[1], 'g' .. g)
+else
+  redis.call('PUBLISH', ARGV[1], ARGV[2] .. ',g' .. g)
+end
+return g
+"""
 MAX_PENDING_INVALIDATIONS: Final = 10_000
 
 _enc = msgspec.msgpack.Encoder()
@@ -100,7 +118,9 @@ class RedisTier:
         self._ttl = cache.redis_ttl
         self._negative_ttl = max(cache.negative_ttl, 0.001)
         self._tombstone_ttl = tombstone_ttl
-        self._prefix = cfg.channel.rsplit(":", 1)[0] + ":id:"
+        namespace = cfg.channel.rsplit(":", 1)[0]
+        self._prefix = namespace + ":id:"
+        self.generation_key = namespace + ":gen"
         self.channel = cfg.channel
         self.client = aioredis.Redis.from_url(
             cfg.url,
@@ -203,7 +223,8 @@ class RedisTier:
         pipe = self.client.pipeline(transaction=False)
         for d in batch:
             pipe.set(self._key(d), TOMBSTONE, px=int(self._tombstone_ttl * 1000))
-        pipe.publish(self.channel, b",".join(d.hex().encode() for d in batch))
+        payload = ",".join(d.hex() for d in batch)
+        pipe.eval(_PUBLISH, 1, self.generation_key, self.channel, payload)
         try:
             await self._guard("invalidate", pipe.execute())
         except RedisUnavailable as e:
@@ -217,12 +238,22 @@ class RedisTier:
         async def purge() -> None:
             async for key in self.client.scan_iter(match=self._prefix + "*", count=1000):
                 await self.client.unlink(key)
-            await self.client.publish(self.channel, CLEAR_ALL)
+            await self.client.eval(_PUBLISH, 1, self.generation_key, self.channel, "*")
 
         try:
             await asyncio.wait_for(purge(), 30)
         except (RedisError, OSError, TimeoutError) as e:
             raise RedisUnavailable(f"purge: {e}") from None
+
+    async def generation(self) -> int:
+        """The invalidation counter; 0 before the first invalidation (or after Redis lost it).
+        Not counted by the breaker: it guards lookups, this is a background check."""
+        try:
+            async with asyncio.timeout(self._deadline):
+                raw = await self.client.get(self.generation_key)
+        except (RedisError, OSError, TimeoutError) as e:
+            raise RedisUnavailable(f"generation: {type(e).__name__}: {e}") from None
+        return int(raw) if raw else 0
 
     @property
     def pending_invalidations(self) -> int:
@@ -234,36 +265,53 @@ class RedisTier:
         await self.client.aclose()
 
 
-def parse_message(data: bytes) -> list[KeyDigest] | None:
-    """An invalidation message: digests, or None for "clear everything"."""
+def parse_message(data: bytes) -> tuple[list[KeyDigest] | None, int | None]:
+    """An invalidation message: digests (None for "clear everything") and its generation, if any."""
     if data == CLEAR_ALL:
-        return None
+        return None, None
     out = []
+    generation = None
     for part in data.split(b","):
+        if part[:1] == b"g" and part[1:].isdigit():
+            generation = int(part[1:])
+            continue
         try:
             out.append(bytes.fromhex(part.decode()))
         except ValueError:
             continue
-    return out
+    return out, generation
+
+
+class _Lost(Exception):
+    """This subscription missed an invalidation message."""
 
 
 class Subscriber:
-    """Applies invalidation messages to this instance's in-process cache.
+    """Applies invalidation messages to this instance's in-process cache and confirms it is in sync.
 
-    On every (re)subscription the in-process cache is cleared first: messages sent while the
-    subscription was down are lost, and clearing is the only safe answer. Pending invalidations of
-    this instance are retried at the same moment.
+    On every subscription the in-process cache is cleared first: messages sent while the
+    subscription was down are lost, and clearing is the only safe answer. Every ``interval`` the
+    subscriber reads the generation counter. Behind it for two checks in a row, a generation
+    skipped, or the counter gone backwards (Redis restarted or was flushed) means a message was
+    lost: clear, and resubscribe when the connection itself may be stuck. Otherwise it calls
+    ``confirm(until)``: in-process entries may live ``cache.local_ttl_synced`` until then. A failed
+    check or a lost connection confirms nothing, so that trust lapses by itself within two
+    intervals. Pending invalidations of this instance are retried on the same schedule.
     """
 
     def __init__(
         self,
         tier: RedisTier,
         apply: Callable[[Sequence[KeyDigest] | None], None],
+        confirm: Callable[[float], None],
         url: str,
         connect_timeout: float,
+        interval: float = 1.0,
     ) -> None:
         self._tier = tier
         self._apply = apply
+        self._confirm = confirm
+        self._interval = interval
         self._client = aioredis.Redis.from_url(
             url,
             socket_timeout=None,
@@ -272,15 +320,49 @@ class Subscriber:
             decode_responses=False,
         )
         self._task: asyncio.Task[None] | None = None
+        self._seen = 0  # highest generation applied
+        self._ahead: int | None = None  # the counter, when the last check found it ahead of _seen
         self.connected = False
         self.received = 0
         self.reconnects = 0
+        self.lost = 0
         self.ready = asyncio.Event()
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(
             self._run(), name="keystile-invalidation-subscriber"
         )
+
+    def _on_message(self, data: bytes) -> None:
+        self.received += 1
+        digests, generation = parse_message(data)
+        self._apply(digests)
+        if generation is None:
+            return  # published by a version without generations
+        if generation > self._seen + 1:
+            self._lose(f"generation {self._seen + 1} skipped")
+        self._seen = max(self._seen, generation)
+
+    def _lose(self, why: str) -> None:
+        self.lost += 1
+        log.warning("invalidation message lost (%s); clearing the in-process cache", why)
+        self._apply(None)
+
+    async def _check(self) -> None:
+        """Compare the counter with what arrived; confirm, or clear on a loss."""
+        try:
+            current = await self._tier.generation()
+        except RedisUnavailable as e:
+            log.debug("generation check failed: %s", e)
+            return  # confirms nothing: trust lapses by itself
+        if current < self._seen:
+            self._lose("the generation counter went back")
+            self._seen = current
+        elif self._ahead is not None and self._seen < self._ahead:
+            self._lose(f"generation {self._ahead} announced but not received")
+            raise _Lost("subscription behind the generation counter")
+        self._ahead = current if current > self._seen else None
+        self._confirm(time.monotonic() + 2 * self._interval)
 
     async def _run(self) -> None:
         backoff = 0.1
@@ -290,31 +372,38 @@ class Subscriber:
             try:
                 async with asyncio.timeout(5):
                     await pubsub.subscribe(self._tier.channel)
+                    # Read after subscribing: a later generation is a message this connection gets.
+                    self._seen = await self._tier.generation()
+                self._ahead = None
                 if not first:
                     self.reconnects += 1
                     log.info("invalidation subscription restored; clearing the in-process cache")
-                    self._apply(None)
+                self._apply(None)
                 first = False
                 self.connected = True
                 self.ready.set()
                 backoff = 0.1
                 await self._tier.retry_pending()
-                last_ping = time.monotonic()
+                await self._check()
+                last_check = last_ping = time.monotonic()
                 while True:
-                    msg = await pubsub.get_message(timeout=1.0)
+                    msg = await pubsub.get_message(timeout=min(1.0, self._interval))
                     if msg is not None and msg.get("type") == "message":
-                        self.received += 1
-                        self._apply(parse_message(msg["data"]))
+                        self._on_message(msg["data"])
                     now = time.monotonic()
-                    if now - last_ping > 2.0:
-                        last_ping = now
+                    if now - last_check >= self._interval:
+                        last_check = now
                         if self._tier.pending_invalidations:
                             await self._tier.retry_pending()
+                        await self._check()
+                    if now - last_ping > 2.0:
+                        last_ping = now
                         async with asyncio.timeout(3):
                             await pubsub.ping()
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # any failure: drop the connection, clear, reconnect
+                self._confirm(0.0)
                 if self.connected:
                     log.warning("invalidation subscription lost: %s: %s", type(e).__name__, e)
                 self.connected = False
