@@ -56,10 +56,11 @@ def run_wrk(
     connections: int = 50,
     core: int | None = 1,
     zipf_s: float = 1.1,
+    seed: int = 1,
     wrk: str = "wrk",
 ) -> LoadResult:
     env = {k: v for k, v in os.environ.items() if not k.startswith("KS_")}
-    env.update(KS_MODE=mode, KS_ZIPF_S=str(zipf_s), KS_HEADER=KEY_HEADER)
+    env.update(KS_MODE=mode, KS_ZIPF_S=str(zipf_s), KS_HEADER=KEY_HEADER, KS_SEED=str(seed))
     if keys_file is not None:
         env["KS_KEYS"] = str(keys_file)
     argv = [

@@ -115,6 +115,16 @@ def _ratio(v: float | None) -> str:
     return "—" if v is None else f"{v:.2f}×"
 
 
+def _settled(result: dict[str, Any]) -> str:
+    """keys_N scenarios warm up until their caches settle: say how long each took."""
+    longer = [
+        f"{o['name']} {o['warmup_s']:g} s"
+        for o in result["scenarios"]
+        if o.get("keys") and o.get("warmup_s", 0) > result["settings"]["warmup_s"]
+    ]
+    return f" (until req/s settled: {', '.join(longer)})" if longer else ""
+
+
 def markdown(result: dict[str, Any]) -> str:
     ref = result["reference"]
     s = result["settings"]
@@ -126,7 +136,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"**Machine:** {describe(m)}",
         "",
         f"**Method:** wrk -t{s['wrk_threads']} -c{s['connections']}, {s['duration_s']:g} s per run "
-        f"after a {s['warmup_s']:g} s warm-up, {rounds}{' (--quick)' if s['quick'] else ''}. "
+        f"after a {s['warmup_s']:g} s warm-up{_settled(result)}, {rounds}"
+        f"{' (--quick)' if s['quick'] else ''}. "
         f"Server under test alone on core {s['server_core']}; wrk and the upstream "
         f"(nginx `return 200`, keep-alive) on core {s['load_core']}. CPU µs/req = utime+stime of "
         "the server's whole process tree (/proc) ÷ requests completed. "

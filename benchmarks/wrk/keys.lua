@@ -12,6 +12,8 @@
 --   KS_KEYS      file with one key per line
 --   KS_ZIPF_S    Zipf exponent (default 1.1)
 --   KS_HEADER    header carrying the key (default X-API-Key)
+--   KS_SEED      PRNG seed for zipf (default 1): give every run its own, or a run replays the
+--                keys of the one before and finds them all cached
 --
 -- done() prints one line: KS_BENCH {json}, latencies in microseconds.
 
@@ -19,6 +21,7 @@ local mode = os.getenv("KS_MODE") or "fixed"
 local keys_path = os.getenv("KS_KEYS")
 local zipf_s = tonumber(os.getenv("KS_ZIPF_S") or "1.1")
 local header = os.getenv("KS_HEADER") or "X-API-Key"
+local seed = tonumber(os.getenv("KS_SEED") or "1")
 
 local function first_line(path)
   for line in io.lines(path) do
@@ -57,7 +60,7 @@ elseif mode == "zipf" or mode == "cycle" then
       end
       for i = 1, n do cdf[i] = cdf[i] / total end
     end
-    math.randomseed(20240601)
+    math.randomseed(seed)
     collectgarbage("collect")
   end
 
