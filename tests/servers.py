@@ -30,7 +30,6 @@ def require_server(name: str, reason: str) -> NoReturn:
 # -- private servers that tests may kill, freeze and restart ----------------------------------
 
 
-
 def free_port() -> int:
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
@@ -53,7 +52,8 @@ def wait_tcp(port: int, timeout: float = 10.0) -> None:
 class RedisServer:
     """A private ``redis-server`` on a free port, nothing kept on disk."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
+        self.extra_args = extra_args
         binary = shutil.which("redis-server")
         if binary is None:
             require_server("redis-server", "the redis-server binary is not installed")
@@ -82,6 +82,7 @@ class RedisServer:
                 str(self.workdir),
                 "--logfile",
                 str(self.workdir / "redis.log"),
+                *self.extra_args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,

@@ -37,6 +37,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
+from gateway.cache.resp import LeanRedis, RespError
 from gateway.config import CacheConfig, RedisConfig
 from gateway.keys import KeyDigest
 from gateway.models import IdentityRecord
@@ -130,6 +131,8 @@ class RedisTier:
             max_connections=64,
             decode_responses=False,
         )
+        # The lookup path (MGET, write-back fills) takes the lean client; the rest redis-py.
+        self.lookups = LeanRedis(cfg.url, timeout=cfg.socket_timeout, connect_timeout=cfg.connect_timeout)
         self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset)
         self._deadline = max(cfg.socket_timeout, cfg.connect_timeout)
         self._pending: set[KeyDigest] = set()
@@ -158,9 +161,14 @@ class RedisTier:
 
     async def get_many(self, digests: Sequence[KeyDigest]) -> Lookup:
         """One MGET. Values: an identity, ``None`` (known unknown) or TOMBSTONE; absent = not cached."""
-        raw = await self._guard("mget", self.client.mget([self._key(d) for d in digests]))
+        try:
+            raw = await self.lookups.mget([self._key(d) for d in digests])
+        except RespError as e:
+            self.errors += 1
+            self.breaker.failure()
+            raise RedisUnavailable(f"mget: {e}") from None
+        self.breaker.success()
         out: Lookup = {}
-        assert isinstance(raw, list)
         for d, value in zip(digests, raw, strict=True):
             if value is None:
                 self.misses += 1
@@ -187,19 +195,23 @@ class RedisTier:
         task.add_done_callback(self._fills.discard)
 
     async def _fill(self, values: dict[KeyDigest, IdentityRecord | None], now: float) -> None:
-        pipe = self.client.pipeline(transaction=False)
+        items = []
         for d, ident in values.items():
             if ident is None:
-                pipe.set(self._key(d), NEGATIVE, px=int(self._negative_ttl * 1000), nx=True)
+                items.append((self._key(d), NEGATIVE, int(self._negative_ttl * 1000)))
                 continue
             ttl = self._ttl
             if ident.expires_at is not None:
                 ttl = min(ttl, max(ident.expires_at - now, 1.0))
-            pipe.set(self._key(d), _enc.encode(ident), px=int(ttl * 1000), nx=True)
+            items.append((self._key(d), _enc.encode(ident), int(ttl * 1000)))
         try:
-            await self._guard("fill", pipe.execute())
-        except RedisUnavailable as e:
+            await self.lookups.set_nx(items)
+        except RespError as e:
+            self.errors += 1
+            self.breaker.failure()
             log.debug("redis fill skipped: %s", e)
+            return
+        self.breaker.success()
 
     async def invalidate(self, digests: Iterable[KeyDigest]) -> bool:
         """Tombstone and publish; on failure keep them for ``retry_pending``. True when delivered."""
@@ -262,6 +274,7 @@ class RedisTier:
     async def aclose(self) -> None:
         for t in list(self._fills):
             t.cancel()
+        await self.lookups.aclose()
         await self.client.aclose()
 
 
