@@ -17,6 +17,7 @@ import re
 from urllib.parse import quote, unquote_to_bytes
 
 _BAD_ESCAPE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 _PCHAR_SAFE = "!$&'()*+,;=:@"
 
 
@@ -73,7 +74,7 @@ def parse_target(raw: str) -> Target:
             decoded = seg
         if "/" in decoded or "\\" in decoded:
             raise BadPath("encoded slash or backslash in path")
-        if any(c < " " or c == "\x7f" for c in decoded):
+        if _CONTROL.search(decoded):
             raise BadPath("control character in path")
         if decoded in ("", "."):
             trailing = last

@@ -1,6 +1,7 @@
 """The Redis tier: identities shared by every instance, tombstones, invalidation messages, a breaker.
 
-Owns: the Redis client (one pool per process), the encoding of cached identities, the circuit
+Owns: the Redis clients (the lean pipelined one of ``gateway.cache.resp`` for lookups and fills,
+a redis-py pool for the rest), the encoding of cached identities, the circuit
 breaker, publishing invalidations and the subscriber that applies them. Must not: touch HTTP or the
 store; the tiered loader in ``gateway.cache.tiers`` decides when to fall through.
 
