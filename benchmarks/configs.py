@@ -175,18 +175,21 @@ def keystile_config(
     store_db: Path,
     redis_url: str,
     local_ttl: float | None,
+    redis_namespace: str = "keystile",
 ) -> Path:
     """A Keystile config: ``/open`` with auth = "none", everything else auth = "required".
 
     ``local_ttl = 0`` turns the in-process cache off; ``redis_url = ""`` the Redis tier. Access
-    logs are off, as for nginx and HAProxy.
+    logs are off, as for nginx and HAProxy. ``redis_namespace`` prefixes every Redis key (and the
+    invalidation channel): one of its own per benchmark run starts Redis cold, whatever earlier
+    runs left there, without deleting anything.
     """
     sections: dict[str, dict[str, object]] = {
         "proxy": {"listen": f"127.0.0.1:{port}"},
         "admin": {"listen": f"127.0.0.1:{admin_port}"},
         "keys": {"prefix": "ks"},
         "store": {"url": f"sqlite:///{store_db}"},
-        "redis": {"url": redis_url},
+        "redis": {"url": redis_url, "channel": f"{redis_namespace}:invalidate"},
         "logging": {"level": "warning", "access_log": False},
     }
     if local_ttl is not None:

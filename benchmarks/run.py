@@ -160,6 +160,9 @@ class Bench:
         self.redis_ok = redis_reachable(args.redis_url)
         self.upstream_port = 0
         self._seed = 0
+        # Fresh Redis keys for this run: entries earlier runs left behind (same seeds, same keys)
+        # would otherwise warm the Redis tier for it. They expire with cache.redis_ttl.
+        self.redis_namespace = f"ksbench-{int(time.time())}-{os.getpid()}"
 
     # -- keys ----------------------------------------------------------------------------
 
@@ -257,6 +260,7 @@ class Bench:
             store_db=db,
             redis_url=self.args.redis_url if tier != "store" and self.redis_ok else "",
             local_ttl=0.0 if tier in ("redis", "store") else None,
+            redis_namespace=self.redis_namespace,
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTILE_")}
         env["KEYSTILE_KEY_HASH_SECRET"] = self.secret

@@ -14,12 +14,14 @@ KeyStatus = Literal["active", "expired", "revoked"]
 PrincipalKind = Literal["user", "service"]
 
 
-class IdentityRecord(msgspec.Struct, frozen=True, array_like=True):
+class IdentityRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
     """What the hot path needs to know about a key, resolved from its digest.
 
     Cached in-process and in Redis (msgpack, array-like for size and decode speed). ``scopes`` are
     the effective scopes: the principal's grant in the project, narrowed by the key's own scopes.
-    ``expires_at`` already accounts for a rotation grace period.
+    ``expires_at`` already accounts for a rotation grace period. ``gc=False``: it holds only
+    strings, numbers and a tuple of strings, so it can never be part of a reference cycle, and a
+    cache of many of them adds nothing to the collector's full passes.
     """
 
     key_id: str
