@@ -110,6 +110,7 @@ class Gateway:
                 cfg.cache.local_ttl_synced,
             ),
             self.loader,
+            self.store.lookup_concurrency,
         )
         if self.redis is not None:
             self.subscriber = Subscriber(

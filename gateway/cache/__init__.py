@@ -2,8 +2,7 @@
 
 Owns: remembering what a digest resolved to (including "unknown", for a short time), coalescing
 concurrent misses and batching misses into few loader calls: the misses of one event-loop turn go
-out together, and while ``MAX_CONCURRENT_LOADS`` loads are in flight new misses wait for the next
-batch.
+out together, and while ``max_loads`` loads are in flight new misses wait for the next batch.
 Must not: touch HTTP or call the store directly; the loader it is given does that (and may itself
 go through Redis first, see ``gateway.cache.redis_tier``).
 
@@ -30,8 +29,9 @@ class LookupUnavailable(Exception):
     """No tier could say what a digest is; the request must get 503, never 401."""
 
 
-# Loads in flight at once; misses arriving meanwhile wait and go out together in the next batch,
-# so under load a Redis MGET or store query carries many digests instead of one each.
+# Loads in flight at once, unless the store says otherwise (Store.lookup_concurrency); misses
+# arriving meanwhile wait and go out together in the next batch, so under load a Redis MGET or
+# store query carries many digests instead of one each.
 MAX_CONCURRENT_LOADS: Final = 4
 
 
@@ -107,9 +107,10 @@ class LocalTier:
 
 
 class IdentityCache:
-    def __init__(self, local: LocalTier, loader: Loader) -> None:
+    def __init__(self, local: LocalTier, loader: Loader, max_loads: int = MAX_CONCURRENT_LOADS) -> None:
         self.local = local
         self._loader = loader
+        self._max_loads = max_loads
         self._generation = 0
         self._inflight: dict[KeyDigest, asyncio.Future[IdentityRecord | None]] = {}
         self._batch: list[KeyDigest] = []
@@ -130,7 +131,7 @@ class IdentityCache:
             fut = asyncio.get_running_loop().create_future()
             self._inflight[digest] = fut
             self._batch.append(digest)
-            if not self._scheduled and len(self._tasks) < MAX_CONCURRENT_LOADS:
+            if not self._scheduled and len(self._tasks) < self._max_loads:
                 self._scheduled = True
                 asyncio.get_running_loop().call_soon(self._start_batch)
         # shield: a client that disconnects must not cancel the lookup other requests share.
@@ -167,7 +168,7 @@ class IdentityCache:
 
     def _start_batch(self) -> None:
         self._scheduled = False
-        if not self._batch or len(self._tasks) >= MAX_CONCURRENT_LOADS:
+        if not self._batch or len(self._tasks) >= self._max_loads:
             return  # a finishing load starts the next batch
         batch, self._batch = self._batch, []
         task = asyncio.get_running_loop().create_task(self._load(batch))

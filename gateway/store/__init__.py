@@ -112,6 +112,9 @@ class Store(ABC):
     """A primary store. Methods raise the errors above; nothing else escapes."""
 
     backend: Literal["sqlite", "postgresql"]
+    # Identity lookups worth having in flight at once. More than the store can serve in parallel
+    # only splits the misses into smaller batches, each paying the fixed cost of a query.
+    lookup_concurrency: int = 4
 
     @abstractmethod
     async def close(self) -> None: ...

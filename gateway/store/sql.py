@@ -75,9 +75,7 @@ _KEY_COLS = (
     "THEN k.last_used_at ELSE u.last_used_at END, "
     "k.request_count + COALESCE(u.request_count, 0), k.metadata, k.previous_valid_until"
 )
-_KEY_FROM = (
-    "FROM keys k JOIN principals p ON p.id = k.principal_id LEFT JOIN key_usage u ON u.key_id = k.id"
-)
+_KEY_FROM = "FROM keys k JOIN principals p ON p.id = k.principal_id LEFT JOIN key_usage u ON u.key_id = k.id"
 _PRINCIPAL_COLS = "id, name, kind, disabled, created_at, metadata"
 
 

@@ -121,6 +121,9 @@ class _Conn(Conn):
 
 class SQLiteStore(SQLStore):
     backend: Literal["sqlite", "postgresql"] = "sqlite"
+    # One reader thread: concurrent lookups would queue on it anyway. Measured with 1M keys and
+    # sparse misses: 4 -> 1 cut CPU per request ~6 % and context switches per request 0.27 -> 0.09.
+    lookup_concurrency = 1
     greatest = "MAX"
     ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII
 
