@@ -242,7 +242,7 @@ class SQLStore(Store):
                 rows = await conn.fetch(
                     "SELECT k.id, k.digest, k.previous_digest, k.previous_valid_until, k.start, "
                     "k.principal_id, p.name, k.project, k.scopes, k.expires_at, k.env, g.scopes "
-                    f"{_KEY_FROM} LEFT JOIN grants g "
+                    "FROM keys k JOIN principals p ON p.id = k.principal_id LEFT JOIN grants g "
                     "ON g.principal_id = k.principal_id AND g.project = k.project "
                     f"WHERE {match} AND k.revoked_at IS NULL AND NOT p.disabled",
                     *params,
