@@ -39,6 +39,14 @@ async def tombstone_all(r: aioredis.Redis) -> list[bytes]:
     return names
 
 
+async def metric(s: aiohttp.ClientSession, gw, name: str) -> float:  # type: ignore[no-untyped-def]
+    async with s.get(gw.admin_url + "/metrics") as r:
+        for line in (await r.text()).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
 async def test_a_lost_invalidation_message_is_noticed_within_two_checks(keystile, redis_url: str) -> None:
     gw = await keystile(redis={"url": redis_url}, cache=SYNCED)
     await gw.gateway.subscriber.ready.wait()
@@ -55,6 +63,7 @@ async def test_a_lost_invalidation_message_is_noticed_within_two_checks(keystile
             assert await tombstone_all(r)
             await r.incr("keystile:gen")  # the message for this generation never arrives
             await until_rejected(s, gw.url + "/x", key, within=1.0)
+            assert await metric(s, gw, "keystile_invalidations_lost_total") == 1
     finally:
         await r.aclose()
     assert gw.gateway.subscriber.lost == 1
@@ -74,9 +83,11 @@ async def test_entries_outlive_local_ttl_only_while_in_sync(keystile, private_re
         await asyncio.sleep(1.0)  # twice local_ttl
         assert await status_of(s, gw.url + "/x", key) == 200
         assert gw.gateway.cache.loads == loads, "in sync, the entry should have been kept"
+        assert await metric(s, gw, "keystile_cache_in_sync") == 1
         await writer.lifecycle.revoke_key(await key_id(writer), actor="test")
         private_redis.kill()  # nothing can vouch for the in-process entries any more
         await until_rejected(s, gw.url + "/x", key, within=2.0)
+        assert await metric(s, gw, "keystile_cache_in_sync") == 0
     assert gw.gateway.subscriber.connected is False
 
 
