@@ -20,7 +20,7 @@ import tomllib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import msgspec
 from msgspec import Meta
@@ -270,6 +270,32 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str], problems: list[str]
         target[field] = _env_value(raw)
 
 
+# Query options of redis.url that every Redis client of Keystile honours; timeouts have their own
+# settings. Anything else would be applied by one client and ignored by the other.
+REDIS_URL_OPTIONS = (
+    "db",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_check_hostname",
+)
+
+
+def _redis_url_problems(url: str) -> list[str]:
+    """Problems with redis.url, never echoing it: it may carry a password."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return [f"redis.url: unsupported scheme {parts.scheme!r} (use redis://, rediss:// or unix://)"]
+    out = []
+    for name in sorted({n for n, _ in parse_qsl(parts.query, keep_blank_values=True)}):
+        if name in ("socket_timeout", "socket_connect_timeout"):
+            out.append(f"redis.url: option {name!r}: use redis.socket_timeout / redis.connect_timeout")
+        elif name not in REDIS_URL_OPTIONS:
+            out.append(f"redis.url: unsupported option {name!r} (supported: {', '.join(REDIS_URL_OPTIONS)})")
+    return out
+
+
 def _check_semantics(cfg: Config) -> list[str]:
     out: list[str] = []
     for field, value in (("proxy.listen", cfg.proxy.listen), ("admin.listen", cfg.admin.listen)):
@@ -303,8 +329,8 @@ def _check_semantics(cfg: Config) -> list[str]:
         out.append(f"store.url: unsupported scheme {scheme!r} (use sqlite:///path or postgresql://...)")
     if cfg.store.pool_min > cfg.store.pool_max:
         out.append("store.pool_min: must not exceed store.pool_max")
-    if cfg.redis.url and urlsplit(cfg.redis.url).scheme not in ("redis", "rediss", "unix"):
-        out.append(f"redis.url: unsupported scheme in {cfg.redis.url!r}")
+    if cfg.redis.url:
+        out.extend(_redis_url_problems(cfg.redis.url))
     durations = {}
     for field in ("default_lifetime", "max_lifetime", "max_rotation_grace"):
         value = getattr(cfg.policy, field)

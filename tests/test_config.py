@@ -83,6 +83,26 @@ scopes = ["a"]
     ]
 
 
+def test_redis_url_options_are_checked_without_echoing_the_password(tmp_path: Path) -> None:
+    p = write(
+        tmp_path,
+        """
+[redis]
+url = "rediss://:hunter2@cache:6380/1?ssl_ca_certs=/ca.pem&socket_timeout=2&ssl_ciphers=ALL"
+""",
+    )
+    with pytest.raises(ConfigError) as e:
+        config.load(p, env={})
+    text = "\n".join(e.value.problems)
+    assert "hunter2" not in text
+    assert f"{p}: redis.url: unsupported option 'ssl_ciphers'" in text
+    assert "'socket_timeout': use redis.socket_timeout" in text
+    assert len(e.value.problems) == 2  # ssl_ca_certs and the database are fine
+    with pytest.raises(ConfigError) as e:
+        config.load(write(tmp_path, '[redis]\nurl = "http://:hunter2@cache"\n'), env={})
+    assert "hunter2" not in e.value.problems[0] and "unsupported scheme 'http'" in e.value.problems[0]
+
+
 def test_environment_overrides(tmp_path: Path) -> None:
     p = write(tmp_path, '[store]\nurl = "sqlite:///a.db"\n')
     cfg = config.load(

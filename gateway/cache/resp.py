@@ -139,10 +139,17 @@ class LeanRedis:
         self._port: int = int(kw.get("port", 6379))
         self._ssl: ssl.SSLContext | None = None
         if kw.get("connection_class") is SSLConnection:
+            # The options gateway.config.REDIS_URL_OPTIONS admits, as redis-py applies them.
             ctx = ssl.create_default_context(cafile=kw.get("ssl_ca_certs"))
-            if str(kw.get("ssl_cert_reqs", "required")).lower() in ("none", "optional"):
+            if kw.get("ssl_certfile"):
+                ctx.load_cert_chain(kw["ssl_certfile"], kw.get("ssl_keyfile"))
+            reqs = str(kw.get("ssl_cert_reqs", "required")).lower()
+            if reqs == "none" or kw.get("ssl_check_hostname") is False:
                 ctx.check_hostname = False
+            if reqs == "none":
                 ctx.verify_mode = ssl.CERT_NONE
+            elif reqs == "optional":
+                ctx.verify_mode = ssl.CERT_OPTIONAL
             self._ssl = ctx
         handshake = []
         if kw.get("password"):

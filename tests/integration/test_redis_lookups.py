@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import random
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import redis
 
 from gateway.cache.resp import LeanRedis, RespError
 from tests.integration.test_verification_path import redis_url
-from tests.servers import RedisServer
+from tests.servers import RedisServer, require_server
 
 __all__ = ["redis_url"]  # the fixture: the machine's Redis, database 9, emptied
 
@@ -116,5 +118,44 @@ async def test_password_database_and_unix_socket_come_from_the_url(tmp_path: Pat
         with pytest.raises(RespError, match="refused the connection setup"):
             await wrong.mget(["a"])
         await wrong.aclose()
+    finally:
+        server.stop()
+
+
+async def test_tls_settings_from_the_url_match_redis_py(tmp_path: Path) -> None:
+    if shutil.which("openssl") is None:
+        require_server("openssl", "needed to make the test certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    server = RedisServer(tmp_path)
+    server.extra_args = ("--port", "0", "--tls-port", str(server.port), "--tls-cert-file", str(cert),
+                         "--tls-key-file", str(key), "--tls-auth-clients", "no")  # fmt: skip
+    server.start()
+    base = f"rediss://localhost:{server.port}/0"
+    try:
+        for url, works in (
+            (f"{base}?ssl_ca_certs={cert}", True),
+            (base, False),  # the self-signed certificate is not trusted by default
+            (f"{base}?ssl_cert_reqs=none", True),
+        ):
+            client = LeanRedis(url, timeout=1, connect_timeout=1)
+            reference = redis.Redis.from_url(url, socket_timeout=1)
+            try:
+                if works:
+                    await client.set_nx([("tls", b"yes", 60_000)])
+                    assert await client.mget(["tls"]) == [b"yes"]
+                    assert reference.get("tls") == b"yes"
+                else:
+                    with pytest.raises(RespError, match="certificate verify failed"):
+                        await client.mget(["tls"])
+                    with pytest.raises(redis.ConnectionError):
+                        reference.ping()
+            finally:
+                reference.close()
+                await client.aclose()
     finally:
         server.stop()
