@@ -188,8 +188,8 @@ class Gateway:
 
     async def invalidate(self, digests: Sequence[KeyDigest]) -> None:
         """After a committed admin write: forget these digests here, tombstone them in Redis and tell
-        every other instance. If Redis is unreachable the invalidation is retried in the background;
-        other instances, unable to confirm they are in sync, then converge within ``cache.local_ttl``."""
+        every other instance. If Redis is unreachable the invalidation is retried in the background
+        until it is delivered; until then other instances may still answer from their caches."""
         self.cache.invalidate(digests)
         if self.redis is not None:
             await self.redis.invalidate(digests)
