@@ -131,16 +131,27 @@ async def tier_floor_cases(ctx: MicroContext) -> tuple[list[tuple[str, Async, st
         await client.set(rkey, msgspec.msgpack.encode(rec), ex=120)
         decoder = msgspec.msgpack.Decoder(IdentityRecord)
 
+        from gateway.cache.resp import LeanRedis
+
+        lean = LeanRedis(ctx.redis_url, timeout=0.5, connect_timeout=0.5)
+
         async def redis_lookup() -> object:
             raw = await client.get(rkey)
+            return decoder.decode(raw) if isinstance(raw, bytes) else None
+
+        async def lean_lookup() -> object:
+            (raw,) = await lean.mget([rkey])
             return decoder.decode(raw) if isinstance(raw, bytes) else None
 
         async def close_redis() -> None:
             await client.delete(rkey)
             await client.aclose()
+            await lean.aclose()
 
         closers.append(close_redis)
-        cases.append(("Redis tier floor: GET + msgpack decode", redis_lookup, "one GET awaited alone"))
+        cases.append(("Redis floor, redis-py: GET + msgpack decode", redis_lookup, "one GET awaited alone"))
+        cases.append(("Redis tier floor: lean MGET + msgpack decode", lean_lookup,
+                      "what the lookup path uses (gateway.cache.resp)"))
     except Exception as e:  # Redis is optional here: report, do not fail
         ctx.notes.append(f"Redis tier floor skipped: {type(e).__name__}: {e}")
     return cases, closers
