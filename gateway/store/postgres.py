@@ -126,14 +126,9 @@ class PostgresStore(SQLStore):
     greatest = "GREATEST"
     ilike = "ILIKE"
 
-    def _digests_in(self, digests: list[KeyDigest]) -> tuple[str, list[Any]]:
+    def _digest_in(self, column: str, digests: list[KeyDigest]) -> tuple[str, list[Any]]:
         # One array parameter: one prepared statement whatever the batch size.
-        return (
-            "k.id IN (SELECT id FROM keys WHERE digest = ANY($1::bytea[]) "
-            "UNION ALL SELECT id FROM keys "
-            "WHERE previous_digest IS NOT NULL AND previous_digest = ANY($1::bytea[]))",
-            [digests],
-        )
+        return f"{column} = ANY($1::bytea[])", [digests]
 
     def __init__(self, pool: Any, timeout: float) -> None:
         self._pool = pool
