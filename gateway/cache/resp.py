@@ -34,13 +34,10 @@ class RespError(Exception):
 
 
 def encode(*args: bytes) -> bytes:
-    """One command in RESP: an array of bulk strings."""
-    parts = [b"*%d\r\n" % len(args)]
-    for a in args:
-        parts.append(b"$%d\r\n" % len(a))
-        parts.append(a)
-        parts.append(b"\r\n")
-    return b"".join(parts)
+    """One command in RESP: an array of bulk strings (hiredis builds it in C)."""
+    # hiredis's stub types the argument as a 1-tuple; any number of parts is accepted.
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
 
 
 class _Call:
