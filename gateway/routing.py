@@ -75,21 +75,34 @@ class RouteTable:
         compiled = [_compile(i, rc) for i, rc in enumerate(routes)]
         # Most specific first; the match is the first that accepts the request.
         self._routes = sorted(compiled, key=lambda r: (-len(r.segments), not r.host, not r.methods, r.index))
+        # Candidates by the first path segment, in the order above: a request only tries the
+        # routes that can match its path (then the catch-all ones, which come last anyway).
+        self._root = tuple(r for r in self._routes if not r.segments)
+        by_first: dict[str, list[Route]] = {}
+        for r in self._routes:
+            if r.segments:
+                by_first.setdefault(r.segments[0], []).append(r)
+        self._by_first = {first: (*rs, *self._root) for first, rs in by_first.items()}
 
     def __len__(self) -> int:
         return len(self._routes)
 
     def match(self, method: str, host: str, target: Target) -> Route | None:
         segs = target.segments
-        host = _hostname(host)
-        for r in self._routes:
+        candidates = self._by_first.get(segs[0], self._root) if segs else self._root
+        hostname = None
+        for r in candidates:
             n = len(r.segments)
-            if n > len(segs) or tuple(segs[:n]) != r.segments:
+            # n == 1: the first segment already matched.
+            if n > 1 and (n > len(segs) or tuple(segs[:n]) != r.segments):
                 continue
             if r.methods and method not in r.methods:
                 continue
-            if not r._host_ok(host):
-                continue
+            if r.host:
+                if hostname is None:
+                    hostname = _hostname(host)
+                if not r._host_ok(hostname):
+                    continue
             return r
         return None
 
