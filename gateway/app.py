@@ -81,9 +81,9 @@ class Gateway:
 
     async def _store_load(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord]:
         assert self.store is not None
-        return await asyncio.wait_for(
-            self.store.find_identities(digests, time.time()), self.cfg.store.timeout
-        )
+        # asyncio.timeout, not wait_for: no task of its own per lookup batch.
+        async with asyncio.timeout(self.cfg.store.timeout):
+            return await self.store.find_identities(digests, time.time())
 
     async def start(self, proxy_sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
         check_runtime()
