@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final
 
@@ -53,8 +54,10 @@ class LocalTier:
     invalidation subscriber) can confirm that this process has received every invalidation. An
     entry stored while that is not confirmed gets the short deadline only.
 
-    Eviction is oldest-inserted first (dicts keep insertion order): cheap, and an entry that stays
-    hot is simply re-inserted when it expires.
+    Eviction is least-recently-used first, in O(1): a hit moves the entry to the end of an
+    OrderedDict (~30 ns), so when more keys are active than ``max_entries`` the hot ones stay and
+    the cold tail cycles. (A plain dict evicting ``next(iter(d))`` is O(n) once the front holds
+    deleted slots: ~33 us per eviction at 100k entries.)
     """
 
     def __init__(self, ttl: float, negative_ttl: float, max_entries: int, synced_ttl: float = 0.0) -> None:
@@ -63,8 +66,8 @@ class LocalTier:
         self.max_entries = max_entries
         self.synced_ttl = synced_ttl
         self.trusted_until = 0.0
-        # digest -> (deadline while synced, deadline otherwise, value)
-        self._data: dict[KeyDigest, tuple[float, float, IdentityRecord | None]] = {}
+        # digest -> (deadline while synced, deadline otherwise, value), least recently used first
+        self._data: OrderedDict[KeyDigest, tuple[float, float, IdentityRecord | None]] = OrderedDict()
         self.hits = 0
         self.negative_hits = 0
         self.misses = 0
@@ -78,6 +81,7 @@ class LocalTier:
             del self._data[digest]
             self.misses += 1
             return MISS
+        self._data.move_to_end(digest)
         if entry[2] is None:
             self.negative_hits += 1
         else:
@@ -92,8 +96,10 @@ class LocalTier:
         if value is not None and now < self.trusted_until:
             long = max(ttl, self.synced_ttl)
         data = self._data
-        if digest not in data and len(data) >= self.max_entries:
-            del data[next(iter(data))]
+        if digest in data:
+            data.move_to_end(digest)
+        elif len(data) >= self.max_entries:
+            data.popitem(last=False)
         data[digest] = (now + long, now + ttl, value)
 
     def discard(self, digest: KeyDigest) -> None:

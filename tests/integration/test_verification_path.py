@@ -74,6 +74,25 @@ async def test_unknown_keys_are_cached_as_negative(keystile) -> None:
     assert gw.gateway.cache.local.negative_hits == 29
 
 
+async def test_a_full_cache_keeps_the_keys_in_use(keystile) -> None:
+    """More active keys than ``local_max_entries``: the least recently used entry goes, so a key
+    used between newcomers is never looked up again (oldest-inserted-first would evict it)."""
+    gw = await keystile(cache={"local_ttl": 60, "local_max_entries": 3})
+    hot = await gw.key()
+    others = [await gw.key(name=f"k{i}") for i in range(4)]
+    async with aiohttp.ClientSession() as s:
+        assert await status_of(s, gw.url + "/x", hot) == 200
+        loads = gw.gateway.loader.store_loads
+        for other in others:
+            assert await status_of(s, gw.url + "/x", other) == 200
+            assert await status_of(s, gw.url + "/x", hot) == 200
+        assert gw.gateway.loader.store_loads == loads + len(others)  # one per newcomer, none for hot
+        assert len(gw.gateway.cache.local) == 3
+        # The evicted newcomers are looked up again, and still work.
+        assert await status_of(s, gw.url + "/x", others[0]) == 200
+        assert gw.gateway.loader.store_loads == loads + len(others) + 1
+
+
 async def test_concurrent_misses_coalesce_into_one_lookup(keystile, tmp_path: Path) -> None:
     store = await SlowStore.open(f"sqlite:///{tmp_path}/slow.db")
     gw = await keystile(store_obj=store)
