@@ -11,6 +11,7 @@ passed to the upstream. Sending the key header twice is refused as invalid.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Iterable
 from hashlib import sha256
 from time import monotonic
@@ -51,8 +52,9 @@ class Authenticator:
         self._secret = secret
         # SHA-256 of a key -> its HMAC digest. The keyed digest costs four SHA-256 compressions,
         # a plain one costs one; the mapping never changes while the secret stays, so it needs no
-        # invalidation. Bounded like the in-process cache; raw keys are never kept.
-        self._memo: dict[bytes, KeyDigest] = {}
+        # invalidation. Bounded like the in-process cache, oldest first out (O(1) with an
+        # OrderedDict); raw keys are never kept.
+        self._memo: OrderedDict[bytes, KeyDigest] = OrderedDict()
         self._memo_max = cfg.cache.local_max_entries
         self.cache = cache
         self._local_get = cache.local.get
@@ -82,7 +84,7 @@ class Authenticator:
             d = digest(self._secret, raw)
             memo = self._memo
             if len(memo) >= self._memo_max:
-                del memo[next(iter(memo))]
+                memo.popitem(last=False)
             memo[short] = d
         return d
 

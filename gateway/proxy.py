@@ -20,6 +20,7 @@ import asyncio
 import ipaddress
 import logging
 import ssl
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Final
 from urllib.parse import unquote_plus
@@ -251,8 +252,9 @@ class Forwarder:
         pfx = p.identity_header_prefix
         self._identity_names = (pfx + "Key-Id", pfx + "Owner", pfx + "Project", pfx + "Scopes")
         # Identity lines by digest, kept with the record they were built from: a record the cache
-        # replaced (new object) is rebuilt. Bounded like the in-process cache.
-        self._identity: dict[bytes, tuple[IdentityRecord, str]] = {}
+        # replaced (new object) is rebuilt. Bounded like the in-process cache, oldest first out
+        # (O(1) with an OrderedDict; see LocalTier).
+        self._identity: OrderedDict[bytes, tuple[IdentityRecord, str]] = OrderedDict()
         self._identity_max = cfg.cache.local_max_entries
         self._key_headers = frozenset(_norm(h) for h in p.key_headers)
         self._query_param = p.query_param
@@ -319,7 +321,7 @@ class Forwarder:
         block = identity_lines(self._identity_names, ident)
         cache = self._identity
         if ident.digest not in cache and len(cache) >= self._identity_max:
-            del cache[next(iter(cache))]
+            cache.popitem(last=False)
         cache[ident.digest] = (ident, block)
         return block
 
