@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 
 from benchmarks import seed
+from gateway.cache import LocalTier
 from gateway.keys import KeyFormat, digest
 from gateway.models import IdentityRecord
 
@@ -95,6 +96,18 @@ def sync_cases(ctx: MicroContext) -> list[tuple[str, Sync, str]]:
     packed = msgspec.msgpack.encode(record)
     decoder = msgspec.msgpack.Decoder(IdentityRecord)
     secret = ctx.secret
+    # The in-process tier at its default capacity (100k), full: a hit, and a put that evicts.
+    tier = LocalTier(ttl=60.0, negative_ttl=2.0, max_entries=100_000)
+    now = time.monotonic()
+    for i in range(100_000):
+        tier.put(i.to_bytes(32, "big"), record, now)
+    fresh = [100_000]
+
+    def put_evicting() -> None:
+        fresh[0] += 1
+        tier.put(fresh[0].to_bytes(32, "big"), record, now)
+
+    hot = (99_999).to_bytes(32, "big")
     return [
         ("KeyFormat.well_formed (valid key)", lambda: fmt.well_formed(key), "length, split, charset, CRC"),
         ("KeyFormat.well_formed (bad checksum)", lambda: fmt.well_formed(bad), "rejected by the CRC"),
@@ -102,6 +115,8 @@ def sync_cases(ctx: MicroContext) -> list[tuple[str, Sync, str]]:
         ("keys.digest (HMAC-SHA256)", lambda: digest(secret, key), ""),
         ("dict hit (1k digests)", lambda: table.get(d), "the in-process tier's lookup"),
         ("msgpack decode IdentityRecord", lambda: decoder.decode(packed), f"{len(packed)} bytes"),
+        ("LocalTier.get hit (100k entries)", lambda: tier.get(hot, now), "moves it to the LRU end"),
+        ("LocalTier.put into a full tier", put_evicting, "evicts the LRU entry; incl. building the digest"),
     ]
 
 
