@@ -1,9 +1,12 @@
 """Usage: last-used timestamps and request counts, bumped in memory and flushed in batches.
 
 Owns: the per-key pending map and the background flush. Must not: touch HTTP or the cache. A request
-only calls ``bump`` (no await, no I/O). The flusher hands one batch to the store per interval; if the
-store is down the batch is merged back (last-used keeps the latest, counts add) and retried, bounded
-by ``max_pending`` keys — beyond that, new keys' bumps are dropped and counted.
+only calls ``bump`` (no await, no I/O). The flusher hands what is pending to the store once per
+interval, in chunks of at most ``FLUSH_CHUNK`` keys so that preparing a large batch never holds the
+event loop for long (20k keys in one piece stalled it ~20 ms). If the store fails, the chunks not
+yet written are merged back (last-used keeps the latest, counts add) and retried, bounded by
+``max_pending`` keys — beyond that, new keys' bumps are dropped and counted. A chunk is written or
+not as a whole, so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -11,20 +14,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Final
 
 from gateway.models import UsageUpdate
 from gateway.store import Store, StoreError
 
 log = logging.getLogger("keystile.usage")
 
+FLUSH_CHUNK: Final = 2000
+STOP_WAIT: Final = 10.0
+
 
 class UsageRecorder:
-    def __init__(self, store: Store, interval: float, max_pending: int) -> None:
+    def __init__(self, store: Store, interval: float, max_pending: int, chunk: int = FLUSH_CHUNK) -> None:
         self._store = store
+        self._chunk = chunk
         self._interval = interval
         self._max = max_pending
         self._pending: dict[str, list[float]] = {}  # key_id -> [last_used_at, count]
         self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
         self.flushes = 0
         self.flush_failures = 0
         self.dropped = 0
@@ -62,34 +71,44 @@ class UsageRecorder:
         """Write what is pending; on failure keep it for the next try. True when nothing is left."""
         if not self._pending:
             return True
-        batch, since = self._pending, self.oldest_pending_at
+        batch, since = list(self._pending.items()), self.oldest_pending_at
         self._pending, self.oldest_pending_at = {}, None
-        updates = [UsageUpdate(k, v[0], int(v[1])) for k, v in batch.items()]
-        try:
-            await self._store.record_usage(updates)
-        except (TimeoutError, StoreError, OSError) as e:
-            self.flush_failures += 1
-            log.warning("usage flush of %d keys failed, will retry: %s", len(updates), e)
-            for k, (t, c) in batch.items():
-                cur = self._pending.get(k)
-                if cur is None:
-                    if len(self._pending) >= self._max:
-                        self.dropped += 1
-                        continue
-                    self._pending[k] = [t, c]
-                else:
-                    cur[0] = max(cur[0], t)
-                    cur[1] += c
-            if since is not None and (self.oldest_pending_at is None or since < self.oldest_pending_at):
-                self.oldest_pending_at = since
-            return False
+        for start in range(0, len(batch), self._chunk):
+            chunk = batch[start : start + self._chunk]
+            try:
+                await self._store.record_usage([UsageUpdate(k, v[0], int(v[1])) for k, v in chunk])
+            except (TimeoutError, StoreError, OSError) as e:
+                self.flush_failures += 1
+                unwritten = batch[start:]
+                log.warning("usage flush of %d keys failed, will retry: %s", len(unwritten), e)
+                self._merge_back(unwritten, since)
+                return False
         self.flushes += 1
         self.last_flush_at = time.time()
         return not self._pending
 
+    def _merge_back(self, items: list[tuple[str, list[float]]], since: float | None) -> None:
+        for k, (t, c) in items:
+            cur = self._pending.get(k)
+            if cur is None:
+                if len(self._pending) >= self._max:
+                    self.dropped += 1
+                    continue
+                self._pending[k] = [t, c]
+            else:
+                cur[0] = max(cur[0], t)
+                cur[1] += c
+        if since is not None and (self.oldest_pending_at is None or since < self.oldest_pending_at):
+            self.oldest_pending_at = since
+
     async def _run(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
+        while not self._stop.is_set():
+            try:
+                async with asyncio.timeout(self._interval):
+                    await self._stop.wait()
+                return
+            except TimeoutError:
+                pass
             try:
                 await self.flush()
             except Exception:
@@ -99,13 +118,19 @@ class UsageRecorder:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="keystile-usage-flush")
 
     async def aclose(self) -> None:
-        """Stop the loop and make the final flush (a few retries if the store blinks)."""
+        """Stop the loop and make the final flush (a few retries if the store blinks).
+
+        A flush in progress is let finish (up to ``STOP_WAIT`` seconds): cancelling it mid-write
+        would lose its batch, or leave unknown whether its last chunk was written."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            self._stop.set()
+            done, _ = await asyncio.wait({self._task}, timeout=STOP_WAIT)
+            if not done:
+                self._task.cancel()
+                try:
+                    await self._task
+                except asyncio.CancelledError:
+                    pass
             self._task = None
         for attempt in range(3):
             if await self.flush():

@@ -1,0 +1,90 @@
+"""The usage recorder against real stores: chunked flushes land whole, a failed chunk is retried
+and nothing is counted twice, and shutdown waits for a flush in progress."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from pathlib import Path
+
+from gateway.models import UsageUpdate
+from gateway.store import Store, StoreUnavailable
+from gateway.store.sqlite import SQLiteStore
+from gateway.usage import UsageRecorder
+from tests.store.test_store import T0, all_keys, make_key, make_principal
+
+
+async def _keys(store: Store, n: int) -> list[str]:
+    owner = await make_principal(store)
+    return [(await make_key(store, owner, f"k{i}"))[0].id for i in range(n)]
+
+
+async def test_a_flush_in_chunks_writes_every_key(store: Store) -> None:
+    ids = await _keys(store, 5)
+    usage = UsageRecorder(store, interval=3600, max_pending=100, chunk=2)
+    for i, key_id in enumerate(ids):
+        for n in range(i + 1):
+            usage.bump(key_id, T0 + 10 * i + n)
+    assert await usage.flush()
+    got = {k.id: (k.last_used_at, k.request_count) for k in await all_keys(store)}
+    assert got == {key_id: (T0 + 10 * i + i, i + 1) for i, key_id in enumerate(ids)}
+    assert usage.pending == 0 and usage.flushes == 1
+
+
+class FlakyStore(SQLiteStore):
+    """A real SQLite store whose usage writes fail on chosen calls (a fault-injection seam)."""
+
+    fail_calls: frozenset[int] = frozenset()
+    delay = 0.0
+    calls = 0
+
+    async def record_usage(self, updates: Sequence[UsageUpdate]) -> None:
+        self.calls += 1
+        if self.calls in self.fail_calls:
+            raise StoreUnavailable("sqlite: injected failure")
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        await super().record_usage(updates)
+
+
+async def _flaky(tmp_path: Path) -> FlakyStore:
+    store = await FlakyStore.open(f"sqlite:///{tmp_path}/flaky.db")
+    await store.migrate()
+    return store
+
+
+async def test_a_failed_chunk_is_retried_and_nothing_counts_twice(tmp_path: Path) -> None:
+    store = await _flaky(tmp_path)
+    try:
+        ids = await _keys(store, 5)
+        store.fail_calls = frozenset({2})  # the second chunk of the first flush
+        usage = UsageRecorder(store, interval=3600, max_pending=100, chunk=2)
+        for key_id in ids:
+            usage.bump(key_id, T0)
+            usage.bump(key_id, T0 + 1)
+        assert not await usage.flush()
+        assert usage.pending == 3  # the failed chunk and the one after it; the first is written
+        usage.bump(ids[4], T0 + 5)  # a request while the store is down
+        assert await usage.flush()
+        got = {k.id: (k.last_used_at, k.request_count) for k in await all_keys(store)}
+        assert got == {**{key_id: (T0 + 1, 2) for key_id in ids[:4]}, ids[4]: (T0 + 5, 3)}
+    finally:
+        await store.close()
+
+
+async def test_shutdown_lets_a_flush_in_progress_finish(tmp_path: Path) -> None:
+    store = await _flaky(tmp_path)
+    try:
+        ids = await _keys(store, 3)
+        store.delay = 0.3  # each chunk's write is slow: shutdown arrives mid-flush
+        usage = UsageRecorder(store, interval=0.05, max_pending=100, chunk=1)
+        usage.start()
+        for key_id in ids:
+            usage.bump(key_id, T0)
+        await asyncio.sleep(0.2)  # the periodic flush has started its first chunk
+        assert store.calls == 1
+        await usage.aclose()
+        got = {k.id: (k.last_used_at, k.request_count) for k in await all_keys(store)}
+        assert got == dict.fromkeys(ids, (T0, 1))
+    finally:
+        await store.close()
