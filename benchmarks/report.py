@@ -116,13 +116,13 @@ def _ratio(v: float | None) -> str:
 
 
 def _settled(result: dict[str, Any]) -> str:
-    """keys_N scenarios warm up until their caches settle: say how long each took."""
+    """keys_N scenarios warm up longer (their caches start cold): say how long."""
     longer = [
         f"{o['name']} {o['warmup_s']:g} s"
         for o in result["scenarios"]
         if o.get("keys") and o.get("warmup_s", 0) > result["settings"]["warmup_s"]
     ]
-    return f" (until req/s settled: {', '.join(longer)})" if longer else ""
+    return f" ({', '.join(longer)})" if longer else ""
 
 
 def markdown(result: dict[str, Any]) -> str:
