@@ -115,6 +115,7 @@ class UsageRecorder:
                 log.exception("usage flush crashed")
 
     def start(self) -> None:
+        self._stop.clear()
         self._task = asyncio.get_running_loop().create_task(self._run(), name="keystile-usage-flush")
 
     async def aclose(self) -> None:
