@@ -3,7 +3,7 @@
 Owns: the per-key pending map and the background flush. Must not: touch HTTP or the cache. A request
 only calls ``bump`` (no await, no I/O). The flusher hands what is pending to the store once per
 interval, in chunks of at most ``FLUSH_CHUNK`` keys so that preparing a large batch never holds the
-event loop for long (20k keys in one piece stalled it ~20 ms). If the store fails, the chunks not
+event loop for long (20k keys in one piece stalled it 10–25 ms). If the store fails, the chunks not
 yet written are merged back (last-used keeps the latest, counts add) and retried, bounded by
 ``max_pending`` keys — beyond that, new keys' bumps are dropped and counted. A chunk is written or
 not as a whole, so nothing is counted twice.
