@@ -163,6 +163,23 @@ def markdown(result: dict[str, Any]) -> str:
             f"| {_num(med['p50_ms'], 2)} | {_num(med['p99_ms'], 2)} | {_ratio(ratio.get('p99_ms'))} "
             f"| {_num(med['cpu_us'], 1)} | {_ratio(ratio.get('cpu_us'))} | {check} |"
         )
+    tiered = [o for o in result["scenarios"] if o["status"] == "ok" and "local_miss" in (o["median"] or {})]
+    if tiered:
+        lines += [
+            "",
+            "**Past the in-process tier** (Keystile, one process; % of requests in the measured runs, "
+            "median over rounds; concurrent requests for one key share a lookup, and a store load "
+            "is one batched query for many misses):",
+            "",
+            "| scenario | in-process misses | Redis hits | Redis misses | store loads |",
+            "|---|--:|--:|--:|--:|",
+        ]
+        for o in tiered:
+            med = o["median"]
+            lines.append(
+                f"| {o['name']} | {med['local_miss']:.1f}% | {med.get('redis_hit', 0):.1f}% "
+                f"| {med.get('redis_miss', 0):.1f}% | {med.get('store_load', 0):.2f}% |"
+            )
     rows = [t for t in result.get("targets") or [] if t["value"] is not None]
     if rows:
         lines += ["", "**Targets** (ratios of this run: median over rounds of the per-round ratio):", ""]

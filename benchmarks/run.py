@@ -18,6 +18,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -120,7 +121,11 @@ class Outcome:
         if not self.runs:
             return {}
         keys = ("rps", "p50_ms", "p99_ms", "cpu_us", "requests")
-        return {k: statistics.median(r[k] for r in self.runs) for k in keys}
+        out = {k: statistics.median(r[k] for r in self.runs) for k in keys}
+        for k in TIER_COUNTS:
+            if all(k in r for r in self.runs):
+                out[k] = statistics.median(r[k] for r in self.runs)
+        return out
 
 
 # Measuring order within a round: the scenarios a target compares run back to back (the machine's
@@ -158,6 +163,8 @@ class Bench:
         self.secret = seed.bench_secret(self.cache)
         self.tools = ensure_tools(["wrk", "nginx", "haproxy"], install=not args.no_install)
         self.servers: dict[str, Server | ServerFailed] = {}
+        # Admin port of each one-process Keystile server: its /metrics says which tier answered.
+        self.admin_ports: dict[str, int] = {}
         self.stores: dict[int, seed.SeededStore] = {}
         self.redis_ok = redis_reachable(args.redis_url)
         self.upstream_port = 0
@@ -253,11 +260,14 @@ class Bench:
             raise ServerFailed("the `keystile` command is not installed (pip install -e .)")
         db = seed.working_copy(self.store(count), self.tmp)
         name = sid.replace(":", "-")
+        admin_port = free_port()
+        if workers == 1:  # with workers, tier counters are per worker
+            self.admin_ports[sid] = admin_port
         conf = configs.keystile_config(
             self.tmp,
             name,
             port=port,
-            admin_port=free_port(),
+            admin_port=admin_port,
             upstream_port=self.upstream_port,
             store_db=db,
             redis_url=self.args.redis_url if tier != "store" and self.redis_ok else "",
@@ -341,13 +351,34 @@ class Bench:
         return spent
 
     def measure(self, sc: Scenario, server: Server) -> dict[str, float]:
+        admin = self.admin_ports.get(sc.server)
+        tiers_before = lookups(admin) if admin else None
         before = server.cpu_seconds()
         res = self.load(sc, server, self.args.duration)
         after = server.cpu_seconds()
         if not server.alive():
             raise ServerFailed(f"{sc.server} died during the run\n{server.log_tail()}")
         cpu_us = (after - before) / res.requests * 1e6 if res.requests else float("nan")
-        return {**res.as_dict(), "cpu_us": round(cpu_us, 2)}
+        out = {**res.as_dict(), "cpu_us": round(cpu_us, 2)}
+        tiers_after = lookups(admin) if admin else None
+        if tiers_before is not None and tiers_after is not None and res.requests:
+            for name in TIER_COUNTS:
+                n = tiers_after.get(name, 0.0) - tiers_before.get(name, 0.0)
+                out[name] = round(100 * n / res.requests, 2)  # % of requests
+        return out
+
+
+# Tier counters reported per scenario, as % of requests: (tier, result) of keystile_cache_lookups.
+TIER_COUNTS = ("local_miss", "redis_hit", "redis_miss", "store_load")
+_LOOKUP_LINE = re.compile(r'^keystile_cache_lookups_total\{result="(\w+)",tier="(\w+)"\} (\S+)$', re.M)
+
+
+def lookups(admin_port: int) -> dict[str, float] | None:
+    """Keystile's cumulative lookup counters by "tier_result" (store loads count batches)."""
+    status, text = _get(admin_port, "/metrics", {})
+    if status != 200:
+        return None
+    return {f"{m[2]}_{m[1]}": float(m[3]) for m in _LOOKUP_LINE.finditer(text)}
 
 
 def _get(port: int, path: str, headers: dict[str, str]) -> tuple[int, str]:
