@@ -35,12 +35,16 @@ from gateway.proxy import Forwarder
 from gateway.routing import RouteTable
 from gateway.store import Store, open_store
 from gateway.store.migrations import latest_version
+from gateway.usage import STOP_WAIT as USAGE_STOP_WAIT
 from gateway.usage import UsageRecorder
 from gateway.wire import Answer
 
 log = logging.getLogger("keystile")
 
 MIN_AIOHTTP = (3, 14, 3)
+# Each shutdown step (after the listeners drain) gets this long; one that hangs is abandoned with
+# an error naming it, so SIGTERM always ends the process and the steps after it still run.
+STOP_STEP_TIMEOUT = 5.0
 
 
 class StartupError(Exception):
@@ -78,6 +82,8 @@ class Gateway:
         self.proxy_port = 0
         self.admin_port = 0
         self.started_at = 0.0
+        self.stop_stalls: list[str] = []  # shutdown steps that had to be abandoned
+        self.stop_step_timeout = STOP_STEP_TIMEOUT
 
     async def _store_load(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord]:
         assert self.store is not None
@@ -395,21 +401,23 @@ class Gateway:
         self._runners.clear()
         for task in list(self._background):
             task.cancel()  # retiring forwarders close at once
-            await asyncio.gather(task, return_exceptions=True)
+            await self._stop_step(task.get_name(), asyncio.gather(task, return_exceptions=True))
         if hasattr(self, "usage"):
-            await self.usage.aclose()
+            # Its own bound: a flush in progress, then up to three tries of the final one.
+            limit = USAGE_STOP_WAIT + 3 * self.cfg.store.timeout + self.stop_step_timeout
+            await self._stop_step("usage flush", self.usage.aclose(), limit)
         if hasattr(self, "cache"):
-            await self.cache.aclose()
+            await self._stop_step("cache loads", self.cache.aclose())
         if getattr(self, "subscriber", None) is not None:
             assert self.subscriber is not None
-            await self.subscriber.aclose()
+            await self._stop_step("invalidation subscriber", self.subscriber.aclose())
         if getattr(self, "redis", None) is not None:
             assert self.redis is not None
-            await self.redis.aclose()
+            await self._stop_step("redis tier", self.redis.aclose())
         if hasattr(self, "forwarder"):
-            await self.forwarder.close()
+            await self._stop_step("upstream pool", self.forwarder.close())
         if self.store is not None and self._own_store:
-            await self.store.close()
+            await self._stop_step("store", self.store.close())
         self.access_log.flush()
         sync: asyncio.Task[None] | None = getattr(self, "_metrics_sync", None)
         if sync is not None:
@@ -418,6 +426,15 @@ class Gateway:
         self.metrics.sync()  # with workers, the last tallies reach the shared files
         if self.started_at:
             log.info("keystile stopped")
+
+    async def _stop_step(self, name: str, aw: Awaitable[object], seconds: float | None = None) -> None:
+        seconds = self.stop_step_timeout if seconds is None else seconds
+        try:
+            async with asyncio.timeout(seconds):
+                await aw
+        except TimeoutError:
+            self.stop_stalls.append(name)
+            log.error("shutdown: %s did not finish within %g s; going on without it", name, seconds)
 
 
 def _restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:

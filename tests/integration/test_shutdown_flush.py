@@ -14,8 +14,11 @@ from pathlib import Path
 import aiohttp
 
 from gateway.store import open_store
+from tests.integration.test_verification_path import redis_url
 from tests.servers import PgCluster, free_port, wait_tcp
 from tests.upstream import RecordingUpstream
+
+__all__ = ["redis_url"]  # the fixture: the machine's Redis, database 9, emptied
 
 SECRET = "fedcba9876543210" * 4
 
@@ -107,3 +110,28 @@ upstream = "{upstream.url}"
             assert rec.request_count >= ok[kid]
     finally:
         await store.close()
+
+
+async def test_a_stuck_shutdown_step_is_abandoned_and_the_others_still_run(keystile, redis_url: str) -> None:
+    gw = await keystile(redis={"url": redis_url}, usage={"flush_interval": 300})
+    await gw.lifecycle.create_principal("bob", grants={"p1": ["read"]}, actor="test")
+    created = await gw.lifecycle.create_key("bob", "p1", actor="test")
+    used_at = time.time()
+    async with aiohttp.ClientSession() as s, s.get(gw.url + "/x", headers={"X-API-Key": created.secret}) as r:
+        assert r.status == 200
+    never = asyncio.Event()
+
+    async def stuck() -> None:
+        await never.wait()
+
+    gw.gateway.cache.aclose = stuck  # a step that never finishes (say, a task that ignores cancel)
+    gw.gateway.stop_step_timeout = 0.3
+    started = time.monotonic()
+    await asyncio.wait_for(gw.gateway.stop(), 10)
+    assert time.monotonic() - started < 3
+    assert gw.gateway.stop_stalls == ["cache loads"]
+    # The step before it wrote the last usage; the steps after it ran (the subscriber is closed).
+    assert (await gw.store.get_key(created.record.id)).last_used_at >= used_at - 1
+    assert gw.gateway.subscriber is not None and gw.gateway.subscriber._task is not None
+    assert gw.gateway.subscriber._task.done()
+    never.set()
