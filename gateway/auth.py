@@ -23,7 +23,6 @@ from gateway.cache import MISS, IdentityCache
 from gateway.config import Config
 from gateway.keys import KeyDigest, KeyFormat, digest
 from gateway.models import IdentityRecord
-from gateway.routing import Route
 
 OK: Final = "ok"
 MISSING: Final = "missing"
@@ -88,52 +87,68 @@ class Authenticator:
             memo[short] = d
         return d
 
-    def check(self, key: str | None) -> tuple[str, IdentityRecord | None] | KeyDigest:
-        """The outcome when it is known without waiting (missing, malformed, or answered by the
-        in-process tier), else the digest ``identify`` must resolve. No I/O, no await."""
+    def check(self, key: str | None, scopes: frozenset[str] = frozenset()) -> Decision | KeyDigest:
+        """The decision when it is known without waiting (missing, malformed, or answered by the
+        in-process tier), else the digest ``resolve`` must look up. No I/O, no await.
+
+        A decision is the identity itself when the key may pass (a route needing ``scopes``), else
+        an ``(outcome, identity)`` refusal: returning the record bare saves every accepted request
+        a tuple and an unpacking."""
         if key is None:
-            return MISSING, None
+            return _REFUSED_MISSING
         raw = self._format.checked(key)
         if raw is None:
-            return INVALID, None
-        # Inlined _digest and cache.peek: this is every authenticated request's path.
+            return _REFUSED_INVALID
+        # Inlined _digest, cache.peek and decide: this is every authenticated request's path.
         d = self._memo.get(sha256(raw).digest()) or self._digest(raw)
         ident = self._local_get(d, monotonic())
         if ident is MISS:
             return d
-        return _outcome(ident)
+        if ident is None:
+            return _REFUSED_INVALID
+        if ident.expires_at is not None and time.time() >= ident.expires_at:
+            return EXPIRED, ident
+        if not ident.member or (scopes and not scopes.issubset(ident.scopes)):
+            return INSUFFICIENT_SCOPE, ident
+        return ident
 
     async def identify(self, key: str | None) -> tuple[str, IdentityRecord | None]:
-        """(outcome, identity). Never raises: a failed lookup is ``UNAVAILABLE``, never "unknown"."""
+        """(outcome, identity), scopes not checked. Never raises: a failed lookup is
+        ``UNAVAILABLE``, never "unknown"."""
         known = self.check(key)
-        if isinstance(known, tuple):
-            return known
-        return await self.resolve(known)
+        if isinstance(known, bytes):
+            known = await self.resolve(known)
+        if isinstance(known, IdentityRecord):
+            return OK, known
+        if known[0] == INSUFFICIENT_SCOPE:  # a known key outside its project: still a valid key
+            return OK, known[1]
+        return known
 
-    async def resolve(self, d: KeyDigest) -> tuple[str, IdentityRecord | None]:
-        """(outcome, identity) for a digest the in-process tier did not answer."""
+    async def resolve(self, d: KeyDigest, scopes: frozenset[str] = frozenset()) -> Decision:
+        """The decision for a digest the in-process tier did not answer."""
         try:
             ident = await self.cache.resolve(d)
         except Exception:
             return UNAVAILABLE, None
-        return _outcome(ident)
+        return decide(ident, scopes)
 
 
-def _outcome(ident: object) -> tuple[str, IdentityRecord | None]:
-    """The decision for what a tier answered: unknown, expired or valid."""
+# A key may pass (its identity), or is refused (outcome, identity if the key is known).
+Decision = IdentityRecord | tuple[str, IdentityRecord | None]
+_REFUSED_MISSING: Final = (MISSING, None)
+_REFUSED_INVALID: Final = (INVALID, None)
+
+
+def decide(ident: object, scopes: frozenset[str] = frozenset()) -> Decision:
+    """The decision for what a tier answered: unknown, expired, outside the scopes, or valid."""
     if ident is None:
         return INVALID, None
     assert isinstance(ident, IdentityRecord)
     if ident.expires_at is not None and time.time() >= ident.expires_at:
         return EXPIRED, ident
-    return OK, ident
-
-
-def permits(route: Route, ident: IdentityRecord) -> bool:
-    """Whether an authenticated identity may use ``route`` (``permits_scopes`` for a route)."""
-    if not route.scopes:
-        return ident.member
-    return ident.member and route.scopes.issubset(ident.scopes)
+    if not ident.member or (scopes and not scopes.issubset(ident.scopes)):
+        return INSUFFICIENT_SCOPE, ident
+    return ident
 
 
 def permits_scopes(ident: IdentityRecord, required: Iterable[str]) -> bool:

@@ -126,13 +126,14 @@ class ProxyHandler:
         seen.route = route.name
         ident = None
         if route.auth != "none" and not (route.auth == "optional" and presented.key is None):
-            known = self.auth.check(presented.key)  # the await is skipped on an in-process answer
-            outcome, ident = known if isinstance(known, tuple) else await self.auth.resolve(known)
-            if outcome == auth.OK and ident is not None and not auth.permits(route, ident):
-                outcome = auth.INSUFFICIENT_SCOPE
-            seen.outcome, seen.ident = outcome, ident
-            if outcome != auth.OK or ident is None:
-                return _OUTCOME_ERRORS[outcome].response()
+            known = self.auth.check(presented.key, route.scopes)  # no await on an in-process answer
+            if isinstance(known, bytes):
+                known = await self.auth.resolve(known, route.scopes)
+            if not isinstance(known, IdentityRecord):
+                seen.outcome, seen.ident = known
+                return _OUTCOME_ERRORS[known[0]].response()
+            seen.outcome, seen.ident = auth.OK, known
+            ident = known
             self.usage.bump(ident.key_id, time.time())
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")

@@ -14,6 +14,7 @@ never put the revoked identity back. Errors from the loader are never cached.
 from __future__ import annotations
 
 import asyncio
+import enum
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -36,14 +37,16 @@ class LookupUnavailable(Exception):
 MAX_CONCURRENT_LOADS: Final = 4
 
 
-class _Miss:
-    __slots__ = ()
+class _Miss(enum.Enum):
+    """Not in the tier (an enum member, so ``is MISS`` narrows the type for mypy)."""
+
+    MISS = "MISS"
 
     def __repr__(self) -> str:
         return "MISS"
 
 
-MISS: Final = _Miss()
+MISS: Final = _Miss.MISS
 
 
 class LocalTier:
@@ -146,7 +149,7 @@ class IdentityCache:
     async def lookup(self, digest: KeyDigest) -> IdentityRecord | None:
         hit = self.peek(digest)
         if hit is not MISS:
-            return hit  # type: ignore[return-value]
+            return hit
         return await self.resolve(digest)
 
     def invalidate(self, digests: Iterable[KeyDigest]) -> None:
