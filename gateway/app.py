@@ -42,8 +42,8 @@ from gateway.wire import Answer
 log = logging.getLogger("keystile")
 
 MIN_AIOHTTP = (3, 14, 3)
-# Each shutdown step (after the listeners drain) gets this long; one that hangs is abandoned with
-# an error naming it, so SIGTERM always ends the process and the steps after it still run.
+# Each shutdown step gets this long (a listener: the drain time plus this); one that hangs is
+# abandoned with an error naming it, so SIGTERM always ends the process and later steps still run.
 STOP_STEP_TIMEOUT = 5.0
 
 
@@ -395,8 +395,9 @@ class Gateway:
     async def stop(self) -> None:
         # runner.cleanup() stops accepting, then waits for in-flight handlers up to
         # shutdown_timeout; the proxy runner goes first.
+        drain = self.cfg.proxy.shutdown_timeout + self.stop_step_timeout
         for runner in self._runners:
-            await runner.cleanup()
+            await self._stop_step("listener", runner.cleanup(), drain)
         self._sites.clear()
         self._runners.clear()
         for task in list(self._background):
