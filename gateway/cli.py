@@ -67,6 +67,19 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         return runner.run(coro)
 
 
+def _workers(value: str) -> int:
+    """``--workers``: a positive count, or ``auto`` (0 here: one per usable CPU, resolved at start)."""
+    if value == "auto":
+        return 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or 'auto', got {value!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
 def _load(args: argparse.Namespace, *, need_secret: bool = True) -> tuple[Config, Secrets]:
     path = config_mod.config_path(getattr(args, "config", None))
     cfg = config_mod.load(path)
@@ -106,6 +119,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     cfg, secrets = _load(args)
     configure_logging(cfg.logging.level)
     path = config_mod.config_path(args.config)
+    if args.worker_of is None:
+        from gateway.workers import usable_cpus
+
+        cpus = usable_cpus()
+        if args.workers == 0:  # --workers auto
+            args.workers = cpus
+        elif args.workers > cpus:
+            logging.getLogger("keystile").warning(
+                "--workers %d exceeds the %d CPU(s) this process may use (affinity or cgroup quota): "
+                "workers will share cores, and switching between them costs CPU per request "
+                "(use --workers auto for one per CPU)",
+                args.workers,
+                cpus,
+            )
     if args.workers > 1 and args.worker_of is None:
         from gateway.workers import Supervisor
 
@@ -753,7 +780,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = with_config(sub.add_parser("serve", help="run the gateway"))
     s.add_argument("--pid-file", help="write the process id here (the supervisor's with --workers)")
-    s.add_argument("--workers", type=int, default=1, help="worker processes sharing the ports (SO_REUSEPORT)")
+    s.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="worker processes sharing the ports (SO_REUSEPORT); 'auto': one per usable CPU",
+    )
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     s.add_argument("--metrics-dir", help=argparse.SUPPRESS)

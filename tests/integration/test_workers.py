@@ -90,3 +90,63 @@ async def test_two_workers_share_a_port_and_survive_a_killed_worker(tmp_path: Pa
         if sup.poll() is None:
             sup.kill()
         log.close()
+
+
+def test_cgroup_cpu_quota_is_read_from_v2_and_v1_files(tmp_path: Path) -> None:
+    from gateway.workers import _cgroup_quota
+
+    def quota(membership: str, files: dict[str, str]) -> int | None:
+        (tmp_path / "cgroup").write_text(membership)
+        for rel, text in files.items():
+            (tmp_path / "fs" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / "fs" / rel).write_text(text)
+        return _cgroup_quota(tmp_path / "cgroup", tmp_path / "fs")
+
+    assert quota("0::/app.slice/ks\n", {"app.slice/ks/cpu.max": "150000 100000\n"}) == 2
+    assert quota("0::/a\n", {"a/cpu.max": "max 100000\n"}) is None
+    assert quota("0::/b\n", {}) is None  # no cpu controller delegated there
+    v1 = {"cpu,cpuacct/k/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/k/cpu.cfs_period_us": "100000\n"}
+    assert quota("4:memory:/k\n3:cpu,cpuacct:/k\n0::/\n", v1) == 1
+    assert quota("3:cpu,cpuacct:/u\n", {"cpu,cpuacct/u/cpu.cfs_quota_us": "-1\n",
+                                         "cpu,cpuacct/u/cpu.cfs_period_us": "100000\n"}) is None
+
+
+async def test_workers_beyond_the_usable_cpus_are_warned_about_and_auto_fits(
+    tmp_path: Path, upstream: RecordingUpstream
+) -> None:
+    one_cpu = min(os.sched_getaffinity(0))
+    port, admin = free_port(), free_port()
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(
+        f'[proxy]\nlisten = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{admin}"\n'
+        f'[store]\nurl = "sqlite:///{tmp_path}/k.db"\n'
+        f'[[routes]]\nprefix = "/"\nupstream = "{upstream.url}"\nauth = "none"\n'
+    )
+    subprocess.run([sys.executable, "-m", "gateway", "migrate", "--config", str(cfg)], env=env(), check=True, capture_output=True)
+    for workers, expect_children, warned in (("2", 2, True), ("auto", 0, False)):
+        log_path = tmp_path / f"serve-{workers}.log"
+        with log_path.open("w") as log:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--workers", workers],
+                env=env(), stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=lambda: os.sched_setaffinity(0, {one_cpu}),
+            )
+            try:
+                wait_tcp(port, 20)
+                deadline = time.monotonic() + 20
+                while len(children(proc.pid)) < expect_children:
+                    assert time.monotonic() < deadline
+                    await asyncio.sleep(0.1)
+                async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{port}/x") as r:
+                    assert r.status == 200
+                assert len(children(proc.pid)) == expect_children  # auto: one CPU, one process
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(timeout=30) == 0
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+        text = log_path.read_text()
+        assert ("--workers 2 exceeds the 1 CPU(s)" in text) is warned, text
+    bad = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--workers", "0"],
+                         env=env(), capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "must be at least 1" in bad.stderr
