@@ -35,7 +35,8 @@ def env() -> dict[str, str]:
     return e
 
 
-async def test_two_workers_share_a_port_and_survive_a_killed_worker(tmp_path: Path, upstream: RecordingUpstream) -> None:
+def migrated_config(tmp_path: Path, upstream: RecordingUpstream) -> tuple[Path, int, int]:
+    """A config on free ports with an open route to ``upstream``, its SQLite store migrated."""
     port, admin = free_port(), free_port()
     cfg = tmp_path / "k.toml"
     cfg.write_text(
@@ -44,6 +45,11 @@ async def test_two_workers_share_a_port_and_survive_a_killed_worker(tmp_path: Pa
         f'[[routes]]\nprefix = "/"\nupstream = "{upstream.url}"\nauth = "none"\n'
     )
     subprocess.run([sys.executable, "-m", "gateway", "migrate", "--config", str(cfg)], env=env(), check=True, capture_output=True)
+    return cfg, port, admin
+
+
+async def test_two_workers_share_a_port_and_survive_a_killed_worker(tmp_path: Path, upstream: RecordingUpstream) -> None:
+    cfg, port, admin = migrated_config(tmp_path, upstream)
     log = (tmp_path / "serve.log").open("w")
     sup = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--workers", "2"],
                            env=env(), stdout=log, stderr=subprocess.STDOUT)
@@ -115,14 +121,7 @@ async def test_workers_beyond_the_usable_cpus_are_warned_about_and_auto_fits(
     tmp_path: Path, upstream: RecordingUpstream
 ) -> None:
     one_cpu = min(os.sched_getaffinity(0))
-    port, admin = free_port(), free_port()
-    cfg = tmp_path / "k.toml"
-    cfg.write_text(
-        f'[proxy]\nlisten = "127.0.0.1:{port}"\n[admin]\nlisten = "127.0.0.1:{admin}"\n'
-        f'[store]\nurl = "sqlite:///{tmp_path}/k.db"\n'
-        f'[[routes]]\nprefix = "/"\nupstream = "{upstream.url}"\nauth = "none"\n'
-    )
-    subprocess.run([sys.executable, "-m", "gateway", "migrate", "--config", str(cfg)], env=env(), check=True, capture_output=True)
+    cfg, port, _ = migrated_config(tmp_path, upstream)
     for workers, expect_children, warned in (("2", 2, True), ("auto", 0, False)):
         log_path = tmp_path / f"serve-{workers}.log"
         with log_path.open("w") as log:
