@@ -51,8 +51,8 @@ def _cgroup_quota(
     except OSError:
         return None
     for line in lines:
-        _, controllers, path = line.split(":", 2)
         try:
+            _, controllers, path = line.split(":", 2)
             if controllers == "":  # cgroup v2: "max 100000" or "150000 100000"
                 base = root / path.lstrip("/")
                 quota_s, period_s = (base / "cpu.max").read_text().split()[:2]
@@ -63,7 +63,7 @@ def _cgroup_quota(
             else:
                 continue
             quota, period = int(quota_s), int(period_s)
-        except (OSError, ValueError):  # no such file, or "max"
+        except (OSError, ValueError):  # not "id:controllers:path", no such file, or "max"
             continue
         if quota > 0 and period > 0:
             return -(-quota // period)

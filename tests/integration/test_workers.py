@@ -111,6 +111,7 @@ def test_cgroup_cpu_quota_is_read_from_v2_and_v1_files(tmp_path: Path) -> None:
     assert quota("0::/app.slice/ks\n", {"app.slice/ks/cpu.max": "150000 100000\n"}) == 2
     assert quota("0::/a\n", {"a/cpu.max": "max 100000\n"}) is None
     assert quota("0::/b\n", {}) is None  # no cpu controller delegated there
+    assert quota("garbage\n0::/app.slice/ks\n", {}) == 2  # an unreadable line is skipped
     v1 = {"cpu,cpuacct/k/cpu.cfs_quota_us": "50000\n", "cpu,cpuacct/k/cpu.cfs_period_us": "100000\n"}
     assert quota("4:memory:/k\n3:cpu,cpuacct:/k\n0::/\n", v1) == 1
     assert quota("3:cpu,cpuacct:/u\n", {"cpu,cpuacct/u/cpu.cfs_quota_us": "-1\n",
