@@ -136,6 +136,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.worker_of is None:
         from gateway.workers import Supervisor
 
+        if not cfg.redis.url and cfg.cache.local_ttl > 0:
+            logging.getLogger("keystile").warning(
+                "--workers %d without redis.url: a key revoked or changed through one worker is "
+                "still served from the other workers' caches for up to cache.local_ttl (%g s)",
+                args.workers,
+                cfg.cache.local_ttl,
+            )
+
         if args.pid_file:
             Path(args.pid_file).write_text(f"{os.getpid()}\n")
         return Supervisor(args.workers, ["--config", path] if path else [], cfg.proxy.shutdown_timeout).run()

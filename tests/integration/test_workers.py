@@ -92,6 +92,8 @@ async def test_two_workers_share_a_port_and_survive_a_killed_worker(tmp_path: Pa
         sup.send_signal(signal.SIGTERM)
         assert sup.wait(timeout=30) == 0
         assert not children(sup.pid)
+        # No Redis here: the operator is told how long another worker may serve a revoked key.
+        assert "--workers 2 without redis.url" in (tmp_path / "serve.log").read_text()
     finally:
         if sup.poll() is None:
             sup.kill()
