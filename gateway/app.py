@@ -29,6 +29,7 @@ from gateway.config import Config, Secrets, parse_listen
 from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
 from gateway.lifecycle import Lifecycle
+from gateway.listener import ProxyServer
 from gateway.models import IdentityRecord
 from gateway.observability import AccessLog, Metrics, counter, gauge
 from gateway.proxy import Forwarder
@@ -145,7 +146,7 @@ class Gateway:
             self.access_log,
         )
 
-        server = web.Server(
+        server = ProxyServer(
             # aiohttp awaits the handler, then calls prepare/write_eof and reads keep_alive on
             # what it returns: a StreamResponse, or a wire.RawResponse offering exactly those.
             cast(Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], self._dispatch),

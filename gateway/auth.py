@@ -3,6 +3,10 @@
 Owns: reading the key from the configured places, the format check, the digest, the cache lookup
 and the scope check. Must not: forward requests or call the store (it only sees the cache front).
 
+A keep-alive connection that presents the key it presented before skips the format check and the
+hashing (its digest is remembered on the connection, ``gateway.listener``); the cache lookup and
+every check after it run on every request.
+
 Precedence: ``Authorization: Bearer`` wins over ``X-API-Key`` when both are sent (a bearer token is
 the stronger statement of who is calling); ``Authorization`` with another scheme is ignored and
 passed to the upstream. Sending the key header twice is refused as invalid.
@@ -14,8 +18,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from hashlib import sha256
+from hmac import compare_digest
 from time import monotonic
-from typing import Final
+from typing import Final, Protocol
 
 from multidict import CIMultiDictProxy, MultiMapping
 
@@ -40,6 +45,14 @@ class Presented:
     def __init__(self, key: str | None, from_bearer: bool) -> None:
         self.key = key
         self.from_bearer = from_bearer
+
+
+class KeyMemory(Protocol):
+    """Where a connection remembers its last well-formed key (``gateway.listener``)."""
+
+    key_seen: str
+    key_digest: KeyDigest
+    key_by: object
 
 
 class Authenticator:
@@ -87,20 +100,31 @@ class Authenticator:
             memo[short] = d
         return d
 
-    def check(self, key: str | None, scopes: frozenset[str] = frozenset()) -> Decision | KeyDigest:
+    def check(
+        self, key: str | None, scopes: frozenset[str] = frozenset(), conn: KeyMemory | None = None
+    ) -> Decision | KeyDigest:
         """The decision when it is known without waiting (missing, malformed, or answered by the
         in-process tier), else the digest ``resolve`` must look up. No I/O, no await.
 
         A decision is the identity itself when the key may pass (a route needing ``scopes``), else
         an ``(outcome, identity)`` refusal: returning the record bare saves every accepted request
-        a tuple and an unpacking."""
+        a tuple and an unpacking.
+
+        ``conn``: the client connection's memory. When the key equals (constant-time compare) the
+        last well-formed key this authenticator checked on it, its digest is reused: no format
+        check, no hashing. The digest is still looked up below on every request."""
         if key is None:
             return _REFUSED_MISSING
-        raw = self._format.checked(key)
-        if raw is None:
-            return _REFUSED_INVALID
-        # Inlined _digest, cache.peek and decide: this is every authenticated request's path.
-        d = self._memo.get(sha256(raw).digest()) or self._digest(raw)
+        if conn is not None and conn.key_by is self and key.isascii() and compare_digest(key, conn.key_seen):
+            d = conn.key_digest
+        else:
+            raw = self._format.checked(key)
+            if raw is None:
+                return _REFUSED_INVALID
+            # Inlined _digest, cache.peek and decide: this is every authenticated request's path.
+            d = self._memo.get(sha256(raw).digest()) or self._digest(raw)
+            if conn is not None:
+                conn.key_seen, conn.key_digest, conn.key_by = key, d, self
         ident = self._local_get(d, monotonic())
         if ident is MISS:
             return d

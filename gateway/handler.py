@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import web
 
 from gateway import auth, errors
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, KeyMemory
 from gateway.config import Config
 from gateway.models import IdentityRecord, IdentityView
 from gateway.observability import AccessLog, Metrics
@@ -126,7 +126,9 @@ class ProxyHandler:
         seen.route = route.name
         ident = None
         if route.auth != "none" and not (route.auth == "optional" and presented.key is None):
-            known = self.auth.check(presented.key, route.scopes)  # no await on an in-process answer
+            # No await on an in-process answer. The listener's connections are KeyedConnections.
+            conn: KeyMemory = request.protocol  # type: ignore[assignment]
+            known = self.auth.check(presented.key, route.scopes, conn)
             if isinstance(known, bytes):
                 known = await self.auth.resolve(known, route.scopes)
             if not isinstance(known, IdentityRecord):

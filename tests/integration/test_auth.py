@@ -9,6 +9,7 @@ import time
 
 import aiohttp
 import pytest
+from msgspec.structs import replace
 
 from gateway.keys import generate_key
 from tests.upstream import RecordingUpstream, exchange, raw_request
@@ -241,3 +242,80 @@ async def test_rejections_are_framed_like_any_response(keystile) -> None:
     assert all(r.startswith(b"HTTP/1.1 401 ") and r.endswith(b"\r\n\r\n") for r in replies) and not closed
     length = int(replies[0].split(b"Content-Length: ")[1].split(b"\r\n")[0])
     assert length == len(json.dumps(INVALID, separators=(",", ":")).encode())
+
+
+class OneConnection:
+    """Requests one after another on a single keep-alive connection to the proxy listener, where
+    the connection remembers the last well-formed key it presented (``gateway.listener``)."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    @classmethod
+    async def open(cls, port: int) -> OneConnection:
+        return cls(*await asyncio.open_connection("127.0.0.1", port))
+
+    async def get(self, key: str | bytes) -> tuple[int, bytes]:
+        value = key if isinstance(key, bytes) else key.encode()
+        self.writer.write(b"GET /x HTTP/1.1\r\nHost: t\r\nX-API-Key: " + value + b"\r\n\r\n")
+        head = await asyncio.wait_for(self.reader.readuntil(b"\r\n\r\n"), 5)
+        assert b"Connection: close" not in head  # still the same connection afterwards
+        length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+        return int(head.split(b" ")[1]), await asyncio.wait_for(self.reader.readexactly(length), 5)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+async def test_a_connection_that_changes_key_is_checked_as_the_new_key(
+    keystile, upstream: RecordingUpstream
+) -> None:
+    gw = await keystile()
+    alice, bob = await gw.key("alice"), await gw.key("bob")
+    typo = alice[:-2] + alice[-1] + alice[-2] if alice[-1] != alice[-2] else alice[:-1] + "0"
+    conn = await OneConnection.open(gw.port)
+    try:
+        owners = []
+        for key in (alice, alice, bob, alice):
+            status, _ = await conn.get(key)
+            assert status == 200
+            owners.append(upstream.received[-1].header("X-Keystile-Owner"))
+        assert owners == [["alice"], ["alice"], ["bob"], ["alice"]]
+        # Right after a remembered key: one that differs, has another shape, or is not ASCII.
+        for bad in (typo, alice[:-1], alice + "0", "ks_live_" + "a" * 36, generate_key("ks", "live")):
+            assert (await conn.get(alice))[0] == 200
+            status, body = await conn.get(bad)
+            assert (status, json.loads(body)) == (401, INVALID), bad
+        assert (await conn.get(alice))[0] == 200
+        status, body = await conn.get(alice[:-1].encode() + "é".encode())
+        assert (status, json.loads(body)) == (401, INVALID)
+    finally:
+        conn.close()
+    assert len(upstream.received) == 4 + 5 + 1
+
+
+async def test_a_key_revoked_while_its_connection_stays_open_is_refused_at_once(keystile) -> None:
+    gw = await keystile()
+    await gw.key("carol")
+    key = await gw.lifecycle.create_key("carol", "p1", actor="test")
+    conn = await OneConnection.open(gw.port)
+    try:
+        assert (await conn.get(key.secret))[0] == 200
+        await gw.lifecycle.revoke_key(key.record.id, actor="test")
+        status, body = await conn.get(key.secret)
+        assert (status, json.loads(body)) == (401, INVALID)
+    finally:
+        conn.close()
+
+
+async def test_a_reload_that_changes_the_key_prefix_applies_to_open_connections(keystile) -> None:
+    gw = await keystile()
+    key = await gw.key()
+    conn = await OneConnection.open(gw.port)
+    try:
+        assert (await conn.get(key))[0] == 200
+        await gw.gateway.reload(replace(gw.cfg, keys=replace(gw.cfg.keys, prefix="other")))
+        status, body = await conn.get(key)  # an old-prefix key, remembered by this connection
+        assert (status, json.loads(body)) == (401, INVALID)
+    finally:
+        conn.close()
