@@ -121,7 +121,8 @@ class IdentityCache:
         self._loader = loader
         self._max_loads = max_loads
         self._generation = 0
-        self._inflight: dict[KeyDigest, asyncio.Future[IdentityRecord | None]] = {}
+        # digest -> the futures of the requests waiting for its lookup
+        self._inflight: dict[KeyDigest, list[asyncio.Future[IdentityRecord | None]]] = {}
         self._batch: list[KeyDigest] = []
         self._scheduled = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -134,17 +135,23 @@ class IdentityCache:
         return self.local.get(digest, time.monotonic())
 
     async def resolve(self, digest: KeyDigest) -> IdentityRecord | None:
-        """Go past the local tier. Raises what the loader raises (e.g. StoreUnavailable)."""
-        fut = self._inflight.get(digest)
-        if fut is None:
-            fut = asyncio.get_running_loop().create_future()
-            self._inflight[digest] = fut
+        """Go past the local tier. Raises what the loader raises (e.g. StoreUnavailable).
+
+        Every caller waits on a future of its own, set when the shared lookup ends: a client that
+        disconnects cancels only its own wait, never the lookup other requests share (this costs
+        one future per caller; ``asyncio.shield`` cost two and a chain of callbacks, ~2 us)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[IdentityRecord | None] = loop.create_future()
+        waiters = self._inflight.get(digest)
+        if waiters is None:
+            self._inflight[digest] = [fut]
             self._batch.append(digest)
             if not self._scheduled and len(self._tasks) < self._max_loads:
                 self._scheduled = True
-                asyncio.get_running_loop().call_soon(self._start_batch)
-        # shield: a client that disconnects must not cancel the lookup other requests share.
-        return await asyncio.shield(fut)
+                loop.call_soon(self._start_batch)
+        else:
+            waiters.append(fut)
+        return await fut
 
     async def lookup(self, digest: KeyDigest) -> IdentityRecord | None:
         hit = self.peek(digest)
@@ -198,27 +205,27 @@ class IdentityCache:
         except BaseException as e:
             self.load_errors += 1
             for d in batch:
-                fut = self._inflight.pop(d)
-                if not fut.done():
-                    fut.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
-                    fut.exception()  # mark retrieved: nobody may be waiting any more
+                for fut in self._inflight.pop(d):
+                    if not fut.done():  # a cancelled waiter's future is done
+                        fut.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
             if not isinstance(e, Exception):
                 raise
             return
         fill = generation == self._generation
         now = time.monotonic()
         for d in batch:
-            fut = self._inflight.pop(d)
+            waiters = self._inflight.pop(d)
             if d not in found:
-                if not fut.done():
-                    fut.set_exception(LookupUnavailable())
-                    fut.exception()  # retrieved: nobody may be waiting any more
+                for fut in waiters:
+                    if not fut.done():
+                        fut.set_exception(LookupUnavailable())
                 continue
             value = found[d]
             if fill:
                 self.local.put(d, value, now)
-            if not fut.done():
-                fut.set_result(value)
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_result(value)
 
     async def aclose(self) -> None:
         for t in list(self._tasks):

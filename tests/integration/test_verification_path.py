@@ -322,3 +322,25 @@ class SlowStore(SQLiteStore):
         if self.delay:
             await asyncio.sleep(self.delay)
         return result
+
+
+async def test_clients_giving_up_on_a_shared_lookup_leave_it_to_the_others(
+    keystile, upstream: RecordingUpstream, tmp_path: Path
+) -> None:
+    store = await SlowStore.open(f"sqlite:///{tmp_path}/giveup.db")
+    gw = await keystile(store_obj=store)
+    key = await gw.key()
+    store.delay = 0.3
+    async with aiohttp.ClientSession() as s:
+
+        async def call(abandon: bool) -> int | None:
+            try:
+                return await status_of(s, gw.url + "/x", key, timeout=0.05 if abandon else 5)
+            except TimeoutError:
+                return None
+
+        results = await asyncio.gather(*(call(i % 2 == 0) for i in range(8)))
+    # The four that waited got their answer from the one lookup the four that left also joined.
+    assert results == [None, 200] * 4
+    assert store.digests_seen == 1
+    assert len(upstream.received) == 4
