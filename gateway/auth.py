@@ -26,7 +26,7 @@ from multidict import CIMultiDictProxy, MultiMapping
 
 from gateway.cache import MISS, IdentityCache
 from gateway.config import Config
-from gateway.keys import KeyDigest, KeyFormat, digest
+from gateway.keys import Digester, KeyDigest, KeyFormat
 from gateway.models import IdentityRecord
 
 OK: Final = "ok"
@@ -61,7 +61,7 @@ class Authenticator:
         self._bearer = cfg.proxy.bearer
         self._query = cfg.proxy.query_param
         self._format = KeyFormat(cfg.keys.prefix)
-        self._secret = secret
+        self._hmac = Digester(secret)
         # SHA-256 of a key -> its HMAC digest. The keyed digest costs four SHA-256 compressions,
         # a plain one costs one; the mapping never changes while the secret stays, so it needs no
         # invalidation. Bounded like the in-process cache, oldest first out (O(1) with an
@@ -93,7 +93,7 @@ class Authenticator:
         short = sha256(raw).digest()
         d = self._memo.get(short)
         if d is None:
-            d = digest(self._secret, raw)
+            d = self._hmac(raw)
             memo = self._memo
             if len(memo) >= self._memo_max:
                 memo.popitem(last=False)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hmac
 import secrets
 import zlib
+from hashlib import sha256
 from typing import Final
 
 BASE62: Final = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -121,6 +122,30 @@ def display_start(key: str) -> str:
 def digest(secret: bytes, key: str | bytes) -> KeyDigest:
     """The stored, indexed form of a key: HMAC-SHA256 under the server secret."""
     return hmac.digest(secret, key if isinstance(key, bytes) else key.encode("ascii"), "sha256")
+
+
+class Digester:
+    """``digest(secret, key)`` for the hot path, with HMAC's two padded-key blocks hashed once.
+
+    HMAC-SHA256 (RFC 2104) is SHA-256(key ^ opad || SHA-256(key ^ ipad || message)). The one-shot
+    ``hmac.digest`` derives and hashes both pads on every call (~1.5 us here); resuming copies of
+    the two hash states costs ~0.6 us. Same result, checked against ``hmac.digest`` in the tests.
+    """
+
+    __slots__ = ("_inner", "_outer")
+
+    def __init__(self, secret: bytes) -> None:
+        block = sha256(secret).digest() if len(secret) > 64 else secret  # SHA-256's block: 64 bytes
+        block = block.ljust(64, b"\0")
+        self._inner = sha256(bytes(b ^ 0x36 for b in block))
+        self._outer = sha256(bytes(b ^ 0x5C for b in block))
+
+    def __call__(self, raw: bytes) -> KeyDigest:
+        inner = self._inner.copy()
+        inner.update(raw)
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
 
 
 def same_digest(a: KeyDigest, b: KeyDigest) -> bool:

@@ -52,3 +52,15 @@ def test_display_start_and_digest() -> None:
     assert keys.same_digest(d, bytes(d)) and not keys.same_digest(
         d, keys.digest(secret, keys.generate_key("ks", "test"))
     )
+
+
+def test_the_hot_path_digester_is_hmac_sha256() -> None:
+    # Secrets shorter than, equal to and longer than SHA-256's 64-byte block (longer ones are
+    # hashed first); keys of the real shape and odd lengths.
+    for secret in (b"", b"s", b"k" * 32, b"x" * 64, b"y" * 65, bytes(range(256))):
+        digester = keys.Digester(secret)
+        for key in (keys.generate_key("ks", "live"), "", "a" * 200, keys.generate_key("acme", "test")):
+            raw = key.encode()
+            assert digester(raw) == hmac.digest(secret, raw, "sha256") == keys.digest(secret, key)
+    d = keys.Digester(b"k" * 32)
+    assert d(b"one") == d(b"one") != d(b"two")  # the saved states are copied, never advanced
