@@ -62,10 +62,11 @@ class Authenticator:
         self._query = cfg.proxy.query_param
         self._format = KeyFormat(cfg.keys.prefix)
         self._hmac = Digester(secret)
-        # SHA-256 of a key -> its HMAC digest. The keyed digest costs four SHA-256 compressions,
-        # a plain one costs one; the mapping never changes while the secret stays, so it needs no
-        # invalidation. Bounded like the in-process cache, oldest first out (O(1) with an
-        # OrderedDict); raw keys are never kept.
+        # SHA-256 of a key -> its HMAC digest. Even with its pads precomputed (keys.Digester) the
+        # keyed digest costs two compressions and two state copies (~0.6 us), a plain one ~0.3 us;
+        # the mapping never changes while the secret stays, so it needs no invalidation. Bounded
+        # like the in-process cache, oldest first out (O(1) with an OrderedDict); raw keys are
+        # never kept.
         self._memo: OrderedDict[bytes, KeyDigest] = OrderedDict()
         self._memo_max = cfg.cache.local_max_entries
         self.cache = cache
