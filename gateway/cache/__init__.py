@@ -208,6 +208,7 @@ class IdentityCache:
                 for fut in self._inflight.pop(d):
                     if not fut.done():  # a cancelled waiter's future is done
                         fut.set_exception(e if isinstance(e, Exception) else asyncio.CancelledError())
+                        fut.exception()  # retrieved: its waiter may be cancelled before it reads it
             if not isinstance(e, Exception):
                 raise
             return
@@ -219,6 +220,7 @@ class IdentityCache:
                 for fut in waiters:
                     if not fut.done():
                         fut.set_exception(LookupUnavailable())
+                        fut.exception()  # retrieved, as above
                 continue
             value = found[d]
             if fill:
