@@ -232,6 +232,8 @@ async def verify_cases(ctx: MicroContext) -> tuple[list[tuple[str, Async, str]],
             cases.append((f"verify: {label}", _verify(auth, key), note))
             if ttl is None:
                 cases += [
+                    ("verify: in-process hit, key repeated on its connection", _repeated(auth, key),
+                     "no format check, no hashing"),
                     ("verify: missing key", _verify(auth, None), ""),
                     ("verify: malformed key", _verify(auth, "ks_live_x"), "format only"),
                     ("verify: unknown key, repeated", _verify(auth, unknown),
@@ -242,6 +244,26 @@ async def verify_cases(ctx: MicroContext) -> tuple[list[tuple[str, Async, str]],
             await close()
         return [], [], f"verify wiring failed ({type(e).__name__}: {e}): adapt verify_cases()"
     return cases, closers, ""
+
+
+class _Connection:
+    """What a proxy-listener connection remembers of its key (``gateway.listener``)."""
+
+    key_seen = ""
+    key_digest = b""
+    key_by: object = None
+
+
+def _repeated(auth: Any, key: str) -> Async:
+    """The decision for a key its keep-alive connection presented before (``Authenticator.check``
+    with the connection's memory), as every request after a client's first takes it."""
+    conn = _Connection()
+    auth.check(key, frozenset(), conn)
+
+    async def call() -> object:
+        return auth.check(key, frozenset(), conn)
+
+    return call
 
 
 def _verify(auth: Any, key: str | None) -> Async:
