@@ -272,7 +272,8 @@ async def test_a_connection_that_changes_key_is_checked_as_the_new_key(
 ) -> None:
     gw = await keystile()
     alice, bob = await gw.key("alice"), await gw.key("bob")
-    typo = alice[:-2] + alice[-1] + alice[-2] if alice[-1] != alice[-2] else alice[:-1] + "0"
+    swapped = alice[:-2] + alice[-1] + alice[-2]
+    typo = swapped if swapped != alice else alice[:-1] + ("1" if alice[-1] == "0" else "0")
     conn = await OneConnection.open(gw.port)
     try:
         owners = []
