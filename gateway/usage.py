@@ -2,11 +2,11 @@
 
 Owns: the per-key pending map and the background flush. Must not: touch HTTP or the cache. A request
 only calls ``bump`` (no await, no I/O). The flusher hands what is pending to the store once per
-interval, in chunks of at most ``FLUSH_CHUNK`` keys so that preparing a large batch never holds the
-event loop for long (20k keys in one piece stalled it 10–25 ms). If the store fails, the chunks not
-yet written are merged back (last-used keeps the latest, counts add) and retried, bounded by
-``max_pending`` keys — beyond that, new keys' bumps are dropped and counted. A chunk is written or
-not as a whole, so nothing is counted twice.
+interval, in key order and in chunks of at most ``FLUSH_CHUNK`` keys so that preparing a large
+batch never holds the event loop for long (20k keys in one piece stalled it 10–25 ms). If the store
+fails, the chunks not yet written are merged back (last-used keeps the latest, counts add) and
+retried, bounded by ``max_pending`` keys — beyond that, new keys' bumps are dropped and counted. A
+chunk is written or not as a whole, so nothing is counted twice.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from operator import itemgetter
 from typing import Final
 
 from gateway.models import UsageUpdate
@@ -23,6 +24,7 @@ log = logging.getLogger("keystile.usage")
 
 FLUSH_CHUNK: Final = 2000
 STOP_WAIT: Final = 10.0
+_by_key: Final = itemgetter(0)
 
 
 class UsageRecorder:
@@ -71,7 +73,11 @@ class UsageRecorder:
         """Write what is pending; on failure keep it for the next try. True when nothing is left."""
         if not self._pending:
             return True
-        batch, since = list(self._pending.items()), self.oldest_pending_at
+        # Key order across the whole flush, not only within a chunk: the chunks then cover
+        # disjoint ranges of the usage table, so a flush writes each of its pages once instead of
+        # once per chunk (SQLite, 1M keys, 20k per flush: 69 -> 8 MB written, CPU 0.55x). Sorting
+        # 20k ids holds the loop ~6 ms, once per interval.
+        batch, since = sorted(self._pending.items(), key=_by_key), self.oldest_pending_at
         self._pending, self.oldest_pending_at = {}, None
         for start in range(0, len(batch), self._chunk):
             chunk = batch[start : start + self._chunk]

@@ -37,9 +37,11 @@ class FlakyStore(SQLiteStore):
     fail_calls: frozenset[int] = frozenset()
     delay = 0.0
     calls = 0
+    written: list[list[str]]  # the key ids of each call, in the order they were handed over
 
     async def record_usage(self, updates: Sequence[UsageUpdate]) -> None:
         self.calls += 1
+        self.written.append([u.key_id for u in updates])
         if self.calls in self.fail_calls:
             raise StoreUnavailable("sqlite: injected failure")
         if self.delay:
@@ -49,6 +51,7 @@ class FlakyStore(SQLiteStore):
 
 async def _flaky(tmp_path: Path) -> FlakyStore:
     store = await FlakyStore.open(f"sqlite:///{tmp_path}/flaky.db")
+    store.written = []
     await store.migrate()
     return store
 
@@ -68,6 +71,22 @@ async def test_a_failed_chunk_is_retried_and_nothing_counts_twice(tmp_path: Path
         assert await usage.flush()
         got = {k.id: (k.last_used_at, k.request_count) for k in await all_keys(store)}
         assert got == {**{key_id: (T0 + 1, 2) for key_id in ids[:4]}, ids[4]: (T0 + 5, 3)}
+    finally:
+        await store.close()
+
+
+async def test_a_flush_hands_over_its_keys_in_order_across_chunks(tmp_path: Path) -> None:
+    # Chunks in key order cover disjoint ranges of the usage table: each page of it is written once
+    # per flush, not once per chunk. Bumped in reverse order, so arrival order cannot pass this.
+    store = await _flaky(tmp_path)
+    try:
+        ids = sorted(await _keys(store, 9))
+        usage = UsageRecorder(store, interval=3600, max_pending=100, chunk=4)
+        for key_id in reversed(ids):
+            usage.bump(key_id, T0)
+        assert await usage.flush()
+        assert store.written == [ids[0:4], ids[4:8], ids[8:9]]
+        assert {k.id: k.request_count for k in await all_keys(store)} == dict.fromkeys(ids, 1)
     finally:
         await store.close()
 
