@@ -232,6 +232,14 @@ class IdentityCache:
     async def aclose(self) -> None:
         for t in list(self._tasks):
             t.cancel()
+        # Misses still waiting for a batch get 503 (never 401) now; left in the batch, a finished
+        # load would start their lookup after the close.
+        for d in self._batch:
+            for fut in self._inflight.pop(d, ()):
+                if not fut.done():
+                    fut.set_exception(LookupUnavailable())
+                    fut.exception()
+        self._batch.clear()
         for t in list(self._tasks):
             try:
                 await t

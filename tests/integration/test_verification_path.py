@@ -324,6 +324,22 @@ class SlowStore(SQLiteStore):
         return result
 
 
+async def test_closing_the_cache_answers_the_misses_waiting_for_a_lookup(keystile, tmp_path: Path) -> None:
+    store = await SlowStore.open(f"sqlite:///{tmp_path}/close.db")
+    gw = await keystile(store_obj=store)
+    first, second = await gw.key(name="a"), await gw.key(name="b")
+    store.delay = 0.5
+    auth = gw.gateway.authenticator
+    in_flight = asyncio.create_task(auth.identify(first))
+    await asyncio.sleep(0.1)  # SQLite allows one lookup at a time: the second miss must wait
+    waiting = asyncio.create_task(auth.identify(second))
+    await asyncio.sleep(0.1)
+    await gw.gateway.cache.aclose()
+    assert await asyncio.wait_for(waiting, 1) == ("unavailable", None)
+    assert in_flight.done()
+    assert store.calls == 1  # nothing was looked up after the close
+
+
 async def test_clients_giving_up_on_a_shared_lookup_leave_it_to_the_others(
     keystile, upstream: RecordingUpstream, tmp_path: Path
 ) -> None:
