@@ -61,6 +61,7 @@ class Scenario:
     path: str = "/"
     expect: int = 200
     proxied: bool = True  # the request reaches the upstream (identity can be checked)
+    many_keys: bool = False  # a key per request over many keys: warm up KEYS_WARM s (caches start cold)
 
 
 def _count_name(n: int) -> str:
@@ -101,7 +102,17 @@ def scenarios(key_counts: list[int]) -> list[Scenario]:
     for n in key_counts:
         server = base if n == BASE_KEYS else f"ks:local:{n}:1"
         out.append(Scenario(f"keys_{_count_name(n)}", "keystile", server,
-                            f"{n:,} keys in the store, Zipf(1.1) key choice", "zipf", keys=n))
+                            f"{n:,} keys in the store, Zipf(1.1) key choice", "zipf", keys=n,
+                            many_keys=True))
+    big = max(key_counts, default=BASE_KEYS)
+    if big > BASE_KEYS:
+        # The largest store with keys_1k's traffic (its 1k keys are the store's first 1k): what
+        # the store's size costs, apart from what traffic over many distinct keys costs. A server
+        # of its own (":hot"), so keys_N's many cached identities are not in its memory.
+        out.append(Scenario(f"store_{_count_name(big)}_hot_{_count_name(BASE_KEYS)}", "keystile",
+                            f"ks:local:{big}:1:hot",
+                            f"{big:,} keys in the store, Zipf(1.1) over the first {BASE_KEYS:,}",
+                            "zipf", keys=BASE_KEYS, many_keys=True))
     out.append(Scenario("workers_2", "keystile", f"ks:local:{BASE_KEYS}:2",
                         "valid key, in-process hit, `--workers 2` (both on core 0)", "fixed"))
     return out
@@ -133,7 +144,8 @@ class Outcome:
 # is always first. The table keeps the scenario order above.
 RUN_ORDER = (
     "nginx", "valid", "auth_none", "workers_2", "redis_only", "store_only", "hello", "malformed",
-    "missing", "unknown", "keys_1k", "keys_1m", "keys_100k", "upstream", "haproxy", "plain_aiohttp",
+    "missing", "unknown", "store_1m_hot_1k", "keys_1k", "keys_1m", "keys_100k", "upstream", "haproxy",
+    "plain_aiohttp",
 )
 
 
@@ -249,7 +261,7 @@ class Bench:
         return self.procs.start(sid, argv, port=port, log=log, core=SERVER_CORE)
 
     def _start_keystile(self, sid: str, port: int, log: Path) -> Server:
-        _, tier, count_s, workers_s = sid.split(":")
+        _, tier, count_s, workers_s, *_ = sid.split(":")  # a 5th part names a separate instance
         count, workers = int(count_s), int(workers_s)
         if tier == "redis" and not self.redis_ok:
             raise ServerFailed(f"Redis is not reachable at {self.args.redis_url}")
@@ -258,8 +270,9 @@ class Bench:
         )
         if exe is None:
             raise ServerFailed("the `keystile` command is not installed (pip install -e .)")
-        db = seed.working_copy(self.store(count), self.tmp)
         name = sid.replace(":", "-")
+        (self.tmp / name).mkdir(exist_ok=True)
+        db = seed.working_copy(self.store(count), self.tmp / name)  # each server writes its own
         admin_port = free_port()
         if workers == 1:  # with workers, tier counters are per worker
             self.admin_ports[sid] = admin_port
@@ -334,14 +347,14 @@ class Bench:
         )
 
     def warm(self, sc: Scenario, server: Server) -> float:
-        """Warm up; returns the seconds spent. keys_N scenarios warm for KEYS_WARM seconds (in
+        """Warm up; returns the seconds spent. many_keys scenarios warm for KEYS_WARM seconds (in
         slices, printing req/s): a store of many keys starts with cold caches and the target
         compares steady states. A fixed length, not "until req/s stops rising": on this kind of
         machine req/s wobbles more between slices than it rises, and that rule stopped after one
         slice while the share of first-seen keys was still falling (34 % -> 15 % over 30 s)."""
         spent = float(self.args.warmup)
         self.load(sc, server, spent)
-        if not sc.name.startswith("keys_"):
+        if not sc.many_keys:
             return spent
         total = KEYS_WARM_QUICK if self.args.quick else KEYS_WARM
         while spent < total:
