@@ -12,8 +12,11 @@ chunk is written or not as a whole, so nothing is counted twice.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
+from collections.abc import Iterator
+from itertools import islice
 from operator import itemgetter
 from typing import Final
 
@@ -23,14 +26,39 @@ from gateway.store import Store, StoreError
 log = logging.getLogger("keystile.usage")
 
 FLUSH_CHUNK: Final = 2000
+SORT_RUN: Final = 20_000  # keys sorted in one go (~5 ms)
 STOP_WAIT: Final = 10.0
 _by_key: Final = itemgetter(0)
 
+Pending = tuple[str, list[float]]  # key_id, [last_used_at, count]
+
+
+async def _in_key_order(items: list[Pending], run: int) -> Iterator[Pending]:
+    """``items`` in key order, for a flush: its chunks then cover disjoint ranges of the usage
+    table, so it writes each page once instead of once per chunk (SQLite, 1M keys, 20k keys per
+    flush: 69 -> 8 MB written, CPU 0.55x). Runs of ``run`` keys are sorted with the loop
+    served between them, and merged as the chunks are taken: one sort of 100k keys held the loop
+    ~30 ms."""
+    runs: list[list[Pending]] = []
+    for start in range(0, len(items), run):
+        if runs:
+            await asyncio.sleep(0)
+        runs.append(sorted(items[start : start + run], key=_by_key))
+    return heapq.merge(*runs, key=_by_key)
+
 
 class UsageRecorder:
-    def __init__(self, store: Store, interval: float, max_pending: int, chunk: int = FLUSH_CHUNK) -> None:
+    def __init__(
+        self,
+        store: Store,
+        interval: float,
+        max_pending: int,
+        chunk: int = FLUSH_CHUNK,
+        sort_run: int = SORT_RUN,
+    ) -> None:
         self._store = store
         self._chunk = chunk
+        self._sort_run = sort_run
         self._interval = interval
         self._max = max_pending
         self._pending: dict[str, list[float]] = {}  # key_id -> [last_used_at, count]
@@ -73,19 +101,15 @@ class UsageRecorder:
         """Write what is pending; on failure keep it for the next try. True when nothing is left."""
         if not self._pending:
             return True
-        # Key order across the whole flush, not only within a chunk: the chunks then cover
-        # disjoint ranges of the usage table, so a flush writes each of its pages once instead of
-        # once per chunk (SQLite, 1M keys, 20k per flush: 69 -> 8 MB written, CPU 0.55x). Sorting
-        # 20k ids holds the loop ~6 ms, once per interval.
-        batch, since = sorted(self._pending.items(), key=_by_key), self.oldest_pending_at
+        pending, since = self._pending, self.oldest_pending_at
         self._pending, self.oldest_pending_at = {}, None
-        for start in range(0, len(batch), self._chunk):
-            chunk = batch[start : start + self._chunk]
+        ordered = await _in_key_order(list(pending.items()), self._sort_run)
+        while chunk := list(islice(ordered, self._chunk)):
             try:
                 await self._store.record_usage([UsageUpdate(k, v[0], int(v[1])) for k, v in chunk])
             except (TimeoutError, StoreError, OSError) as e:
                 self.flush_failures += 1
-                unwritten = batch[start:]
+                unwritten = chunk + list(ordered)
                 log.warning("usage flush of %d keys failed, will retry: %s", len(unwritten), e)
                 self._merge_back(unwritten, since)
                 return False
@@ -93,7 +117,7 @@ class UsageRecorder:
         self.last_flush_at = time.time()
         return not self._pending
 
-    def _merge_back(self, items: list[tuple[str, list[float]]], since: float | None) -> None:
+    def _merge_back(self, items: list[Pending], since: float | None) -> None:
         for k, (t, c) in items:
             cur = self._pending.get(k)
             if cur is None:

@@ -7,6 +7,8 @@ import asyncio
 from collections.abc import Sequence
 from pathlib import Path
 
+import pytest
+
 from gateway.models import UsageUpdate
 from gateway.store import Store, StoreUnavailable
 from gateway.store.sqlite import SQLiteStore
@@ -75,13 +77,14 @@ async def test_a_failed_chunk_is_retried_and_nothing_counts_twice(tmp_path: Path
         await store.close()
 
 
-async def test_a_flush_hands_over_its_keys_in_order_across_chunks(tmp_path: Path) -> None:
+@pytest.mark.parametrize("sort_run", [100, 2], ids=["one sort", "runs merged"])
+async def test_a_flush_hands_over_its_keys_in_order_across_chunks(tmp_path: Path, sort_run: int) -> None:
     # Chunks in key order cover disjoint ranges of the usage table: each page of it is written once
     # per flush, not once per chunk. Bumped in reverse order, so arrival order cannot pass this.
     store = await _flaky(tmp_path)
     try:
         ids = sorted(await _keys(store, 9))
-        usage = UsageRecorder(store, interval=3600, max_pending=100, chunk=4)
+        usage = UsageRecorder(store, interval=3600, max_pending=100, chunk=4, sort_run=sort_run)
         for key_id in reversed(ids):
             usage.bump(key_id, T0)
         assert await usage.flush()
