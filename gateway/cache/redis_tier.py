@@ -8,7 +8,9 @@ store; the tiered loader in ``gateway.cache.tiers`` decides when to fall through
 Keys are ``{namespace}id:{hex digest}``; values are msgpack ``IdentityRecord``s, ``-`` for a cached
 "unknown digest" (short TTL), or ``x`` for a tombstone. An admin write sets tombstones (not DEL) for
 the digests it changed; fills use ``SET ... NX``, so a load that read the store before the write
-committed cannot put the old identity back while the tombstone lives (it outlives any load).
+committed cannot put the old identity back while the tombstone lives (it outlives any load). A
+fill waits for the next lookup and goes out ahead of its MGET in the same write, or alone after
+``FILL_DELAY``: a first-seen key then costs one round trip, not two.
 
 Invalidation messages are ``hex,hex,...,g<n>`` (or ``*``, "forget everything", followed by
 ``g<n>``), where ``n`` comes from ``INCR {namespace}gen`` in the same script that publishes, so
@@ -38,7 +40,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
-from gateway.cache.resp import LeanRedis, RespError
+from gateway.cache.resp import LeanRedis, RespError, set_nx
 from gateway.config import CacheConfig, RedisConfig
 from gateway.keys import KeyDigest
 from gateway.models import IdentityRecord
@@ -60,6 +62,9 @@ end
 return g
 """
 MAX_PENDING_INVALIDATIONS: Final = 10_000
+# Longest a fill waits for a lookup to ride with. A tombstone outlives any load (tombstone_ttl):
+# this delay plus the call's deadline stays far inside it.
+FILL_DELAY: Final = 0.05
 
 _enc = msgspec.msgpack.Encoder()
 _dec = msgspec.msgpack.Decoder(IdentityRecord)
@@ -139,6 +144,8 @@ class RedisTier:
         self._pending: set[KeyDigest] = set()
         self._purge_needed = False
         self._fills: set[asyncio.Task[None]] = set()
+        self._fill_queue: list[bytes] = []  # encoded SET ... NX commands, oldest first
+        self._fill_timer: asyncio.TimerHandle | None = None
         self.hits = 0
         self.negative_hits = 0
         self.misses = 0
@@ -161,9 +168,10 @@ class RedisTier:
         return result
 
     async def get_many(self, digests: Sequence[KeyDigest]) -> Lookup:
-        """One MGET. Values: an identity, ``None`` (known unknown) or TOMBSTONE; absent = not cached."""
+        """One MGET. Values: an identity, ``None`` (known unknown) or TOMBSTONE; absent = not cached.
+        Fills waiting to be written go out ahead of it, in the same write."""
         try:
-            raw = await self.lookups.mget([self._key(d) for d in digests])
+            raw = await self.lookups.mget([self._key(d) for d in digests], self._take_fills())
         except RespError as e:
             self.errors += 1
             self.breaker.failure()
@@ -188,25 +196,40 @@ class RedisTier:
         return out
 
     def fill_later(self, values: dict[KeyDigest, IdentityRecord | None], now: float) -> None:
-        """Write store answers back (NX) without making the request wait."""
+        """Write store answers back (NX) without making the request wait: with the next lookup's
+        MGET (one round trip for both), or alone after ``FILL_DELAY`` if no lookup comes."""
         if not values or not self.breaker.allow():
             return
-        task = asyncio.get_running_loop().create_task(self._fill(values, now))
-        self._fills.add(task)
-        task.add_done_callback(self._fills.discard)
-
-    async def _fill(self, values: dict[KeyDigest, IdentityRecord | None], now: float) -> None:
-        items = []
         for d, ident in values.items():
             if ident is None:
-                items.append((self._key(d), NEGATIVE, int(self._negative_ttl * 1000)))
+                self._fill_queue.append(set_nx(self._key(d), NEGATIVE, int(self._negative_ttl * 1000)))
                 continue
             ttl = self._ttl
             if ident.expires_at is not None:
                 ttl = min(ttl, max(ident.expires_at - now, 1.0))
-            items.append((self._key(d), _enc.encode(ident), int(ttl * 1000)))
+            self._fill_queue.append(set_nx(self._key(d), _enc.encode(ident), int(ttl * 1000)))
+        if self._fill_timer is None:
+            self._fill_timer = asyncio.get_running_loop().call_later(FILL_DELAY, self._fill_alone)
+
+    def _take_fills(self) -> list[bytes]:
+        queue, self._fill_queue = self._fill_queue, []
+        if self._fill_timer is not None:
+            self._fill_timer.cancel()
+            self._fill_timer = None
+        return queue
+
+    def _fill_alone(self) -> None:
+        self._fill_timer = None
+        commands = self._take_fills()
+        if not commands:
+            return
+        task = asyncio.get_running_loop().create_task(self._fill(commands))
+        self._fills.add(task)
+        task.add_done_callback(self._fills.discard)
+
+    async def _fill(self, commands: list[bytes]) -> None:
         try:
-            await self.lookups.set_nx(items)
+            await self.lookups.send(commands)
         except RespError as e:
             self.errors += 1
             self.breaker.failure()
@@ -273,6 +296,7 @@ class RedisTier:
         return len(self._pending) + (1 if self._purge_needed else 0)
 
     async def aclose(self) -> None:
+        self._take_fills()  # best effort, like every fill
         for t in list(self._fills):
             t.cancel()
         await self.lookups.aclose()
@@ -442,8 +466,8 @@ class Subscriber:
 
 def tombstone_ttl(store_timeout: float, redis_timeout: float) -> float:
     """How long a tombstone must live: longer than any lookup that could have read the store
-    before the write committed."""
-    return max(10.0, 2 * (store_timeout + redis_timeout))
+    before the write committed, and its fill (sent up to ``FILL_DELAY`` later)."""
+    return max(10.0, 2 * (store_timeout + redis_timeout) + FILL_DELAY)
 
 
 async def publish_invalidation(

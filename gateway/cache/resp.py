@@ -40,6 +40,11 @@ def encode(*args: bytes) -> bytes:
     return packed
 
 
+def set_nx(key: str, value: bytes, px: int) -> bytes:
+    """``SET key value PX px NX``, encoded."""
+    return encode(b"SET", key.encode(), value, b"PX", str(px).encode(), b"NX")
+
+
 class _Call:
     __slots__ = ("deadline", "expected", "future", "replies")
 
@@ -163,28 +168,38 @@ class LeanRedis:
         self._conn: _Connection | None = None
         self._connecting: asyncio.Task[_Connection] | None = None
         self.connects = 0
+        self.calls = 0  # writes, each one round trip
 
-    async def mget(self, keys: Sequence[str]) -> list[bytes | None]:
-        (reply,) = await self._call(encode(b"MGET", *(k.encode() for k in keys)), 1)
+    async def mget(self, keys: Sequence[str], after: Sequence[bytes] = ()) -> list[bytes | None]:
+        """MGET. ``after``: encoded commands to send first, in the same write (their replies are
+        read and dropped, an error among them fails nothing): one round trip for both."""
+        payload = encode(b"MGET", *(k.encode() for k in keys))
+        if after:
+            payload = b"".join(after) + payload
+        replies = await self._call(payload, len(after) + 1, check_from=len(after))
+        reply = replies[-1]
         if not isinstance(reply, list):
             raise RespError(f"MGET: unexpected reply {type(reply).__name__}")
         return reply
 
     async def set_nx(self, items: Sequence[tuple[str, bytes, int]]) -> None:
         """``SET key value PX ms NX`` for each item, pipelined; a key that exists is left alone."""
-        payload = b"".join(
-            encode(b"SET", k.encode(), v, b"PX", str(ms).encode(), b"NX") for k, v, ms in items
-        )
-        await self._call(payload, len(items))
+        await self.send([set_nx(k, v, ms) for k, v, ms in items])
 
-    async def _call(self, payload: bytes, expected: int) -> list[Reply]:
+    async def send(self, commands: Sequence[bytes]) -> None:
+        """Encoded commands, pipelined; raises if any of them fails."""
+        if commands:  # a call expecting no reply would never end, and would take the next one's
+            await self._call(b"".join(commands), len(commands))
+
+    async def _call(self, payload: bytes, expected: int, check_from: int = 0) -> list[Reply]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._deadline
         conn = self._conn
         if conn is None or conn.closed:
             conn = await self._connect(deadline)
+        self.calls += 1
         replies = await conn.call(payload, expected, deadline)
-        for r in replies:
+        for r in replies[check_from:] if check_from else replies:
             if isinstance(r, hiredis.ReplyError):
                 raise RespError(f"Redis error: {r}")
         return replies

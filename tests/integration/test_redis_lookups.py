@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from gateway.cache.resp import LeanRedis, RespError
+from gateway.cache.resp import LeanRedis, RespError, set_nx
 from tests.integration.test_verification_path import redis_url
 from tests.servers import RedisServer, require_server
 
@@ -56,6 +56,16 @@ async def test_error_replies_fail_only_their_call(redis_url: str) -> None:
         assert results[0] == [None] and results[2] == [None, None]
         assert isinstance(results[1], RespError) and "expire" in str(results[1])
         assert client.connects == 1
+    finally:
+        await client.aclose()
+
+
+async def test_commands_sent_ahead_of_an_mget_share_its_write_and_fail_nothing(redis_url: str) -> None:
+    client = LeanRedis(redis_url, timeout=2, connect_timeout=2)
+    try:
+        ahead = [set_nx("a", b"1", 60_000), set_nx("b", b"2", 0)]  # PX 0: -ERR invalid expire time
+        assert await client.mget(["a", "b"], ahead) == [b"1", None]  # written before it was read
+        assert client.calls == 1
     finally:
         await client.aclose()
 

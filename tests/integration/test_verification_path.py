@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from gateway.cache.redis_tier import FILL_DELAY
 from gateway.keys import KeyDigest, generate_key
 from gateway.models import IdentityRecord
 from gateway.store import KeyFilter
@@ -123,6 +124,22 @@ async def test_redis_tier_serves_a_second_instance(keystile, redis_url: str, tmp
         b = await keystile(redis={"url": redis_url}, store={"url": a.cfg.store.url})
         assert await status_of(s, b.url + "/x", key) == 200
     assert b.gateway.redis.hits == 1 and b.gateway.loader.store_loads == 0
+
+
+async def test_a_write_back_rides_with_the_next_lookup_or_goes_alone(keystile, redis_url: str) -> None:
+    gw = await keystile(redis={"url": redis_url})
+    tier, auth = gw.gateway.redis, gw.gateway.authenticator
+    first, second = auth.check(await gw.key(name="a")), auth.check(await gw.key(name="b"))
+    assert isinstance(first, bytes) and isinstance(second, bytes)
+    stored = await gw.gateway.store.find_identities([first, second], time.time())
+    calls = tier.lookups.calls
+    tier.fill_later({first: stored[first]}, time.time())
+    got = await tier.get_many([first, second])  # the fill goes out in the MGET's write, ahead of it
+    assert got == {first: stored[first]} and tier.lookups.calls == calls + 1
+    tier.fill_later({second: stored[second]}, time.time())
+    await asyncio.sleep(FILL_DELAY * 4)  # no lookup follows: it goes alone
+    assert tier.lookups.calls == calls + 2
+    assert await tier.get_many([second]) == {second: stored[second]}
 
 
 async def test_revocation_reaches_every_instance_within_a_second(keystile, redis_url: str) -> None:
