@@ -170,13 +170,13 @@ class LeanRedis:
         self.connects = 0
         self.calls = 0  # writes, each one round trip
 
-    async def mget(self, keys: Sequence[str], after: Sequence[bytes] = ()) -> list[bytes | None]:
-        """MGET. ``after``: encoded commands to send first, in the same write (their replies are
+    async def mget(self, keys: Sequence[str], ahead: Sequence[bytes] = ()) -> list[bytes | None]:
+        """MGET. ``ahead``: encoded commands sent before it in the same write (their replies are
         read and dropped, an error among them fails nothing): one round trip for both."""
         payload = encode(b"MGET", *(k.encode() for k in keys))
-        if after:
-            payload = b"".join(after) + payload
-        replies = await self._call(payload, len(after) + 1, check_from=len(after))
+        if ahead:
+            payload = b"".join(ahead) + payload
+        replies = await self._call(payload, len(ahead) + 1, check_from=len(ahead))
         reply = replies[-1]
         if not isinstance(reply, list):
             raise RespError(f"MGET: unexpected reply {type(reply).__name__}")
