@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import operator
 import time
 from abc import abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractAsyncContextManager
+from itertools import islice
 from typing import Any, Protocol
 
 import msgspec
@@ -112,7 +114,13 @@ def merge_usage(updates: Sequence[UsageUpdate]) -> list[UsageUpdate]:
     The usage upsert may touch a row only once per statement (PostgreSQL refuses a second touch;
     an ``UPDATE ... FROM`` would silently apply one arbitrary row), so a batch names each key once. Key order
     makes concurrent flushes from several instances lock rows in the same order (no deadlock).
+
+    A batch that already names each key once, in order (the usage flusher's) is returned as it is,
+    after one pass that checks it.
     """
+    keys = [u.key_id for u in updates]
+    if all(map(operator.lt, keys, islice(keys, 1, None))):
+        return list(updates)
     merged: dict[str, UsageUpdate] = {}
     for u in updates:
         seen = merged.get(u.key_id)

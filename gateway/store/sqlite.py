@@ -183,7 +183,7 @@ class SQLiteStore(SQLStore):
             "ON CONFLICT (key_id) DO UPDATE SET "
             "last_used_at = MAX(key_usage.last_used_at, excluded.last_used_at), "
             "request_count = key_usage.request_count + excluded.request_count",
-            _enc.encode([[u.key_id, u.last_used_at, u.count] for u in updates]).decode(),
+            _enc.encode(updates).decode(),  # array-like structs: [[id, t, c], ...]
         )
 
     async def schema_version(self) -> int:
