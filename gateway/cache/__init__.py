@@ -48,6 +48,10 @@ class _Miss(enum.Enum):
 
 MISS: Final = _Miss.MISS
 
+# Lifetimes are shortened per key by up to this fraction, so keys cached together expire apart.
+TTL_SPREAD: Final = 0.1
+_SPREAD_STEP: Final = TTL_SPREAD / 256
+
 
 class LocalTier:
     """A bounded in-process map with per-entry expiry; ``None`` values are negative entries.
@@ -56,6 +60,12 @@ class LocalTier:
     applies only while ``trusted_until`` (monotonic) lies ahead, that is while whoever sets it (the
     invalidation subscriber) can confirm that this process has received every invalidation. An
     entry stored while that is not confirmed gets the short deadline only.
+
+    Each key's lifetimes are shortened by up to ``TTL_SPREAD``, by a fraction taken from its digest
+    (uniform over keys, the same for every put of one key, no random draw per put). Keys cached in
+    the same second (at a restart, or a burst of new keys) then expire over a span of time instead
+    of all at once: in the benchmark, every key cached during a 30 s warm-up expired in the same
+    half-minute five minutes later, and 21 % of keys_1m's requests went back to the store at once.
 
     Eviction is least-recently-used first, in O(1): a hit moves the entry to the end of an
     OrderedDict (~60 ns), so when more keys are active than ``max_entries`` the hot ones stay and
@@ -98,12 +108,13 @@ class LocalTier:
         long = ttl
         if value is not None and now < self.trusted_until:
             long = max(ttl, self.synced_ttl)
+        keep = 1.0 - digest[-1] * _SPREAD_STEP  # a digest's bytes are uniform
         data = self._data
         if digest in data:
             data.move_to_end(digest)
         elif len(data) >= self.max_entries:
             data.popitem(last=False)
-        data[digest] = (now + long, now + ttl, value)
+        data[digest] = (now + long * keep, now + ttl * keep, value)
 
     def discard(self, digest: KeyDigest) -> None:
         self._data.pop(digest, None)
