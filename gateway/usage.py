@@ -11,7 +11,7 @@ chunk is written or not as a whole, so nothing is counted twice.
 With many keys in use, every key is new to the map after each flush, and the flush handles each
 once: both stay lean. A pending value is a tuple of two numbers (no container the collector must
 keep walking, unlike a list), and a flush sorts bare key ids and builds each ``UsageUpdate`` once
-(~0.4 us of the loop's time per key; 2 us when it sorted pairs, merged them in Python and copied
+(~1 us of the loop's thread per key; 2 us when it sorted pairs, merged them in Python and copied
 them twice).
 """
 

@@ -63,9 +63,9 @@ class LocalTier:
 
     Each key's lifetimes are shortened by up to ``TTL_SPREAD``, by a fraction taken from its digest
     (uniform over keys, the same for every put of one key, no random draw per put). Keys cached in
-    the same second (at a restart, or a burst of new keys) then expire over a span of time instead
-    of all at once: in the benchmark, every key cached during a 30 s warm-up expired in the same
-    half-minute five minutes later, and 21 % of keys_1m's requests went back to the store at once.
+    the same second (at a restart, or a burst of new keys) then come due over a tenth of their
+    lifetime (30 s of 300 s) instead of in the same second, and go back to Redis and the store
+    spread over that span.
 
     Eviction is least-recently-used first, in O(1): a hit moves the entry to the end of an
     OrderedDict (~60 ns), so when more keys are active than ``max_entries`` the hot ones stay and
