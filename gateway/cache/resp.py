@@ -182,10 +182,6 @@ class LeanRedis:
             raise RespError(f"MGET: unexpected reply {type(reply).__name__}")
         return reply
 
-    async def set_nx(self, items: Sequence[tuple[str, bytes, int]]) -> None:
-        """``SET key value PX ms NX`` for each item, pipelined; a key that exists is left alone."""
-        await self.send([set_nx(k, v, ms) for k, v, ms in items])
-
     async def send(self, commands: Sequence[bytes]) -> None:
         """Encoded commands, pipelined; raises if any of them fails."""
         if commands:  # a call expecting no reply would never end, and would take the next one's

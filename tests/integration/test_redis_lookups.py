@@ -34,7 +34,7 @@ async def test_concurrent_calls_each_get_their_own_replies(redis_url: str) -> No
         assert got == want
 
     async def fill(i: int) -> None:
-        await client.set_nx([(f"new{i}", b"x", 10_000), (f"k{i % 300}", b"overwritten?", 10_000)])
+        await client.send([set_nx(f"new{i}", b"x", 10_000), set_nx(f"k{i % 300}", b"overwritten?", 10_000)])
 
     try:
         await asyncio.gather(*(lookup() if i % 5 else fill(i) for i in range(400)))
@@ -49,7 +49,7 @@ async def test_error_replies_fail_only_their_call(redis_url: str) -> None:
     try:
         results = await asyncio.gather(
             client.mget(["a"]),
-            client.set_nx([("b", b"1", 0)]),  # PX 0: Redis answers -ERR invalid expire time
+            client.send([set_nx("b", b"1", 0)]),  # PX 0: Redis answers -ERR invalid expire time
             client.mget(["a", "b"]),
             return_exceptions=True,
         )
@@ -96,7 +96,7 @@ async def test_a_killed_redis_fails_fast_and_is_reconnected_once_back(tmp_path: 
     server.start()
     client = LeanRedis(server.url, timeout=0.5, connect_timeout=0.5)
     try:
-        await client.set_nx([("a", b"1", 60_000)])
+        await client.send([set_nx("a", b"1", 60_000)])
         server.kill()
         with pytest.raises(RespError):
             await client.mget(["a"])
@@ -117,7 +117,7 @@ async def test_password_database_and_unix_socket_come_from_the_url(tmp_path: Pat
         for url in (f"redis://:s3cret@127.0.0.1:{server.port}/3", f"unix://:s3cret@{sock}?db=3"):
             client = LeanRedis(url, timeout=1, connect_timeout=1)
             try:
-                await client.set_nx([(url, b"here", 60_000)])
+                await client.send([set_nx(url, b"here", 60_000)])
                 assert await client.mget([url]) == [b"here"]
             finally:
                 await client.aclose()
@@ -156,7 +156,7 @@ async def test_tls_settings_from_the_url_match_redis_py(tmp_path: Path) -> None:
             reference = redis.Redis.from_url(url, socket_timeout=1)
             try:
                 if works:
-                    await client.set_nx([("tls", b"yes", 60_000)])
+                    await client.send([set_nx("tls", b"yes", 60_000)])
                     assert await client.mget(["tls"]) == [b"yes"]
                     assert reference.get("tls") == b"yes"
                 else:
