@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import queue
 import re
 import sqlite3
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Final, Literal, TypeVar
 
 import msgspec
 
@@ -51,34 +52,59 @@ def path_of(url: str) -> str:
 
 
 class _Thread:
-    """One sqlite3 connection confined to one thread."""
+    """One sqlite3 connection confined to one thread.
+
+    Calls reach the thread through a queue and come back through ``call_soon_threadsafe``. Pinned
+    to one core, a round trip costs ~20 us of CPU where ``run_in_executor`` cost ~30 us (it
+    wraps each call in a concurrent.futures.Future and chains that to an asyncio one).
+    """
 
     def __init__(self, path: str, timeout: float) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="keystile-sqlite")
         self._path = path
         self._timeout = timeout
         self.db: sqlite3.Connection | None = None
         self._closed = False
+        # None stops the thread. A daemon thread: a store never closed must not hold the
+        # interpreter at exit (SQLite rolls back a transaction cut short, as after a crash).
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._serve, name="keystile-sqlite", daemon=True)
+        self._thread.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        if self.db is None:
+            self.db = sqlite3.connect(
+                self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+            )
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
+            # Lookups are random reads by digest: a larger page cache, and the whole file mapped
+            # (SQLite caps this at 2 GiB) so a first-seen key's pages are read in place instead of
+            # copied in by read() (1M keys, batches of 9: 75 -> 61 us per batch against 256 MiB).
+            self.db.execute("PRAGMA cache_size=-65536")
+            self.db.execute(f"PRAGMA mmap_size={MMAP_SIZE}")
+        return self.db
+
+    def _serve(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            loop, fut, fn = job
+            try:
+                result, error = fn(), None
+            except BaseException as e:  # delivered to the caller, as an executor would
+                result, error = None, e
+            try:
+                loop.call_soon_threadsafe(_settle, fut, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits for this answer
+                pass
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
-        def call() -> T:
-            if self.db is None:
-                self.db = sqlite3.connect(
-                    self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
-                )
-                self.db.execute("PRAGMA journal_mode=WAL")
-                self.db.execute("PRAGMA synchronous=NORMAL")
-                self.db.execute("PRAGMA foreign_keys=ON")
-                # Lookups are random reads by digest: a larger page cache and memory-mapped
-                # reads keep a big key table from going through read() for every miss.
-                self.db.execute("PRAGMA cache_size=-65536")
-                self.db.execute("PRAGMA mmap_size=268435456")
-            return fn(self.db)
-
         if self._closed:
             raise StoreUnavailable("sqlite: the store is closed")
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        self._jobs.put((loop, fut, lambda: fn(self._connect())))
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, call)
+            return await fut
         except sqlite3.OperationalError as e:
             if "locked" in str(e) or "unable to open" in str(e) or "disk" in str(e):
                 raise StoreUnavailable(f"sqlite: {e}") from None
@@ -96,8 +122,25 @@ class _Thread:
                 self.db.close()
                 self.db = None
 
-        await asyncio.get_running_loop().run_in_executor(self._pool, shut)
-        self._pool.shutdown(wait=True)
+        # Queued behind every call already made; then the thread ends.
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._jobs.put((asyncio.get_running_loop(), fut, shut))
+        self._jobs.put(None)
+        await fut
+        self._thread.join(timeout=1.0)  # it has nothing left but to return
+
+
+_Job = tuple[asyncio.AbstractEventLoop, "asyncio.Future[Any]", Callable[[], Any]]
+MMAP_SIZE: Final = 1 << 31
+
+
+def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    if fut.done():  # the caller was cancelled; its call ran anyway
+        return
+    if error is None:
+        fut.set_result(result)
+    else:
+        fut.set_exception(error)
 
 
 def _rollback_if_open(db: sqlite3.Connection) -> None:
