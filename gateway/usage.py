@@ -1,18 +1,24 @@
 """Usage: last-used timestamps and request counts, bumped in memory and flushed in batches.
 
-Owns: the per-key pending map and the background flush. Must not: touch HTTP or the cache. A request
-only calls ``bump`` (no await, no I/O). The flusher hands what is pending to the store once per
-interval, in key order and in chunks of at most ``FLUSH_CHUNK`` keys so that preparing a large
-batch never holds the event loop for long (20k keys in one piece stalled it 10–25 ms). If the store
-fails, the chunks not yet written are merged back (last-used keeps the latest, counts add) and
-retried, bounded by ``max_pending`` keys — beyond that, new keys' bumps are dropped and counted. A
-chunk is written or not as a whole, so nothing is counted twice.
+Owns: the use log, the per-key pending map and the background flush. Must not: touch HTTP or the
+cache. A request only calls ``bump``: an append of its key id to a log (no await, no I/O, no
+lookup). The log is cut into segments of ``SEGMENT`` seconds; a use is recorded with the time of
+the last use in its segment (at most 0.1 s later than it happened). The log is folded into the
+pending map (key id -> last use, count) by C-level passes when it is read: at a flush, for
+``last_seen`` and ``pending``, or when it reaches ``log_max`` uses. Per request, that replaced a
+lookup in a map of every key used since the last flush and a new tuple (1M keys, Zipf traffic:
+CPU per request 0.948x).
 
-With many keys in use, every key is new to the map after each flush, and the flush handles each
-once: both stay lean. A pending value is a tuple of two numbers (no container the collector must
-keep walking, unlike a list), and a flush sorts bare key ids and builds each ``UsageUpdate`` once
-(~1 us of the loop's thread per key; 2 us when it sorted pairs, merged them in Python and copied
-them twice).
+The flusher hands what is pending to the store once per interval, in key order and in chunks of at
+most ``FLUSH_CHUNK`` keys so that preparing a large batch never holds the event loop for long (20k
+keys in one piece stalled it 10–25 ms). If the store fails, the chunks not yet written are merged
+back (last-used keeps the latest, counts add) and retried, bounded by ``max_pending`` keys — beyond
+that, new keys' uses are dropped and counted. A chunk is written or not as a whole, so nothing is
+counted twice.
+
+A pending value is a tuple of two numbers (no container the collector must keep walking), and a
+flush sorts bare key ids and builds each ``UsageUpdate`` once (~1 us of the loop's thread per key;
+2 us when it sorted pairs, merged them in Python and copied them twice).
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from typing import Final
 
 from gateway.models import UsageUpdate
@@ -30,6 +37,9 @@ log = logging.getLogger("keystile.usage")
 FLUSH_CHUNK: Final = 2000
 SORT_RUN: Final = 20_000  # keys sorted in one go (~2.5 ms)
 STOP_WAIT: Final = 10.0
+# A use's time is kept to this precision: uses within one segment share the time of its last one.
+SEGMENT: Final = 0.1
+LOG_MAX: Final = 200_000  # uses logged before they are folded anyway (a flush stuck on the store)
 
 Pending = tuple[float, int]  # last_used_at, count
 
@@ -58,6 +68,7 @@ class UsageRecorder:
         max_pending: int,
         chunk: int = FLUSH_CHUNK,
         sort_run: int = SORT_RUN,
+        log_max: int = LOG_MAX,
     ) -> None:
         self._store = store
         self._chunk = chunk
@@ -65,6 +76,13 @@ class UsageRecorder:
         self._interval = interval
         self._max = max_pending
         self._pending: dict[str, Pending] = {}  # key_id -> (last_used_at, count)
+        # Uses not yet folded into _pending: key ids in request order, cut into segments of
+        # SEGMENT seconds, each (end index in _uses, time of its last use).
+        self._uses: list[str] = []
+        self._segments: list[tuple[int, float]] = []
+        self._segment_due = float("-inf")
+        self._segment_last = float("-inf")
+        self._log_max = log_max
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
         self.flushes = 0
@@ -74,25 +92,62 @@ class UsageRecorder:
         self.oldest_pending_at: float | None = None
 
     def bump(self, key_id: str, now: float) -> None:
+        """One use of ``key_id`` at ``now``: an append to the log, nothing looked up."""
+        uses = self._uses
+        if now >= self._segment_due:
+            self._close_segment(now)
+        elif not uses and not self._pending:
+            self.oldest_pending_at = now
+        uses.append(key_id)
+        if now > self._segment_last:
+            self._segment_last = now
+        if len(uses) >= self._log_max:
+            self._fold()
+
+    def _close_segment(self, now: float) -> None:
+        """The uses logged so far happened at or before ``_segment_last``; a new segment starts."""
+        if self._uses:
+            if not self._segments or self._segments[-1][0] < len(self._uses):
+                self._segments.append((len(self._uses), self._segment_last))
+        elif not self._pending:
+            self.oldest_pending_at = now
+        self._segment_due = now + SEGMENT
+
+    def _fold(self) -> None:
+        """Move the logged uses into the pending map: per key, its count and the time of the last
+        segment it appears in (C-level passes over the log, one Python step per distinct key)."""
+        uses = self._uses
+        if not uses:
+            return
+        self._close_segment(self._segment_last)
+        segments, self._segments, self._uses = self._segments, [], []
+        last: dict[str, float] = {}
+        start = 0
+        for end, t in segments:  # in time order: a later segment overwrites an earlier one
+            last.update(dict.fromkeys(uses[start:end], t))
+            start = end
         pending = self._pending
-        entry = pending.get(key_id)
-        if entry is None:
-            if len(pending) >= self._max:
-                self.dropped += 1
-                return
-            if not pending:
-                self.oldest_pending_at = now
-            pending[key_id] = (now, 1)
-        else:
-            pending[key_id] = (now if now > entry[0] else entry[0], entry[1] + 1)
+        for k, c in Counter(uses).items():
+            t = last[k]
+            entry = pending.get(k)
+            if entry is None:
+                if len(pending) >= self._max:
+                    self.dropped += c
+                    continue
+                pending[k] = (t, c)
+            else:
+                pending[k] = (t if t > entry[0] else entry[0], entry[1] + c)
 
     def last_seen(self, key_id: str) -> float | None:
         """The latest use not yet written to the store."""
+        self._fold()
         entry = self._pending.get(key_id)
         return None if entry is None else entry[0]
 
     @property
     def pending(self) -> int:
+        """Keys with unwritten usage."""
+        self._fold()
         return len(self._pending)
 
     def lag(self, now: float) -> float:
@@ -101,6 +156,7 @@ class UsageRecorder:
 
     async def flush(self) -> bool:
         """Write what is pending; on failure keep it for the next try. True when nothing is left."""
+        self._fold()
         if not self._pending:
             return True
         pending, since = self._pending, self.oldest_pending_at

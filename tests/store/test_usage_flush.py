@@ -12,7 +12,7 @@ import pytest
 from gateway.models import UsageUpdate
 from gateway.store import Store, StoreUnavailable
 from gateway.store.sqlite import SQLiteStore
-from gateway.usage import UsageRecorder
+from gateway.usage import SEGMENT, UsageRecorder
 from tests.store.test_store import T0, all_keys, make_key, make_principal
 
 
@@ -108,5 +108,77 @@ async def test_shutdown_lets_a_flush_in_progress_finish(tmp_path: Path) -> None:
         await usage.aclose()
         got = {k.id: (k.last_used_at, k.request_count) for k in await all_keys(store)}
         assert got == dict.fromkeys(ids, (T0, 1))
+    finally:
+        await store.close()
+
+
+# -- the use log: what a request's bump turns into -----------------------------------------
+
+
+async def _recorder(tmp_path: Path, **kw: int) -> tuple[SQLiteStore, UsageRecorder, list[str]]:
+    store = await SQLiteStore.open(f"sqlite:///{tmp_path}/usage.db")
+    await store.migrate()
+    ids = await _keys(store, 3)
+    return store, UsageRecorder(store, interval=3600, **{"max_pending": 100, **kw}), ids
+
+
+async def test_uses_within_a_segment_share_its_last_time(tmp_path: Path) -> None:
+    store, usage, (a, b, _) = await _recorder(tmp_path)
+    try:
+        usage.bump(a, T0)
+        usage.bump(a, T0 + 0.01)
+        usage.bump(b, T0 + 0.05)  # the segment that began at T0 ends with this use
+        usage.bump(b, T0 + SEGMENT + 0.01)
+        assert usage.last_seen(a) == T0 + 0.05  # never more than SEGMENT late
+        assert usage.last_seen(b) == T0 + SEGMENT + 0.01
+        usage.bump(a, T0 + 7)  # after a fold, a later use still moves the time on
+        assert await usage.flush()
+        got = {k.id: (k.last_used_at, k.request_count) for k in await all_keys(store)}
+        assert got[a] == (T0 + 7, 3) and got[b] == (T0 + SEGMENT + 0.01, 2)
+    finally:
+        await store.close()
+
+
+async def test_a_clock_stepping_back_never_moves_last_use_back(tmp_path: Path) -> None:
+    store, usage, (a, b, _) = await _recorder(tmp_path)
+    try:
+        usage.bump(a, T0 + 100)
+        usage.bump(b, T0 + 1)  # the wall clock was stepped back
+        usage.bump(a, T0 + 2)
+        assert usage.last_seen(a) == T0 + 100
+        assert usage.last_seen(b) == T0 + 100  # shares the segment's time, never earlier
+        usage.bump(a, T0 + 50)  # a later fold: still not earlier than what was pending
+        assert usage.last_seen(a) == T0 + 100
+    finally:
+        await store.close()
+
+
+async def test_a_long_log_is_folded_early_and_the_pending_bound_drops_and_counts(tmp_path: Path) -> None:
+    store, usage, (a, b, c) = await _recorder(tmp_path, max_pending=2, log_max=10)
+    try:
+        for i in range(12):  # folded at the 10th use, with no flush and no clock movement
+            usage.bump(a if i % 2 else b, T0)
+        assert usage._uses == [b, a]
+        usage.bump(c, T0)  # a third key: over the bound of 2 pending keys
+        usage.bump(c, T0)
+        assert usage.pending == 2 and usage.dropped == 2
+        assert await usage.flush()
+        got = {k.id: k.request_count for k in await all_keys(store)}
+        assert got == {a: 6, b: 6, c: 0}
+    finally:
+        await store.close()
+
+
+async def test_flush_lag_counts_from_the_first_use_not_yet_written(tmp_path: Path) -> None:
+    store, usage, (a, b, _) = await _recorder(tmp_path)
+    try:
+        assert usage.lag(T0) == 0.0
+        usage.bump(a, T0)
+        usage.bump(b, T0 + 3)
+        assert usage.lag(T0 + 4) == 4.0
+        assert await usage.flush()
+        assert usage.lag(T0 + 5) == 0.0
+        usage.bump(a, T0 + 6)
+        assert usage.lag(T0 + 8) == 2.0
     finally:
         await store.close()
