@@ -94,10 +94,10 @@ class UsageRecorder:
     def bump(self, key_id: str, now: float) -> None:
         """One use of ``key_id`` at ``now``: an append to the log, nothing looked up."""
         uses = self._uses
+        if not uses and not self._pending:
+            self.oldest_pending_at = now
         if now >= self._segment_due:
             self._close_segment(now)
-        elif not uses and not self._pending:
-            self.oldest_pending_at = now
         uses.append(key_id)
         if now > self._segment_last:
             self._segment_last = now
@@ -106,11 +106,9 @@ class UsageRecorder:
 
     def _close_segment(self, now: float) -> None:
         """The uses logged so far happened at or before ``_segment_last``; a new segment starts."""
-        if self._uses:
-            if not self._segments or self._segments[-1][0] < len(self._uses):
-                self._segments.append((len(self._uses), self._segment_last))
-        elif not self._pending:
-            self.oldest_pending_at = now
+        n = len(self._uses)
+        if n and (not self._segments or self._segments[-1][0] < n):
+            self._segments.append((n, self._segment_last))
         self._segment_due = now + SEGMENT
 
     def _fold(self) -> None:
