@@ -87,15 +87,19 @@ class _Thread:
 
     def _serve(self) -> None:
         while (job := self._jobs.get()) is not None:
-            loop, fut, fn = job
-            try:
-                result, error = fn(), None
-            except BaseException as e:  # delivered to the caller, as an executor would
-                result, error = None, e
-            try:
-                loop.call_soon_threadsafe(_settle, fut, result, error)
-            except RuntimeError:  # the loop is closed: nobody waits for this answer
-                pass
+            self._answer(*job)
+            del job  # a result is not kept alive while the thread waits for the next call
+
+    @staticmethod
+    def _answer(loop: asyncio.AbstractEventLoop, fut: asyncio.Future[Any], fn: Callable[[], Any]) -> None:
+        try:
+            result, error = fn(), None
+        except BaseException as e:  # delivered to the caller, as an executor would
+            result, error = None, e
+        try:
+            loop.call_soon_threadsafe(_settle, fut, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits for this answer
+            pass
 
     async def run(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._closed:
@@ -123,8 +127,9 @@ class _Thread:
                 self.db = None
 
         # Queued behind every call already made; then the thread ends.
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._jobs.put((asyncio.get_running_loop(), fut, shut))
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        self._jobs.put((loop, fut, shut))
         self._jobs.put(None)
         await fut
         self._thread.join(timeout=1.0)  # it has nothing left but to return
