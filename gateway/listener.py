@@ -13,10 +13,13 @@ same lifetime as the buffers the request arrived in. Nothing process-wide keeps 
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
+
+from gateway.turn import BatchedTransport, turn_writes
 
 
 class KeyedConnection(RequestHandler):
@@ -29,6 +32,12 @@ class KeyedConnection(RequestHandler):
         self.key_seen = ""  # the last well-formed key presented here
         self.key_digest = b""  # its digest
         self.key_by: object = None  # the Authenticator that checked it (a reload builds a new one)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # aiohttp then writes (responses, 100-continue, errors) and closes through this wrapper:
+        # everything sent on the connection waits for the end of the loop's turn, in order.
+        batched = BatchedTransport(cast(asyncio.Transport, transport), turn_writes(self._loop))
+        super().connection_made(batched)
 
 
 class ProxyServer(web.Server):

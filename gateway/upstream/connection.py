@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
+from gateway.turn import BatchedTransport, turn_writes
 from gateway.upstream.errors import BadResponse, ClientBodyError, Disconnected, ReadTimeout, UpstreamError
 
 if TYPE_CHECKING:
@@ -142,7 +143,8 @@ class Connection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        # Writes wait for the end of the loop's turn (gateway.turn). uvloop's is not a subclass.
+        self._transport = BatchedTransport(cast(asyncio.Transport, transport), turn_writes(self._loop))
 
     def data_received(self, data: bytes) -> None:
         if not self._active:

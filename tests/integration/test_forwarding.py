@@ -406,6 +406,27 @@ async def test_relayed_responses_are_framed_for_the_client(
         server.close()
 
 
+async def test_pipelined_requests_are_answered_in_order(keystile, upstream: RecordingUpstream) -> None:
+    # Responses leave at the end of the loop's turn (gateway.turn): whatever writes them (a relayed
+    # answer, a streamed one, the handler's error through aiohttp), they reach the client in
+    # request order, and the last one before the close it asked for.
+    gw = await keystile()
+    data = (
+        b"GET /public/a HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"GET /public/bytes?n=100000 HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"GET /public%2fadmin HTTP/1.1\r\nHost: t\r\n\r\n"
+        b"GET /public/d HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n"
+    )
+    replies, closed = await exchange(gw.port, data, 4)
+    assert [r.split(b" ", 2)[1] for r in replies] == [b"200", b"200", b"400", b"200"]
+    assert json.loads(replies[0].partition(b"\r\n\r\n")[2])["path"] == "/public/a"
+    assert replies[1].partition(b"\r\n\r\n")[2] == b"x" * 100000
+    assert json.loads(replies[2].partition(b"\r\n\r\n")[2])["error"] == "bad_request"
+    assert json.loads(replies[3].partition(b"\r\n\r\n")[2])["path"] == "/public/d"
+    assert closed
+    assert [s.raw_path for s in upstream.received] == ["/public/a", "/public/bytes?n=100000", "/public/d"]
+
+
 async def test_relayed_responses_follow_the_clients_keep_alive(keystile, upstream: RecordingUpstream) -> None:
     gw = await keystile()
     one = b"GET /public/x HTTP/1.1\r\nHost: t\r\n\r\n"
