@@ -33,13 +33,17 @@ class TurnWrites:
     __slots__ = ("_due", "_loop")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weak: this object is the loop's value in _by_loop, and must not keep the loop alive.
+        self._loop = weakref.ref(loop)
         self._due: list[BatchedTransport] = []
 
     def add(self, transport: BatchedTransport) -> None:
         if not self._due:
+            loop = self._loop()
+            if loop is None:  # the loop is gone: nothing will ever read these connections
+                return
             # Runs after every callback already queued for this turn (I/O events included).
-            self._loop.call_soon(self.flush)
+            loop.call_soon(self.flush)
         self._due.append(transport)
 
     def flush(self) -> None:
