@@ -5,10 +5,10 @@
 
 Peers (nginx ``return 200`` alone, nginx and HAProxy doing the key check, a plain aiohttp proxy,
 aiohttp's hello world) and Keystile's scenarios run in the same session on the same pinned cores:
-the server under test alone on core 0, wrk and the upstream nginx on core 1. Each scenario gets a
-warm-up, then rounds alternate over all scenarios (3 rounds, 1 with --quick) and the medians are
-reported with their ratio to the nginx key-auth proxy of the same run. Results: a markdown table
-on stdout, and ``benchmarks/results/<timestamp>.{md,json,png}`` plus ``latest.*`` copies.
+the server under test alone on core 0; wrk, the upstream nginx and a private Redis on core 1. Each
+scenario gets a warm-up, then rounds alternate over all scenarios (3 rounds, 1 with --quick) and
+the medians are reported with their ratio to the nginx key-auth proxy of the same run. Results: a
+markdown table on stdout, and ``benchmarks/results/<timestamp>.{md,json,png}`` plus ``latest.*`` copies.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from typing import Any
 from benchmarks import configs, report, seed
 from benchmarks.load import KEY_HEADER, LoadError, LoadResult, run_wrk
 from benchmarks.procs import Processes, Server, ServerFailed, cores, free_port
-from benchmarks.tools import ensure_tools, machine
+from benchmarks.tools import ensure_tools, machine, which
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -48,6 +48,7 @@ KEYS_WARM = 30.0
 KEYS_WARM_QUICK = 8.0
 MALFORMED_KEY = "ks_live_this-is-not-a-keystile-key"
 REFERENCE = "nginx"
+DEFAULT_REDIS = "redis://127.0.0.1:6379/0"
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +181,8 @@ class Bench:
         # Admin port of each one-process Keystile server: its /metrics says which tier answered.
         self.admin_ports: dict[str, int] = {}
         self.stores: dict[int, seed.SeededStore] = {}
-        self.redis_ok = redis_reachable(args.redis_url)
+        self.redis_ok = False  # set by start_redis
+        self.redis_private = False
         self.upstream_port = 0
         self._seed = 0
         # Fresh Redis keys for this run: entries earlier runs left behind (same seeds, same keys)
@@ -222,6 +224,25 @@ class Bench:
         conf = configs.nginx_upstream(self.tmp, "upstream", self.upstream_port)
         self.procs.start("upstream", configs.nginx_argv(nginx, self.tmp, "upstream", conf),
                          port=self.upstream_port, log=self._log("upstream"), core=LOAD_CORE)
+
+    def start_redis(self) -> None:
+        """A private redis-server on the load core, like the upstream: a Redis the kernel may run
+        on the server's core takes CPU from the server under test, and one shared with other work
+        carries state between runs. Without redis-server (or with --redis-url), the given URL."""
+        exe = which("redis-server")
+        if self.args.redis_url is None and exe is not None:
+            port = free_port()
+            argv = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                    "--appendonly", "no", "--dir", str(self.tmp)]
+            try:
+                self.procs.start("redis", argv, port=port, log=self._log("redis"), core=LOAD_CORE)
+                self.args.redis_url = f"redis://127.0.0.1:{port}/0"
+                self.redis_private = True
+            except ServerFailed as e:
+                print(f"private redis-server failed, using {DEFAULT_REDIS}: {e}", file=sys.stderr)
+        if self.args.redis_url is None:
+            self.args.redis_url = DEFAULT_REDIS
+        self.redis_ok = redis_reachable(self.args.redis_url)
 
     def server_for(self, sid: str) -> Server:
         got = self.servers.get(sid)
@@ -464,6 +485,7 @@ def run(args: argparse.Namespace) -> int:
                 return 2
             mach = machine(bench.tools)
             bench.start_upstream()
+            bench.start_redis()
             # Start, check and warm every scenario once, then alternate measured rounds.
             for o in outcomes:
                 sc = o.scenario
@@ -518,6 +540,7 @@ def run(args: argparse.Namespace) -> int:
                     "peer_keys": BASE_KEYS,
                     "key_counts": args.keys,
                     "redis_url": args.redis_url if bench.redis_ok else "unreachable",
+                    "redis_private": bench.redis_private,
                     "elapsed_s": round(elapsed, 1),
                     "loadavg_before": load_before,
                     "loadavg_after": loadavg(),
@@ -563,7 +586,7 @@ def _outcome_dict(o: Outcome) -> dict[str, Any]:
 
 def run_micro(args: argparse.Namespace) -> dict[str, Any] | None:
     """benchmarks.micro in a child pinned to the server core; None (with a note) if it fails."""
-    argv = [sys.executable, "-m", "benchmarks.micro", "--json"]
+    argv = [sys.executable, "-m", "benchmarks.micro", "--json", "--redis-url", args.redis_url]
     if args.quick:
         argv.append("--quick")
     if shutil.which("taskset") and SERVER_CORE in cores():
@@ -595,7 +618,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--keys", type=lambda s: [int(x) for x in s.split(",") if x.strip()],
                    default=[1000, 100_000, 1_000_000],
                    help="key counts for the keys_N scenarios (default 1000,100000,1000000)")
-    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
+    p.add_argument("--redis-url", help="use this Redis instead of a private redis-server on the "
+                   f"load core (the default; {DEFAULT_REDIS} when redis-server is not installed)")
     p.add_argument("--ready-timeout", type=float, default=30.0,
                    help="seconds a Keystile server may take to listen")
     p.add_argument("--results", default=str(RESULTS), help="output directory")
