@@ -185,8 +185,9 @@ class Bench:
         self.redis_private = False
         self.upstream_port = 0
         self._seed = 0
-        # Fresh Redis keys for this run: entries earlier runs left behind (same seeds, same keys)
-        # would otherwise warm the Redis tier for it. They expire with cache.redis_ttl.
+        # Fresh Redis keys for this run: in a shared Redis (--redis-url), entries earlier runs left
+        # behind (same seeds, same keys) would otherwise warm the Redis tier for it. They expire
+        # with cache.redis_ttl. A private Redis (start_redis) starts empty anyway.
         self.redis_namespace = f"ksbench-{int(time.time())}-{os.getpid()}"
 
     # -- keys ----------------------------------------------------------------------------
