@@ -448,7 +448,7 @@ class Subscriber:
                 self.ready.set()
             finally:
                 try:
-                    await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+                    await asyncio.shield(pubsub.aclose())
                 except Exception:  # noqa: S110 - the connection is already broken
                     pass
             await asyncio.sleep(backoff)
