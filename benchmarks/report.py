@@ -86,6 +86,13 @@ def targets(outcomes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     r = _paired(by.get("workers_2"), by.get("valid"), "cpu_us")
     out.append(row("--workers 2: CPU per request within 10% of 1 worker", r,
                    None if r is None else r <= 1.10, "—" if r is None else f"{r:.2f}× 1 worker"))
+    # --baseline: each scenario against its twin on the baseline's code (a change's cost).
+    for name in by:
+        base = by.get(name + "@base")
+        r = _paired(by[name], base, "cpu_us") if base else None
+        if r is not None:
+            out.append(row(f"{name}: CPU per request within 5% of the baseline's", r, r <= 1.05,
+                           f"{r:.3f}× baseline"))
     return out
 
 

@@ -1,7 +1,7 @@
 """Build every benchmark scenario on this machine, run it, and report.
 
     python -m benchmarks.run [--quick] [--only NAME,...] [--duration S] [--runs N]
-                             [--keys 1000,100000,1000000]
+                             [--keys 1000,100000,1000000] [--baseline GIT-REF-OR-DIR]
 
 Peers (nginx ``return 200`` alone, nginx and HAProxy doing the key check, a plain aiohttp proxy,
 aiohttp's hello world) and Keystile's scenarios run in the same session on the same pinned cores:
@@ -9,6 +9,10 @@ the server under test alone on core 0; wrk, the upstream nginx and a private Red
 scenario gets a warm-up, then rounds alternate over all scenarios (3 rounds, 1 with --quick) and
 the medians are reported with their ratio to the nginx key-auth proxy of the same run. Results: a
 markdown table on stdout, and ``benchmarks/results/<timestamp>.{md,json,png}`` plus ``latest.*`` copies.
+
+``--baseline REF`` adds, for every Keystile scenario chosen, a twin ``NAME@base`` served by the code
+of another git ref (checked out into a temporary worktree) or directory, measured right after its
+twin in every round: a before/after comparison of a change in one run.
 """
 
 from __future__ import annotations
@@ -27,7 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -152,9 +157,46 @@ RUN_ORDER = (
 )
 
 
+BASE_SUFFIX = "@base"
+
+
 def measure_order(outcomes: list[Outcome]) -> list[Outcome]:
     rank = {name: i for i, name in enumerate(RUN_ORDER)}
-    return sorted(outcomes, key=lambda o: rank.get(o.scenario.name, len(rank)))
+
+    def key(o: Outcome) -> tuple[int, bool]:
+        name = o.scenario.name
+        twin = name.endswith(BASE_SUFFIX)
+        return rank.get(name.removesuffix(BASE_SUFFIX), len(rank)), twin  # a twin right after
+
+    return sorted(outcomes, key=key)
+
+
+def baseline_twins(chosen: list[Scenario], label: str) -> list[Scenario]:
+    """Every scenario, each Keystile one followed by its twin served by the baseline code."""
+    out = []
+    for sc in chosen:
+        out.append(sc)
+        if sc.group == "keystile":
+            out.append(replace(sc, name=sc.name + BASE_SUFFIX, server=sc.server + BASE_SUFFIX,
+                               what=f"{sc.what} — baseline {label}"))
+    return out
+
+
+@contextlib.contextmanager
+def baseline_tree(ref: str, tmp: Path) -> Iterator[Path]:
+    """A directory holding the baseline's code: ``ref`` itself when it is one, else a temporary
+    git worktree of that ref (removed afterwards)."""
+    if Path(ref).is_dir():
+        yield Path(ref).resolve()
+        return
+    dest = tmp / "baseline"
+    subprocess.run(["git", "worktree", "add", "--detach", "-q", str(dest), ref], cwd=HERE.parent,
+                   check=True)
+    try:
+        yield dest
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(dest)], cwd=HERE.parent,
+                       check=False)
 
 
 def redis_reachable(url: str) -> bool:
@@ -181,6 +223,8 @@ class Bench:
         # Admin port of each one-process Keystile server: its /metrics says which tier answered.
         self.admin_ports: dict[str, int] = {}
         self.stores: dict[int, seed.SeededStore] = {}
+        self.baseline: Path | None = None  # the baseline's code, for NAME@base scenarios
+        self._base_stores: dict[int, Path] = {}
         self.redis_ok = False  # set by start_redis
         self.redis_private = False
         self.upstream_port = 0
@@ -196,6 +240,22 @@ class Bench:
         if count not in self.stores:
             self.stores[count] = seed.seeded_store(self.cache, count, self.secret)
         return self.stores[count]
+
+    def base_store(self, count: int) -> Path:
+        """The seeded store for the baseline's servers, built by the baseline's own code (its
+        migrations may be older than this checkout's); the same keys as ``store``."""
+        if count not in self._base_stores:
+            assert self.baseline is not None
+            code = ("import sys; from pathlib import Path; from benchmarks import seed; "
+                    "print(seed.seeded_store(Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]).db)")
+            env = {**os.environ, "PYTHONPATH": str(self.baseline)}
+            out = subprocess.run([sys.executable, "-c", code, str(self.cache), str(count), self.secret],
+                                 cwd=self.baseline, env=env, capture_output=True, text=True,
+                                 check=False, timeout=1800)
+            if out.returncode != 0:
+                raise ServerFailed(f"seeding the baseline's store failed: {out.stderr.strip()[-300:]}")
+            self._base_stores[count] = Path(out.stdout.strip().splitlines()[-1])
+        return self._base_stores[count]
 
     def keys_file(self, sc: Scenario) -> Path | None:
         if sc.keys == "unknown":
@@ -285,7 +345,9 @@ class Bench:
         return self.procs.start(sid, argv, port=port, log=log, core=SERVER_CORE)
 
     def _start_keystile(self, sid: str, port: int, log: Path) -> Server:
-        _, tier, count_s, workers_s, *_ = sid.split(":")  # a 5th part names a separate instance
+        base = sid.endswith(BASE_SUFFIX)
+        # A 5th part names a separate instance.
+        _, tier, count_s, workers_s, *_ = sid.removesuffix(BASE_SUFFIX).split(":")
         count, workers = int(count_s), int(workers_s)
         if tier == "redis" and not self.redis_ok:
             raise ServerFailed(f"Redis is not reachable at {self.args.redis_url}")
@@ -294,9 +356,12 @@ class Bench:
         )
         if exe is None:
             raise ServerFailed("the `keystile` command is not installed (pip install -e .)")
-        name = sid.replace(":", "-")
+        name = sid.replace(":", "-").replace("@", "-")
         (self.tmp / name).mkdir(exist_ok=True)
-        db = seed.working_copy(self.store(count), self.tmp / name)  # each server writes its own
+        seeded = self.store(count)
+        if base:
+            seeded = replace(seeded, db=self.base_store(count))
+        db = seed.working_copy(seeded, self.tmp / name)  # each server writes its own
         admin_port = free_port()
         if workers == 1:  # with workers, tier counters are per worker
             self.admin_ports[sid] = admin_port
@@ -323,6 +388,10 @@ class Bench:
         except ImportError as e:
             raise ServerFailed(f"gateway.config not importable: {e}") from None
         argv = [exe, "serve", "--config", str(conf)]
+        if base:  # the baseline's code, with this venv's packages
+            assert self.baseline is not None
+            env["PYTHONPATH"] = str(self.baseline)
+            argv = [sys.executable, "-m", "gateway", "serve", "--config", str(conf)]
         if workers != 1:
             argv += ["--workers", str(workers)]
         return self.procs.start(sid, argv, port=port, log=log, core=SERVER_CORE, env=env,
@@ -476,10 +545,14 @@ def run(args: argparse.Namespace) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="keystile-bench-"))
     tmp.chmod(0o755)  # nginx workers run as an unprivileged user when started by root
+    if args.baseline:
+        chosen = baseline_twins(chosen, args.baseline)
     outcomes = [Outcome(s) for s in chosen]
     try:
-        with Processes() as procs:
+        with Processes() as procs, contextlib.ExitStack() as stack:
             bench = Bench(args, procs, tmp)
+            if args.baseline:
+                bench.baseline = stack.enter_context(baseline_tree(args.baseline, tmp))
             if bench.tools.get("wrk") is None or bench.tools.get("nginx") is None:
                 print("wrk and nginx are required (the load generator and the upstream)",
                       file=sys.stderr)
@@ -628,6 +701,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--no-install", action="store_true", help="never run apt-get")
     p.add_argument("--no-micro", action="store_true", help="skip the micro-benchmarks")
     p.add_argument("--keep-tmp", action="store_true", help="keep configs and logs for inspection")
+    p.add_argument("--baseline", metavar="REF",
+                   help="also run each chosen Keystile scenario on the code of this git ref or "
+                   "directory (NAME@base, measured right after NAME): before/after in one run")
     a = p.parse_args(argv)
     a.duration = a.duration or (3.0 if a.quick else 8.0)
     a.warmup = a.warmup if a.warmup is not None else (1.0 if a.quick else 2.0)
