@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable
@@ -40,6 +41,9 @@ class JSONFormatter(logging.Formatter):
 
 
 def configure_logging(level: str, stream: Any = None) -> None:
+    """Every line the process writes to stderr becomes one JSON object: its own logs, every
+    third-party logger (they propagate to the root), Python warnings (``py.warnings``) and
+    uncaught exceptions in any thread."""
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JSONFormatter())
     root = logging.getLogger()
@@ -47,6 +51,23 @@ def configure_logging(level: str, stream: Any = None) -> None:
     root.setLevel(level.upper())
     # aiohttp's own access logger is replaced by ours.
     logging.getLogger("aiohttp.access").disabled = True
+    logging.captureWarnings(True)
+    crash = logging.getLogger("keystile.crash")
+
+    def excepthook(kind: type[BaseException], exc: BaseException, tb: Any) -> None:
+        crash.critical("uncaught %s", kind.__name__, exc_info=(kind, exc, tb))
+
+    def thread_excepthook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None:
+            crash.error(
+                "uncaught %s in thread %s",
+                args.exc_type.__name__,
+                args.thread.name if args.thread else "?",
+                exc_info=(args.exc_type, args.exc_value, args.exc_traceback),
+            )
+
+    sys.excepthook = excepthook
+    threading.excepthook = thread_excepthook
 
 
 class AccessLog:
@@ -150,9 +171,9 @@ class Metrics:
         self._auth_tally: dict[str, int] = dict.fromkeys(self.OUTCOMES, 0)
         self._dur_tally: dict[str, _Tally] = {}
         self._up_tally: dict[str, _Tally] = {}
-        probe = self._duration.labels("-")
-        self._bucketwise = hasattr(probe, "_buckets") and hasattr(probe, "_sum")
-        self._duration.remove("-")
+        # Whether histogram children expose per-bucket values: learnt from the first real child
+        # (a probe child would show in /metrics, and removing one warns in multi-process mode).
+        self._bucketwise: bool | None = None
 
     def add_routes(self, routes: Iterable[str]) -> None:
         """Kept for callers that announce routes; label children are created on first use."""
@@ -190,6 +211,8 @@ class Metrics:
                     self._flush_tally(hist.labels(route), t)
 
     def _flush_tally(self, child: Any, t: _Tally) -> None:
+        if self._bucketwise is None:
+            self._bucketwise = hasattr(child, "_buckets") and hasattr(child, "_sum")
         if self._bucketwise:
             for i, n in enumerate(t.buckets):
                 if n:
