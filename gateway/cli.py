@@ -150,6 +150,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         gw = create_app(cfg, secrets, metrics_dir=args.metrics_dir)
+        # Before start: a SIGTERM that arrives while starting (a supervisor stopping at once) is a
+        # graceful stop right after it, not the default action's abrupt exit.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
         try:
             await gw.start(reuse_port=args.reuse_port)
         except (StoreError, StartupError, OSError) as e:
@@ -159,10 +165,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # the collector's full passes, whose pauses otherwise show in the p99 as caches grow.
         gc.collect()
         gc.freeze()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
         reloading: set[asyncio.Task[None]] = set()
 
         async def reload() -> None:
