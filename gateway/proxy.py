@@ -265,6 +265,7 @@ class Forwarder:
         self._read_timeout = up.read_timeout
         self._pool_size = up.pool_size
         self._keepalive = up.keepalive_timeout
+        self._reuse_delay = up.reuse_delay
         self._pools: dict[str, Pool] = {}  # by Route.upstream_origin
         self._ssl: ssl.SSLContext | None = None
         self._started = False
@@ -401,6 +402,7 @@ class Forwarder:
             connect_timeout=self._connect_timeout,
             read_timeout=self._read_timeout,
             keepalive_timeout=self._keepalive,
+            reuse_delay=self._reuse_delay,
         )
         self._pools[origin] = pool
         return pool

@@ -38,10 +38,12 @@ class BadResponse(UpstreamError):
 class Disconnected(UpstreamError):
     """The connection was reset or closed before the response was complete."""
 
-    def __init__(self, detail: str, *, got_bytes: bool) -> None:
+    def __init__(self, detail: str, *, got_bytes: bool, unsent: bool = False) -> None:
         super().__init__(detail)
         # False: not one response byte arrived, so the upstream may never have seen the request.
         self.got_bytes = got_bytes
+        # True: not one byte of the request was written, so the upstream certainly never saw it.
+        self.unsent = unsent
 
 
 class ClientBodyError(UpstreamError):
