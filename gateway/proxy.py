@@ -471,13 +471,16 @@ class Forwarder:
             except UpstreamError as e:
                 _release(pool, conn, pump, False)
                 # Stale keep-alive race: a reused connection died before answering. Send again,
-                # once and on a new connection, when the request can be replayed in full.
+                # once and on a new connection, when the request can be replayed in full and
+                # sending it twice is harmless: its method is idempotent (RFC 9110 §9.2.2), or
+                # not one byte of it went out.
                 if (
                     reused
                     and not retried
                     and isinstance(e, Disconnected)
                     and not e.got_bytes
-                    and (not has_body or (method in _IDEMPOTENT and (pump is None or not conn.body_started)))
+                    and (e.unsent or method in _IDEMPOTENT)
+                    and (pump is None or not conn.body_started)
                 ):
                     retried = True
                     log.debug("stale upstream connection on route %s (%s); retrying", route.name, e)

@@ -275,6 +275,38 @@ async def test_stale_pooled_connection_is_retried_for_get(keystile, raw_upstream
         assert len(up.requests) == 4
 
 
+@pytest.mark.parametrize(
+    ("method", "sent_again"),
+    [("GET", True), ("HEAD", True), ("PUT", True), ("DELETE", True), ("OPTIONS", True), ("TRACE", True),
+     ("POST", False), ("PATCH", False)],
+)  # fmt: skip
+async def test_only_idempotent_requests_are_sent_again(
+    keystile, raw_upstream, method: str, sent_again: bool
+) -> None:
+    """A reused connection closed after taking the request: only an idempotent one is sent again
+    (RFC 9110 §9.2.2), even without a body; the upstream may have acted on a POST or PATCH."""
+
+    async def script(up: RawUpstream, reader, writer, n: int) -> None:
+        await up.next_request(reader)  # answer the first request on each connection
+        writer.write(OK)
+        await writer.drain()
+        await up.next_request(reader)  # take the second, then close without a byte
+
+    up = await raw_upstream(script)
+    gw = await keystile(routes=open_route(up.url))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.url + "/warm") as r:
+            assert r.status == 200
+        await quiet(gw, up.url)
+        async with s.request(method, gw.url + "/x") as r:
+            if sent_again:
+                assert r.status == 200
+            else:
+                assert r.status == 502 and (await r.json())["error"] == "upstream_unreachable"
+    received = [req.method for req in up.requests if req.line.split(" ")[1] == "/x"]
+    assert received == [method] * (2 if sent_again else 1)
+
+
 @pytest.mark.parametrize("pool_size", [0, 2])
 async def test_retry_uses_a_new_connection_not_another_pooled_one(keystile, raw_upstream, pool_size: int) -> None:
     async def script(up: RawUpstream, reader, writer, n: int) -> None:
