@@ -61,6 +61,7 @@ _SPECS: Final = {
     "timeout": errors.UPSTREAM_TIMEOUT,
     "unreachable": errors.UPSTREAM_UNREACHABLE,
     "bad_response": errors.UPSTREAM_BAD_RESPONSE,
+    "tls": errors.UPSTREAM_TLS,
 }
 # Defence in depth: a header Keystile would send upstream carries CR, LF or NUL (the client's own
 # headers were refused by the listener's parser, so the value came from Keystile's side).

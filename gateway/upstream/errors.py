@@ -1,7 +1,7 @@
 """Failures of the upstream transport, classified by what the client should be told.
 
 Owns: the exception types ``gateway.upstream`` raises and their ``kind`` ("timeout", "unreachable",
-"bad_response"). Must not: build HTTP responses; ``gateway.proxy`` maps kinds to error responses.
+"tls", "bad_response"). Must not: build HTTP responses; ``gateway.proxy`` maps kinds to error responses.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ class UpstreamError(Exception):
 
 
 class ConnectFailed(UpstreamError):
-    """Refused, unresolvable, TLS handshake or verification failed, or the pool is closed."""
+    """Refused, unresolvable, or the pool is closed."""
+
+
+class TLSFailed(ConnectFailed):
+    """The TLS handshake failed or the upstream's certificate could not be verified."""
+
+    kind = "tls"
 
 
 class ConnectTimeout(UpstreamError):

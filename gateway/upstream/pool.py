@@ -29,7 +29,7 @@ from collections import deque
 from urllib.parse import urlsplit
 
 from gateway.upstream.connection import Connection
-from gateway.upstream.errors import ConnectFailed, ConnectTimeout
+from gateway.upstream.errors import ConnectFailed, ConnectTimeout, TLSFailed
 
 
 def parse_origin(origin: str) -> tuple[str, str, int]:
@@ -286,6 +286,8 @@ class Pool:
                 self._wake_one()
             if isinstance(e, TimeoutError):
                 raise ConnectTimeout(f"connecting to {self.origin} timed out") from None
+            if isinstance(e, ssl.SSLError):  # verification failed or the handshake broke
+                raise TLSFailed(f"TLS with {self.origin} failed: {e}") from None
             if isinstance(e, OSError):
                 raise ConnectFailed(f"connecting to {self.origin} failed: {e!r}") from None
             raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import socket
 import ssl
@@ -937,15 +938,29 @@ async def test_https_upstream(keystile, tls_upstream, monkeypatch: pytest.Monkey
     assert server_names == ["localhost"]  # SNI sent; one handshake for all requests
 
 
-async def test_https_upstream_with_untrusted_certificate_is_502(
-    keystile, tls_upstream, monkeypatch: pytest.MonkeyPatch
+async def test_https_upstream_with_untrusted_certificate_is_502_upstream_tls(
+    keystile, tls_upstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     origin, _, _ = tls_upstream
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     gw = await keystile(routes=open_route(origin))
-    async with aiohttp.ClientSession() as s, s.get(gw.url + "/x") as r:
-        assert r.status == 502
-        assert (await r.json())["error"] == "upstream_unreachable"
+    with caplog.at_level(logging.WARNING, logger="keystile.proxy"):
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.get(gw.url + "/x") as r:
+                    assert r.status == 502
+                    body = await r.json()
+                    assert body == {
+                        "error": "upstream_tls",
+                        "message": "The upstream's TLS certificate could not be verified or the TLS handshake failed.",
+                    }
+            async with s.get(gw.admin_url + "/metrics") as r:
+                metrics = await r.text()
+    # The reason is in the log, not in the body.
+    reasons = [rec.getMessage() for rec in caplog.records if "certificate verify failed" in rec.getMessage()]
+    assert len(reasons) == 2 and "self-signed" in reasons[0]
+    assert 'keystile_upstream_errors_total{kind="upstream_tls"} 2.0' in metrics
+    assert 'kind="upstream_unreachable"' not in metrics
 
 
 # -- request serialisation ------------------------------------------------------------------------
