@@ -103,7 +103,7 @@ class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     keepalive_timeout: Seconds = 30.0
     # Seconds a connection must stay silent after a response before it carries another request;
     # 0 reuses it at once.
-    reuse_delay: Annotated[float, Meta(ge=0, le=1)] = 0.005
+    reuse_delay: Annotated[float, Meta(ge=0, le=1)] = 0.003
 
 
 class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -12,9 +12,9 @@ released at least ``reuse_delay`` before the time the tick was *due* (however la
 it), and only two turns of the loop after the tick ran: the loop polls every socket in between, so
 bytes that reached this host within the quiet time have been read, and have closed their
 connection, before it can be handed out. Bytes that arrive later are the residual risk
-``connection`` describes. A connection becomes reusable between ``reuse_delay`` and 1.5 ×
-``reuse_delay`` after its release, so under load the pool holds correspondingly more open
-connections. ``reuse_delay`` 0: reusable at once.
+``connection`` describes. A connection becomes reusable ``reuse_delay`` after its release (up to
+2 ms more under load, when ticks free connections in batches), so the pool holds about requests per
+second × (``reuse_delay`` + 1 ms) more open connections. ``reuse_delay`` 0: reusable at once.
 
 Accounting: ``_open`` counts every connection being opened, in use or idle, plus slots reserved
 for woken waiters. A connection that becomes reusable goes straight to the longest waiter if there
@@ -57,7 +57,6 @@ class Pool:
         "_server_hostname",
         "_settle_at",
         "_settle_cutoff",
-        "_settle_every",
         "_settler",
         "_settling",
         "_ssl",
@@ -100,7 +99,6 @@ class Pool:
         self._reuse_delay = reuse_delay
         self._settling: deque[Connection] = deque()
         self._settler: asyncio.TimerHandle | None = None
-        self._settle_every = max(0.001, reuse_delay / 2)
         self._settle_at = 0.0  # when the armed tick is due
         self._settle_cutoff = 0.0  # released at or before this: quiet long enough
         self._conns: set[Connection] = set()  # every open connection, for stats
@@ -146,7 +144,7 @@ class Pool:
         conn.in_pool = True
         self._settling.append(conn)
         if self._settler is None:
-            self._settle_at = at = now + self._settle_every
+            self._settle_at = at = now + self._reuse_delay
             self._settler = self._loop.call_at(at, self._settle)
 
     def discard(self, conn: Connection) -> None:
@@ -226,15 +224,22 @@ class Pool:
         self._settler = None
         cutoff = self._settle_cutoff
         settling = self._settling
+        idle = self._idle
         while settling and settling[0].idle_since <= cutoff:
+            # A connection that closed meanwhile has left already (discard); one still closing
+            # is caught where it is handed out (usable()).
             conn = settling.popleft()
-            if conn.usable():
+            if self._waiters:
                 self._reusable(conn)
             else:
-                conn.in_pool = False
-                self._drop(conn)
+                idle.append(conn)
+        if idle and self._sweeper is None:
+            self._sweeper = self._loop.call_at(idle[0].idle_since + self._keepalive, self._sweep)
         if settling and not self._closed:
-            self._settle_at = at = self._loop.time() + self._settle_every
+            # When the next one's quiet time ends, but no sooner than 2 ms on: under load each
+            # tick frees a batch (a tick costs a timer and two callbacks).
+            now = self._loop.time()
+            self._settle_at = at = max(settling[0].idle_since + self._reuse_delay, now + 0.002)
             self._settler = self._loop.call_at(at, self._settle)
 
     def _pop_idle(self) -> Connection | None:

@@ -28,7 +28,7 @@ FORGED = (
     b"HTTP/1.1 200 OK\r\nX-Nonce: forged\r\nSet-Cookie: session=forged\r\n"
     b"Content-Length: %d\r\n\r\n%s" % (len(FORGED_BODY), FORGED_BODY)
 )
-LATE = 0.003  # "a few ms": under upstream.reuse_delay (5 ms by default)
+LATE = 0.002  # "a few ms" later, within upstream.reuse_delay (3 ms by default)
 
 
 def answer(nonce: str, status: bytes = b"200 OK", body: bytes | None = None) -> bytes:
