@@ -101,6 +101,9 @@ class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     pool_size: Annotated[int, Meta(ge=0)] = 256
     # Seconds an idle upstream connection is kept for reuse.
     keepalive_timeout: Seconds = 30.0
+    # Seconds a connection must stay silent after a response before it carries another request;
+    # 0 reuses it at once.
+    reuse_delay: Annotated[float, Meta(ge=0, le=1)] = 0.003
 
 
 class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -92,3 +92,8 @@ UPSTREAM_UNREACHABLE: Final = ErrorSpec(
 UPSTREAM_BAD_RESPONSE: Final = ErrorSpec(
     502, "upstream_bad_response", "The upstream sent a malformed response."
 )
+UPSTREAM_TLS: Final = ErrorSpec(
+    502,
+    "upstream_tls",
+    "The upstream's TLS certificate could not be verified or the TLS handshake failed.",
+)

@@ -61,6 +61,7 @@ _SPECS: Final = {
     "timeout": errors.UPSTREAM_TIMEOUT,
     "unreachable": errors.UPSTREAM_UNREACHABLE,
     "bad_response": errors.UPSTREAM_BAD_RESPONSE,
+    "tls": errors.UPSTREAM_TLS,
 }
 # Defence in depth: a header Keystile would send upstream carries CR, LF or NUL (the client's own
 # headers were refused by the listener's parser, so the value came from Keystile's side).
@@ -265,6 +266,7 @@ class Forwarder:
         self._read_timeout = up.read_timeout
         self._pool_size = up.pool_size
         self._keepalive = up.keepalive_timeout
+        self._reuse_delay = up.reuse_delay
         self._pools: dict[str, Pool] = {}  # by Route.upstream_origin
         self._ssl: ssl.SSLContext | None = None
         self._started = False
@@ -401,6 +403,7 @@ class Forwarder:
             connect_timeout=self._connect_timeout,
             read_timeout=self._read_timeout,
             keepalive_timeout=self._keepalive,
+            reuse_delay=self._reuse_delay,
         )
         self._pools[origin] = pool
         return pool
@@ -469,13 +472,16 @@ class Forwarder:
             except UpstreamError as e:
                 _release(pool, conn, pump, False)
                 # Stale keep-alive race: a reused connection died before answering. Send again,
-                # once and on a new connection, when the request can be replayed in full.
+                # once and on a new connection, when the request can be replayed in full and
+                # sending it twice is harmless: its method is idempotent (RFC 9110 §9.2.2), or
+                # not one byte of it went out.
                 if (
                     reused
                     and not retried
                     and isinstance(e, Disconnected)
                     and not e.got_bytes
-                    and (not has_body or (method in _IDEMPOTENT and (pump is None or not conn.body_started)))
+                    and (e.unsent or method in _IDEMPOTENT)
+                    and (pump is None or not conn.body_started)
                 ):
                     retried = True
                     log.debug("stale upstream connection on route %s (%s); retrying", route.name, e)

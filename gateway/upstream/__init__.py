@@ -16,6 +16,7 @@ from gateway.upstream.errors import (
     ConnectTimeout,
     Disconnected,
     ReadTimeout,
+    TLSFailed,
     UpstreamError,
 )
 from gateway.upstream.pool import Pool, parse_origin
@@ -31,6 +32,7 @@ __all__ = [
     "Disconnected",
     "Pool",
     "ReadTimeout",
+    "TLSFailed",
     "UpstreamError",
     "parse_origin",
 ]

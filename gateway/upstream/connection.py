@@ -9,6 +9,29 @@ touch the client's connection, or pool itself (``gateway.upstream.pool`` does th
 One exchange at a time (no pipelining): ``begin`` → ``send``/``send_streaming`` → ``read_head`` →
 ``read_body`` until b"" → ``finish``. The response is exposed raw: ``status``, ``reason`` and
 ``headers`` as (name, value) byte pairs in wire order, duplicates kept.
+
+Never another request's answer. HTTP/1.1 pairs responses with requests by order alone, so a byte
+the upstream sends that is not part of the answer to the request in flight (a body after a HEAD
+response or after 204/304, a second response in the same write, an unsolicited one later) would
+be read as the answer to the next request on this connection — on a pooled connection, another
+client's. Three rules keep that from happening:
+
+- A response is due only from the moment the request's first bytes are handed to the kernel (the
+  end of the loop's turn, ``gateway.turn``) until its last byte. A byte that arrives at any other
+  time — idle in the pool, after ``begin`` but before the request went out, after the response's
+  last byte, within the same read too — is never parsed as an answer: the connection closes, and a
+  request that had not gone out fails as unsent, so the caller may send it on a new connection.
+- Responses to HEAD, and 204 and 304 responses, end the connection: servers are known to send
+  the body those must not have, sometimes much later.
+- The pool reuses a connection only after it has stayed silent for ``upstream.reuse_delay`` after
+  its response, checked after the loop has polled it (``gateway.upstream.pool``).
+
+Residual risk: an upstream that answers a request correctly, then sends more bytes (an unsolicited
+response, a body longer than its Content-Length) after that quiet time, when the next request has
+already gone out, makes those bytes indistinguishable from the answer to the next request: nothing
+in HTTP/1.1 tells them apart. The connection is closed when the real answer follows (no response
+due then), but one answer has been taken from the wrong bytes. A larger ``upstream.reuse_delay``
+narrows the window for an upstream known to send late bytes.
 """
 
 from __future__ import annotations
@@ -19,7 +42,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import httptools
 
-from gateway.turn import BatchedTransport, turn_writes
+from gateway.turn import BatchedTransport, TurnWrites, turn_writes
 from gateway.upstream.errors import BadResponse, ClientBodyError, Disconnected, ReadTimeout, UpstreamError
 
 if TYPE_CHECKING:
@@ -50,6 +73,10 @@ class _TooLarge(Exception):
     """Raised inside the parser when the response head exceeds MAX_HEAD."""
 
 
+class _Extra(Exception):
+    """Raised inside the parser when another message starts after the response was complete."""
+
+
 def _close_delimited(headers: list[tuple[bytes, bytes]]) -> bool:
     """No Content-Length and no final chunked coding: the body ends when the connection does."""
     for name, value in headers:
@@ -61,11 +88,27 @@ def _close_delimited(headers: list[tuple[bytes, bytes]]) -> bool:
     return True
 
 
-def _says_close(headers: list[tuple[bytes, bytes]]) -> bool:
-    for name, value in headers:
-        if name.lower() == b"connection" and b"close" in (t.strip().lower() for t in value.split(b",")):
-            return True
-    return False
+class _RequestWrites(BatchedTransport):
+    """The connection's transport: writes wait for the end of the loop's turn (``gateway.turn``),
+    and the connection learns when its request actually goes out, which is when a response becomes
+    due."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, transport: asyncio.Transport, turn: TurnWrites, conn: Connection) -> None:
+        super().__init__(transport, turn)
+        self._conn = conn
+
+    def flush(self) -> None:
+        conn = self._conn
+        if conn._queued:  # the request of the exchange in progress goes out now
+            conn._queued = False
+            conn._due = not conn.complete
+        BatchedTransport.flush(self)
+
+    def discard(self) -> None:
+        """Forget what is queued: it must not reach the upstream (close and abort send it)."""
+        self._pending = None
 
 
 class Connection(asyncio.Protocol):
@@ -75,8 +118,8 @@ class Connection(asyncio.Protocol):
         "_chunks",
         "_client_wait",
         "_drain_waiter",
+        "_due",
         "_exc",
-        "_fresh_parser",
         "_got_bytes",
         "_head_bytes",
         "_head_request",
@@ -87,6 +130,7 @@ class Connection(asyncio.Protocol):
         "_loop",
         "_parser",
         "_pool",
+        "_queued",
         "_read_paused",
         "_read_timeout",
         "_reusable",
@@ -109,13 +153,14 @@ class Connection(asyncio.Protocol):
         self._pool = pool
         self._loop = loop
         self._read_timeout = read_timeout
-        self._transport: asyncio.Transport | None = None
+        self._transport: _RequestWrites | None = None
         self._parser = httptools.HttpResponseParser(self)
-        self._fresh_parser = False  # set after a HEAD: the parser may still expect a body
         self.closed = False
         self.in_pool = False
         self.idle_since = 0.0
         self._active = False  # an exchange is in progress (begin .. finish)
+        self._queued = False  # its request is queued for the end of the turn, not yet written
+        self._due = False  # its request went out and the response is not complete yet
         self._head_request = False
         self.status = 0
         self.reason = b""
@@ -144,13 +189,11 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Writes wait for the end of the loop's turn (gateway.turn). uvloop's is not a subclass.
-        self._transport = BatchedTransport(cast(asyncio.Transport, transport), turn_writes(self._loop))
+        self._transport = _RequestWrites(cast(asyncio.Transport, transport), turn_writes(self._loop), self)
 
     def data_received(self, data: bytes) -> None:
-        if not self._active:
-            # Bytes nobody asked for: the stream is out of step, the connection is unusable.
-            self._reusable = False
-            self.abort()
+        if not self._due:
+            self._stray()
             return
         self._got_bytes = True
         self._last_io = self._loop.time()
@@ -159,7 +202,9 @@ class Connection(asyncio.Protocol):
         except httptools.HttpParserUpgrade:
             self._protocol_error("unexpected protocol upgrade")
         except httptools.HttpParserError as e:
-            if isinstance(e.__context__, _TooLarge):
+            if isinstance(e.__context__, _Extra):
+                self._protocol_error("bytes after the complete response")
+            elif isinstance(e.__context__, _TooLarge):
                 self._protocol_error(f"response head larger than {MAX_HEAD} bytes")
             else:
                 self._protocol_error(f"malformed response: {e}")
@@ -177,7 +222,11 @@ class Connection(asyncio.Protocol):
                 self._keep_alive = False
             else:
                 what = "reset" if exc is not None else "closed"
-                self._fail(Disconnected(f"upstream {what} the connection", got_bytes=self._got_bytes))
+                self._fail(
+                    Disconnected(
+                        f"upstream {what} the connection", got_bytes=self._got_bytes, unsent=self._queued
+                    )
+                )
         self._wake()
         self._wake_drain()
         if self.in_pool:
@@ -194,7 +243,10 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         if self.complete:
-            self._reusable = False  # a second response to one request
+            # A second response to one request, in the same read: stop parsing, the answer is
+            # what came before; the connection is closed (data_received).
+            self._reusable = False
+            raise _Extra
 
     def on_status(self, status: bytes) -> None:
         self.reason += status  # may arrive in pieces
@@ -216,17 +268,20 @@ class Connection(asyncio.Protocol):
         self.status = status
         self.headers_done = True
         if self._head_request:
-            # llhttp does not know the request was HEAD: the response ends with its headers.
-            self._keep_alive = parser.get_http_version() == "1.1" and not _says_close(self.headers)
+            # llhttp does not know the request was HEAD: the response ends with its headers. Many
+            # servers send the body anyway (even much later): this connection carries no more.
             self.complete = True
-            self._fresh_parser = True
+            self._due = False
+            self._keep_alive = False
+        elif status == 204 or status == 304:
+            self._keep_alive = False  # no body, yet servers send one: likewise
         else:
             self._keep_alive = parser.should_keep_alive() and parser.get_http_version() == "1.1"
         self._wake()
 
     def on_body(self, body: bytes) -> None:
         if self.complete:
-            self._reusable = False  # body bytes after a HEAD response
+            self._reusable = False  # body bytes after a HEAD response, never relayed
             return
         self._chunks.append(body)
         self._buffered += len(body)
@@ -244,6 +299,7 @@ class Connection(asyncio.Protocol):
         if self.complete:
             return  # HEAD: already complete at its headers
         self.complete = True
+        self._due = False
         self._wake()
 
     # -- the exchange -----------------------------------------------------------------------
@@ -253,10 +309,9 @@ class Connection(asyncio.Protocol):
         return not self.closed and self._reusable and t is not None and not t.is_closing()
 
     def begin(self, head_request: bool) -> None:
-        if self._fresh_parser:
-            self._parser = httptools.HttpResponseParser(self)
-            self._fresh_parser = False
         self._active = True
+        self._queued = True
+        self._due = False
         self._head_request = head_request
         self.status = 0
         self.reason = b""
@@ -323,7 +378,7 @@ class Connection(asyncio.Protocol):
 
     def finish(self) -> bool:
         """End the exchange; True when the connection may carry another request."""
-        self._active = False
+        self._active = self._queued = self._due = False
         return (
             self.complete
             and self._keep_alive
@@ -353,6 +408,16 @@ class Connection(asyncio.Protocol):
         return self._buffered
 
     # -- internals --------------------------------------------------------------------------
+
+    def _stray(self) -> None:
+        """Bytes while no response is due: never an answer, and the stream is out of step."""
+        self._reusable = False
+        t = self._transport
+        if self._active and not self.complete and t is not None:
+            # Our request is still queued: it must not go out on this connection now.
+            t.discard()
+            self._fail(Disconnected("upstream sent bytes before the request", got_bytes=False, unsent=True))
+        self.abort()
 
     async def _pump(self, source: BodySource, length: int | None) -> None:
         transport = self._transport

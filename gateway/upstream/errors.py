@@ -1,7 +1,7 @@
 """Failures of the upstream transport, classified by what the client should be told.
 
 Owns: the exception types ``gateway.upstream`` raises and their ``kind`` ("timeout", "unreachable",
-"bad_response"). Must not: build HTTP responses; ``gateway.proxy`` maps kinds to error responses.
+"tls", "bad_response"). Must not: build HTTP responses; ``gateway.proxy`` maps kinds to error responses.
 """
 
 from __future__ import annotations
@@ -14,7 +14,13 @@ class UpstreamError(Exception):
 
 
 class ConnectFailed(UpstreamError):
-    """Refused, unresolvable, TLS handshake or verification failed, or the pool is closed."""
+    """Refused, unresolvable, or the pool is closed."""
+
+
+class TLSFailed(ConnectFailed):
+    """The TLS handshake failed or the upstream's certificate could not be verified."""
+
+    kind = "tls"
 
 
 class ConnectTimeout(UpstreamError):
@@ -38,10 +44,12 @@ class BadResponse(UpstreamError):
 class Disconnected(UpstreamError):
     """The connection was reset or closed before the response was complete."""
 
-    def __init__(self, detail: str, *, got_bytes: bool) -> None:
+    def __init__(self, detail: str, *, got_bytes: bool, unsent: bool = False) -> None:
         super().__init__(detail)
         # False: not one response byte arrived, so the upstream may never have seen the request.
         self.got_bytes = got_bytes
+        # True: not one byte of the request was written, so the upstream certainly never saw it.
+        self.unsent = unsent
 
 
 class ClientBodyError(UpstreamError):

@@ -1,13 +1,23 @@
 """Keep-alive connection pools, one per upstream origin.
 
 Owns: opening connections (TCP or TLS, bounded by ``connect_timeout``), reusing idle ones
-(last-in first-out, so the freshest is used and the rest age out), the per-origin limit with a
-first-come first-served queue of waiters, closing connections idle for ``keepalive_timeout``, the
-read-timeout ticker, and the open-connection accounting. Must not: speak HTTP (``connection``
-does), or decide whether a connection is reusable.
+(last-in first-out, so the freshest is used and the rest age out) once they have stayed quiet for
+``reuse_delay``, the per-origin limit with a first-come first-served queue of waiters, closing
+connections idle for ``keepalive_timeout``, the read-timeout ticker, and the open-connection
+accounting. Must not: speak HTTP (``connection`` does), or decide whether a connection is reusable.
+
+Quiet time: a released connection first waits in ``_settling`` (oldest first), still reading its
+socket, and closes itself on any byte (``connection``). A ticker makes it reusable once it was
+released at least ``reuse_delay`` before the time the tick was *due* (however late the loop runs
+it), and only two turns of the loop after the tick ran: the loop polls every socket in between, so
+bytes that reached this host within the quiet time have been read, and have closed their
+connection, before it can be handed out. Bytes that arrive later are the residual risk
+``connection`` describes. A connection becomes reusable ``reuse_delay`` after its release (up to
+2 ms more under load, when ticks free connections in batches), so the pool holds about requests per
+second × (``reuse_delay`` + 1 ms) more open connections. ``reuse_delay`` 0: reusable at once.
 
 Accounting: ``_open`` counts every connection being opened, in use or idle, plus slots reserved
-for woken waiters. A released keep-alive connection goes straight to the longest waiter if there
+for woken waiters. A connection that becomes reusable goes straight to the longest waiter if there
 is one; a freed slot is reserved for it, so a newcomer can never overtake the queue.
 """
 
@@ -19,7 +29,7 @@ from collections import deque
 from urllib.parse import urlsplit
 
 from gateway.upstream.connection import Connection
-from gateway.upstream.errors import ConnectFailed, ConnectTimeout
+from gateway.upstream.errors import ConnectFailed, ConnectTimeout, TLSFailed
 
 
 def parse_origin(origin: str) -> tuple[str, str, int]:
@@ -43,7 +53,12 @@ class Pool:
         "_open",
         "_port",
         "_read_timeout",
+        "_reuse_delay",
         "_server_hostname",
+        "_settle_at",
+        "_settle_cutoff",
+        "_settler",
+        "_settling",
         "_ssl",
         "_sweeper",
         "_tick",
@@ -62,6 +77,7 @@ class Pool:
         connect_timeout: float,
         read_timeout: float,
         keepalive_timeout: float,
+        reuse_delay: float = 0.0,
     ) -> None:
         scheme, host, port = parse_origin(origin)
         self._loop = loop
@@ -79,6 +95,12 @@ class Pool:
         self._read_timeout = read_timeout
         self._keepalive = keepalive_timeout
         self._idle: list[Connection] = []  # oldest first; reuse pops the newest
+        # Released, still in their quiet time (oldest first), and the ticker that ends it.
+        self._reuse_delay = reuse_delay
+        self._settling: deque[Connection] = deque()
+        self._settler: asyncio.TimerHandle | None = None
+        self._settle_at = 0.0  # when the armed tick is due
+        self._settle_cutoff = 0.0  # released at or before this: quiet long enough
         self._conns: set[Connection] = set()  # every open connection, for stats
         self._open = 0
         # Pending waiters only; each gets a handed-over connection or None (a slot reserved in
@@ -112,30 +134,31 @@ class Pool:
 
     def release(self, conn: Connection, reuse: bool) -> None:
         """Give a connection back after ``conn.finish()``; ``reuse`` False closes it."""
-        if reuse and not self._closed and self._keepalive > 0 and conn.usable():
-            waiters = self._waiters
-            while waiters:  # hand it straight to the longest waiter
-                w = waiters.popleft()
-                if not w.done():
-                    w.set_result(conn)
-                    return
-            conn.idle_since = now = self._loop.time()
-            conn.in_pool = True
-            self._idle.append(conn)
-            if self._sweeper is None:
-                self._sweeper = self._loop.call_at(now + self._keepalive, self._sweep)
-        else:
+        if not reuse or self._closed or self._keepalive <= 0 or not conn.usable():
             self._drop(conn)
+            return
+        conn.idle_since = now = self._loop.time()
+        if not self._reuse_delay:
+            self._reusable(conn)
+            return
+        conn.in_pool = True
+        self._settling.append(conn)
+        if self._settler is None:
+            self._settle_at = at = now + self._reuse_delay
+            self._settler = self._loop.call_at(at, self._settle)
 
     def discard(self, conn: Connection) -> None:
-        """An idle connection was closed by the upstream."""
+        """A pooled connection was closed (by the upstream, or by itself on stray bytes)."""
         if not conn.in_pool:
             return
         conn.in_pool = False
         try:
             self._idle.remove(conn)
         except ValueError:
-            pass
+            try:
+                self._settling.remove(conn)
+            except ValueError:
+                pass
         self._drop(conn)
 
     def close(self) -> None:
@@ -144,7 +167,11 @@ class Pool:
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
-        idle, self._idle = self._idle, []
+        if self._settler is not None:
+            self._settler.cancel()
+            self._settler = None
+        idle, self._idle = [*self._settling, *self._idle], []
+        self._settling.clear()
         for conn in idle:
             conn.in_pool = False
             self._drop(conn)
@@ -158,14 +185,62 @@ class Pool:
                 w.set_result(None)
 
     def stats(self) -> dict[str, int]:
+        """Open connections; idle ones (those in their quiet time included, also counted alone as
+        settling); requests waiting for one; response bytes buffered."""
         return {
             "open": self._open,
-            "idle": len(self._idle),
+            "idle": len(self._idle) + len(self._settling),
+            "settling": len(self._settling),
             "waiting": sum(1 for w in self._waiters if not w.done()),
             "buffered_bytes": sum(c.buffered() for c in self._conns),
         }
 
     # -- internals --------------------------------------------------------------------------
+
+    def _reusable(self, conn: Connection) -> None:
+        """``conn`` may carry a request now: to the longest waiter, else onto the idle stack."""
+        waiters = self._waiters
+        while waiters:
+            w = waiters.popleft()
+            if not w.done():
+                conn.in_pool = False
+                w.set_result(conn)
+                return
+        conn.in_pool = True
+        self._idle.append(conn)
+        if self._sweeper is None:
+            self._sweeper = self._loop.call_at(conn.idle_since + self._keepalive, self._sweep)
+
+    def _settle(self) -> None:
+        """Ticker: connections released ``reuse_delay`` before this tick was due become reusable,
+        two turns of the loop later (``_settled``)."""
+        # The due time, not now: a tick that runs late must not shorten anyone's quiet time.
+        self._settle_cutoff = self._settle_at - self._reuse_delay
+        # Between the two turns the loop polls every socket, so bytes already on this host by now
+        # are read (and close their connection) before any of these can be handed out.
+        self._loop.call_soon(self._loop.call_soon, self._settled)
+
+    def _settled(self) -> None:
+        self._settler = None
+        cutoff = self._settle_cutoff
+        settling = self._settling
+        idle = self._idle
+        while settling and settling[0].idle_since <= cutoff:
+            # A connection that closed meanwhile has left already (discard); one still closing
+            # is caught where it is handed out (usable()).
+            conn = settling.popleft()
+            if self._waiters:
+                self._reusable(conn)
+            else:
+                idle.append(conn)
+        if idle and self._sweeper is None:
+            self._sweeper = self._loop.call_at(idle[0].idle_since + self._keepalive, self._sweep)
+        if settling and not self._closed:
+            # When the next one's quiet time ends, but no sooner than 2 ms on: under load each
+            # tick frees a batch (a tick costs a timer and two callbacks).
+            now = self._loop.time()
+            self._settle_at = at = max(settling[0].idle_since + self._reuse_delay, now + 0.002)
+            self._settler = self._loop.call_at(at, self._settle)
 
     def _pop_idle(self) -> Connection | None:
         idle = self._idle
@@ -180,8 +255,8 @@ class Pool:
     def _make_room(self) -> None:
         """At the limit, close the oldest idle connection so a fresh one can be opened: after a
         pooled connection turned out stale, the other idle ones likely are too."""
-        if self._limit and self._open >= self._limit and self._idle:
-            oldest = self._idle.pop(0)
+        if self._limit and self._open >= self._limit and (self._idle or self._settling):
+            oldest = self._idle.pop(0) if self._idle else self._settling.popleft()
             oldest.in_pool = False
             self._drop(oldest, wake=False)  # the slot is for the caller
 
@@ -216,6 +291,8 @@ class Pool:
                 self._wake_one()
             if isinstance(e, TimeoutError):
                 raise ConnectTimeout(f"connecting to {self.origin} timed out") from None
+            if isinstance(e, ssl.SSLError):  # verification failed or the handshake broke
+                raise TLSFailed(f"TLS with {self.origin} failed: {e}") from None
             if isinstance(e, OSError):
                 raise ConnectFailed(f"connecting to {self.origin} failed: {e!r}") from None
             raise

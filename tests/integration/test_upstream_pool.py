@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import shutil
 import socket
 import ssl
@@ -161,6 +162,11 @@ async def eventually(cond: Callable[[], bool], timeout: float = 3.0) -> None:
         await asyncio.sleep(0.02)
 
 
+async def quiet(gw, origin: str) -> None:
+    """Wait until every pooled connection has served its quiet time (``upstream.reuse_delay``)."""
+    await eventually(lambda: gw.gateway.forwarder.stats()[origin].get("settling", 0) == 0)
+
+
 # -- keep-alive reuse ---------------------------------------------------------------------------
 
 
@@ -171,9 +177,53 @@ async def test_connections_are_reused(keystile, raw_upstream) -> None:
         for i in range(50):
             async with s.get(f"{gw.url}/r{i}") as r:
                 assert r.status == 200 and await r.read() == b"ok"
+            await quiet(gw, up.url)
     assert len(up.requests) == 50
     assert up.connections == 1
-    assert gw.gateway.forwarder.stats()[up.url] == {"open": 1, "idle": 1, "waiting": 0, "buffered_bytes": 0}
+    assert gw.gateway.forwarder.stats()[up.url] == {
+        "open": 1, "idle": 1, "settling": 0, "waiting": 0, "buffered_bytes": 0
+    }
+
+
+async def test_back_to_back_requests_reuse_at_once_without_a_quiet_time(keystile, raw_upstream) -> None:
+    up = await raw_upstream()
+    gw = await keystile(routes=open_route(up.url), upstream={"reuse_delay": 0})
+    async with aiohttp.ClientSession() as s:
+        for i in range(50):
+            async with s.get(f"{gw.url}/r{i}") as r:
+                assert r.status == 200 and await r.read() == b"ok"
+    assert len(up.requests) == 50 and up.connections == 1
+
+
+async def test_a_connection_stays_quiet_before_its_next_request(keystile, raw_upstream) -> None:
+    delay = 0.05
+    answered: dict[int, float] = {}  # connection -> when its last answer went out
+    gaps: list[float] = []
+
+    async def script(up: RawUpstream, reader, writer, n: int) -> None:
+        while await up.next_request(reader) is not None:
+            if n in answered:
+                gaps.append(time.monotonic() - answered[n])
+            await asyncio.sleep(0.01)
+            writer.write(OK)
+            await writer.drain()
+            answered[n] = time.monotonic()
+
+    up = await raw_upstream(script)
+    gw = await keystile(routes=open_route(up.url), upstream={"reuse_delay": delay})
+    async with aiohttp.ClientSession() as s:
+
+        async def client(c: int) -> None:
+            for i in range(15):
+                async with s.get(f"{gw.url}/c{c}/{i}") as r:
+                    assert r.status == 200 and await r.read() == b"ok"
+
+        await asyncio.gather(*(client(c) for c in range(4)))
+    # Back to back, requests do not wait for a quiet connection: they open new ones meanwhile
+    # (more than the 4 in flight at a time), and reuse them once quiet.
+    assert 4 < up.connections < 60
+    assert gaps, "no connection was reused"
+    assert min(gaps) >= delay * 0.9, min(gaps)  # a reused connection had been silent for the delay
 
 
 @pytest.mark.parametrize(
@@ -217,12 +267,45 @@ async def test_stale_pooled_connection_is_retried_for_get(keystile, raw_upstream
         for _ in range(2):
             async with s.get(gw.url + "/x") as r:
                 assert r.status == 200 and await r.read() == b"ok"
+            await quiet(gw, up.url)
         assert up.connections == 2 and len(up.requests) == 3  # one lost, retried on a fresh one
         # A POST with a body is not replayed: the upstream may have acted on it.
         async with s.post(gw.url + "/x", data=b"payload") as r:
             assert r.status == 502
             assert (await r.json())["error"] == "upstream_unreachable"
         assert len(up.requests) == 4
+
+
+@pytest.mark.parametrize(
+    ("method", "sent_again"),
+    [("GET", True), ("HEAD", True), ("PUT", True), ("DELETE", True), ("OPTIONS", True), ("TRACE", True),
+     ("POST", False), ("PATCH", False)],
+)  # fmt: skip
+async def test_only_idempotent_requests_are_sent_again(
+    keystile, raw_upstream, method: str, sent_again: bool
+) -> None:
+    """A reused connection closed after taking the request: only an idempotent one is sent again
+    (RFC 9110 §9.2.2), even without a body; the upstream may have acted on a POST or PATCH."""
+
+    async def script(up: RawUpstream, reader, writer, n: int) -> None:
+        await up.next_request(reader)  # answer the first request on each connection
+        writer.write(OK)
+        await writer.drain()
+        await up.next_request(reader)  # take the second, then close without a byte
+
+    up = await raw_upstream(script)
+    gw = await keystile(routes=open_route(up.url))
+    async with aiohttp.ClientSession() as s:
+        async with s.get(gw.url + "/warm") as r:
+            assert r.status == 200
+        await quiet(gw, up.url)
+        async with s.request(method, gw.url + "/x") as r:
+            if sent_again:
+                assert r.status == 200
+            else:
+                assert r.status == 502 and (await r.json())["error"] == "upstream_unreachable"
+    received = [req.method for req in up.requests if req.line.split(" ")[1] == "/x"]
+    assert received == [method] * (2 if sent_again else 1)
 
 
 @pytest.mark.parametrize("pool_size", [0, 2])
@@ -245,6 +328,7 @@ async def test_retry_uses_a_new_connection_not_another_pooled_one(keystile, raw_
 
         assert await asyncio.gather(get(), get()) == [200, 200]
         assert up.connections == 2
+        await quiet(gw, up.url)
         assert await get() == 200  # stale pooled one, then a new connection, not the other stale one
         assert up.connections == 3 and len(up.requests) == 4
 
@@ -312,7 +396,10 @@ async def test_pool_size_is_respected_under_concurrency(keystile, raw_upstream) 
     assert statuses == [200] * 10
     assert peak == 2
     assert up.connections == 2
-    assert gw.gateway.forwarder.stats()[up.url] == {"open": 2, "idle": 2, "waiting": 0, "buffered_bytes": 0}
+    await quiet(gw, up.url)
+    assert gw.gateway.forwarder.stats()[up.url] == {
+        "open": 2, "idle": 2, "settling": 0, "waiting": 0, "buffered_bytes": 0
+    }
 
 
 async def test_waiters_are_served_in_order(keystile, raw_upstream) -> None:
@@ -431,6 +518,7 @@ async def test_chunked_request_body_is_rechunked(keystile, raw_upstream) -> None
     assert seen.header("Transfer-Encoding") == ["chunked"] and seen.header("Content-Length") == []
     assert seen.raw_body.endswith(b"0\r\n\r\n")
     # All at once: sent with the head, still chunked.
+    await quiet(gw, up.url)
     status, _, _ = await raw_request(
         gw.port,
         b"POST /up HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
@@ -439,6 +527,7 @@ async def test_chunked_request_body_is_rechunked(keystile, raw_upstream) -> None
     assert status == 200
     assert up.requests[-1].body == b"abc" and up.requests[-1].header("Transfer-Encoding") == ["chunked"]
     # Empty chunked body.
+    await quiet(gw, up.url)
     status, _, _ = await raw_request(
         gw.port, b"POST /up HTTP/1.1\r\nHost: gw.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n0\r\n\r\n"
     )
@@ -578,10 +667,14 @@ async def test_interim_responses_are_skipped(keystile, raw_upstream) -> None:
                 assert r.status == 201
                 assert r.headers["X-Final"] == "yes" and "Link" not in r.headers
                 assert await r.read() == b"done"
+            await quiet(gw, up.url)
     assert up.connections == 1
 
 
-async def test_bodiless_responses_keep_the_connection(keystile, raw_upstream) -> None:
+async def test_bodiless_responses_end_the_connection(keystile, raw_upstream) -> None:
+    """HEAD, 204 and 304 answers are relayed whole, and their connection carries nothing more:
+    servers are known to send the body these must not have (see tests/adversarial)."""
+
     async def script(up: RawUpstream, reader, writer, n: int) -> None:
         while (req := await up.next_request(reader)) is not None:
             path = req.line.split(" ")[1]
@@ -599,15 +692,47 @@ async def test_bodiless_responses_keep_the_connection(keystile, raw_upstream) ->
     gw = await keystile(routes=open_route(up.url))
     async with aiohttp.ClientSession() as s:
         for _ in range(2):
-            async with s.head(gw.url + "/x") as r:
-                assert r.status == 200 and r.headers["Content-Length"] == "1000" and r.headers["X-Head"] == "1"
-            async with s.get(gw.url + "/204") as r:
-                assert r.status == 204 and await r.read() == b""
-            async with s.get(gw.url + "/304") as r:
-                assert r.status == 304 and r.headers["ETag"] == '"v1"'
             async with s.get(gw.url + "/x") as r:
                 assert r.status == 200 and await r.read() == b"ok"
-    assert up.connections == 1 and len(up.requests) == 8
+            await quiet(gw, up.url)
+            assert up.open == 1  # a body-carrying answer keeps the connection
+            async with s.head(gw.url + "/x") as r:
+                assert r.status == 200 and r.headers["Content-Length"] == "1000" and r.headers["X-Head"] == "1"
+            await eventually(lambda: up.open == 0)
+            async with s.get(gw.url + "/204") as r:
+                assert r.status == 204 and await r.read() == b""
+            await eventually(lambda: up.open == 0)
+            async with s.get(gw.url + "/304") as r:
+                assert r.status == 304 and r.headers["ETag"] == '"v1"'
+            await eventually(lambda: up.open == 0)
+    assert len(up.requests) == 8
+    assert up.connections == 6  # the GET's connection served the HEAD, then each one closed
+    assert gw.gateway.forwarder.stats()[up.url]["open"] == 0
+
+
+async def test_two_responses_in_one_write_relay_only_the_first(keystile, raw_upstream) -> None:
+    async def script(up: RawUpstream, reader, writer, n: int) -> None:
+        while await up.next_request(reader) is not None:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst"
+                b"HTTP/1.1 200 OK\r\nX-Second: 1\r\nContent-Length: 6\r\n\r\nsecond"
+            )
+            await writer.drain()
+
+    up = await raw_upstream(script)
+    gw = await keystile(routes=open_route(up.url))
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: gw.test\r\nConnection: close\r\n\r\n")
+        raw = await asyncio.wait_for(reader.read(-1), 5)
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.split(b"\r\n")[0] == b"HTTP/1.1 200 OK"  # not "200 OKOK"
+        assert b"X-Second" not in head and body == b"first"
+        # The second response was never an answer, and the connection carries nothing more.
+        await eventually(lambda: up.open == 0)
+    assert up.connections == 2
+    assert gw.gateway.forwarder.stats()[up.url]["open"] == 0
 
 
 async def test_duplicate_response_headers_keep_order(keystile, raw_upstream) -> None:
@@ -794,6 +919,7 @@ async def test_https_upstream(keystile, tls_upstream, monkeypatch: pytest.Monkey
             async with s.post(f"{gw.url}/tls/{i}", data=b"x" * 1000) as r:
                 assert r.status == 200
                 assert await r.json() == {"path": f"/tls/{i}", "body_bytes": 1000, "tls": True}
+            await quiet(gw, origin)
 
         async def upload() -> AsyncIterator[bytes]:
             for _ in range(12):  # under the upstream's 1 MiB client_max_size
@@ -802,6 +928,7 @@ async def test_https_upstream(keystile, tls_upstream, monkeypatch: pytest.Monkey
 
         async with s.post(gw.url + "/tls/up", data=upload()) as r:  # streamed, re-chunked over TLS
             assert (await r.json())["body_bytes"] == 12 * 65536
+        await quiet(gw, origin)
         async with s.get(gw.url + "/big") as r:  # chunked, several MB: flow control over TLS
             got = 0
             async for chunk in r.content.iter_chunked(65536):
@@ -811,15 +938,29 @@ async def test_https_upstream(keystile, tls_upstream, monkeypatch: pytest.Monkey
     assert server_names == ["localhost"]  # SNI sent; one handshake for all requests
 
 
-async def test_https_upstream_with_untrusted_certificate_is_502(
-    keystile, tls_upstream, monkeypatch: pytest.MonkeyPatch
+async def test_https_upstream_with_untrusted_certificate_is_502_upstream_tls(
+    keystile, tls_upstream, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     origin, _, _ = tls_upstream
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     gw = await keystile(routes=open_route(origin))
-    async with aiohttp.ClientSession() as s, s.get(gw.url + "/x") as r:
-        assert r.status == 502
-        assert (await r.json())["error"] == "upstream_unreachable"
+    with caplog.at_level(logging.WARNING, logger="keystile.proxy"):
+        async with aiohttp.ClientSession() as s:
+            for _ in range(2):
+                async with s.get(gw.url + "/x") as r:
+                    assert r.status == 502
+                    body = await r.json()
+                    assert body == {
+                        "error": "upstream_tls",
+                        "message": "The upstream's TLS certificate could not be verified or the TLS handshake failed.",
+                    }
+            async with s.get(gw.admin_url + "/metrics") as r:
+                metrics = await r.text()
+    # The reason is in the log, not in the body.
+    reasons = [rec.getMessage() for rec in caplog.records if "certificate verify failed" in rec.getMessage()]
+    assert len(reasons) == 2 and "self-signed" in reasons[0]
+    assert 'keystile_upstream_errors_total{kind="upstream_tls"} 2.0' in metrics
+    assert 'kind="upstream_unreachable"' not in metrics
 
 
 # -- request serialisation ------------------------------------------------------------------------
