@@ -15,7 +15,7 @@ from typing import Final
 import msgspec
 from aiohttp import web
 
-from gateway.wire import RawResponse, status_tail
+from gateway.wire import ClosingResponse, RawResponse, status_tail
 
 _enc = msgspec.json.Encoder()
 
@@ -42,6 +42,10 @@ class ErrorSpec:
 
     def response(self) -> RawResponse:
         return RawResponse(self.status, self._tail, self._block, self.body)
+
+    def closing(self) -> ClosingResponse:
+        """The same answer, after which the connection is closed (``wire.ClosingResponse``)."""
+        return ClosingResponse(self.status, self._tail, self._block, self.body)
 
 
 def error_response(
@@ -92,3 +96,10 @@ UPSTREAM_UNREACHABLE: Final = ErrorSpec(
 UPSTREAM_BAD_RESPONSE: Final = ErrorSpec(
     502, "upstream_bad_response", "The upstream sent a malformed response."
 )
+
+# The front door's own refusals (gateway.listener). Nothing from
+# the request is ever part of them: a parser error message quotes the offending line, which may
+# carry a key.
+MALFORMED_REQUEST: Final = ErrorSpec(400, "bad_request", "The request is not valid HTTP/1.1.")
+INTERNAL_ERROR: Final = ErrorSpec(500, "internal_error", "The gateway failed to handle the request.")
+HANDLER_TIMEOUT: Final = ErrorSpec(504, "timeout", "The gateway timed out handling the request.")
