@@ -137,7 +137,7 @@ class Gateway:
         self.usage.start()
         self.handler = ProxyHandler(
             cfg,
-            RouteTable(cfg.routes),
+            RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),
             self.authenticator,
             self.forwarder,
             self.usage,
@@ -230,7 +230,7 @@ class Gateway:
         self.metrics.add_routes(r.prefix for r in cfg.routes)
         handler = ProxyHandler(
             cfg,
-            RouteTable(cfg.routes),
+            RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),
             authenticator,
             forwarder,
             self.usage,

@@ -74,6 +74,11 @@ class ProxyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     header_timeout: Seconds = 10.0
     # Open client connections per process; a new connection past it is closed at once.
     max_connections: Count = 10_000
+    # Accept ";" path parameters (matrix parameters): routes match the segment before ";" and
+    # "..;x" counts as "..". Off: any ";" in a path segment, raw or %3B, is refused with 400.
+    allow_path_parameters: bool = False
+    # Match route prefixes regardless of case, for upstreams that read paths case-insensitively.
+    case_insensitive_routes: bool = False
 
 
 class AdminConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -84,6 +84,7 @@ class ProxyHandler:
         self.metrics = metrics
         self._whoami = cfg.proxy.whoami_path
         self._query_keys = bool(cfg.proxy.query_param)
+        self._path_params = cfg.proxy.allow_path_parameters
         self._log_access = cfg.logging.access_log
         self.access_log = access_log or AccessLog()
         self._sample = cfg.logging.access_sample
@@ -108,7 +109,7 @@ class ProxyHandler:
         if len(hosts) > 1:
             return bad_request("more than one Host header")
         try:
-            target = parse_target(request.raw_path)
+            target = parse_target(request.raw_path, self._path_params)
         except BadPath as e:
             return bad_request(str(e))
         presented = self.auth.presented(request.headers, request.query if self._query_keys else None)
