@@ -79,6 +79,8 @@ class ProxyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     allow_path_parameters: bool = False
     # Match route prefixes regardless of case, for upstreams that read paths case-insensitively.
     case_insensitive_routes: bool = False
+    # Forward X-HTTP-Method-Override, X-Original-URL and the like (dropped by default).
+    pass_override_headers: bool = False
 
 
 class AdminConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -97,9 +97,14 @@ UPSTREAM_BAD_RESPONSE: Final = ErrorSpec(
     502, "upstream_bad_response", "The upstream sent a malformed response."
 )
 
-# The front door's own refusals (gateway.listener). Nothing from
+# The front door's own refusals (gateway.listener, the top of ProxyHandler._handle). Nothing from
 # the request is ever part of them: a parser error message quotes the offending line, which may
 # carry a key.
 MALFORMED_REQUEST: Final = ErrorSpec(400, "bad_request", "The request is not valid HTTP/1.1.")
+AMBIGUOUS_CREDENTIALS: Final = ErrorSpec(
+    400,
+    "bad_request",
+    "More than one Authorization header, or more than one key header or parameter: send one.",
+)
 INTERNAL_ERROR: Final = ErrorSpec(500, "internal_error", "The gateway failed to handle the request.")
 HANDLER_TIMEOUT: Final = ErrorSpec(504, "timeout", "The gateway timed out handling the request.")

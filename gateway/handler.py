@@ -113,6 +113,8 @@ class ProxyHandler:
         except BadPath as e:
             return bad_request(str(e))
         presented = self.auth.presented(request.headers, request.query if self._query_keys else None)
+        if presented is auth.AMBIGUOUS:
+            return errors.AMBIGUOUS_CREDENTIALS.response()
 
         if target.path == self._whoami:
             seen.route = "whoami"
