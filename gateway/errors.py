@@ -101,6 +101,9 @@ UPSTREAM_BAD_RESPONSE: Final = ErrorSpec(
 # the request is ever part of them: a parser error message quotes the offending line, which may
 # carry a key.
 MALFORMED_REQUEST: Final = ErrorSpec(400, "bad_request", "The request is not valid HTTP/1.1.")
+VERSION_NOT_SUPPORTED: Final = ErrorSpec(
+    505, "http_version_not_supported", "Only HTTP/1.0 and HTTP/1.1 are served."
+)
 AMBIGUOUS_CREDENTIALS: Final = ErrorSpec(
     400,
     "bad_request",

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 import msgspec
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 
 from gateway import auth, errors
 from gateway.auth import Authenticator, KeyMemory
@@ -105,6 +105,10 @@ class ProxyHandler:
         return resp
 
     async def _handle(self, request: web.BaseRequest, seen: _Seen) -> Answer:
+        version = request.version
+        if version != HttpVersion11 and version != HttpVersion10:
+            # llhttp parses "HTTP/2.0" and "HTTP/0.9" request lines; neither is forwarded as 1.1.
+            return errors.VERSION_NOT_SUPPORTED.closing()
         hosts = request.headers.getall("Host", ())
         if len(hosts) > 1:
             return bad_request("more than one Host header")
