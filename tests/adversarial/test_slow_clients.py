@@ -17,6 +17,9 @@ import time
 from tests.upstream import RecordingUpstream
 
 HEAD = b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\n"
+# The loop's clock ticks in milliseconds (uvloop): a cut may land a tick before the deadline as
+# measured here.
+TICK = 0.01
 
 
 def metric(gw: object, name: str) -> float:
@@ -76,7 +79,7 @@ async def test_a_trickled_head_is_cut_off_at_the_deadline(keystile, upstream: Re
     gw = await keystile(proxy={"header_timeout": 0.5})
     took, got = await trickle(gw.port, HEAD + b"X-Pad: " + b"a" * 1000, 0.02)
     # Without the deadline it would take 20 s to send (and keepalive_timeout is 75 s).
-    assert 0.5 <= took < 5, took
+    assert 0.5 - TICK <= took < 5, took
     assert got == b""  # cut, not answered
     assert upstream.received == []
     assert metric(gw, "keystile_header_timeouts_total") == 1
@@ -85,7 +88,7 @@ async def test_a_trickled_head_is_cut_off_at_the_deadline(keystile, upstream: Re
 async def test_a_silent_connection_is_cut_off_at_the_deadline(keystile) -> None:
     gw = await keystile(proxy={"header_timeout": 0.5})
     took, got = await trickle(gw.port, b"", 0.02)
-    assert 0.5 <= took < 5 and got == b""
+    assert 0.5 - TICK <= took < 5 and got == b""
 
 
 async def test_an_idle_keep_alive_connection_waits_for_keepalive_timeout_not_the_head_deadline(
@@ -110,7 +113,7 @@ async def test_an_idle_keep_alive_connection_waits_for_keepalive_timeout_not_the
                 continue
         else:
             raise AssertionError("the trickled head was not cut off")
-        assert 0.3 <= time.monotonic() - started < 5
+        assert 0.3 - TICK <= time.monotonic() - started < 5  # not from the last answer
     finally:
         writer.close()
     assert len(upstream.received) == 2
@@ -135,7 +138,7 @@ async def test_a_normal_client_is_served_after_slow_clients_are_cut(keystile) ->
     gw = await keystile(proxy={"header_timeout": 0.5})
     slow = [asyncio.ensure_future(trickle(gw.port, HEAD + b"X-Pad: " + b"a" * 1000, 0.05)) for _ in range(30)]
     results = await asyncio.gather(*slow)
-    assert all(0.5 <= took < 8 and got == b"" for took, got in results), results
+    assert all(0.5 - TICK <= took < 8 and got == b"" for took, got in results), results
     assert metric(gw, "keystile_header_timeouts_total") == 30
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     try:
