@@ -213,15 +213,17 @@ class KeyedConnection(FixedErrors):
         return self._next_keepalive_close_time - self._keepalive_timeout
 
     def data_received(self, data: bytes) -> None:
-        # The first byte of a head after an answer starts that head's deadline.
-        if not self._request_in_progress and not self._messages and self._head_since < self._wait_started():
-            now = self._loop.time()
-            self._head_since = now
+        # The first byte of a head after an answer starts that head's deadline (_wait_started,
+        # inlined: this runs for every read).
+        if (
+            self._head_since < self._next_keepalive_close_time - self._keepalive_timeout
+            and not self._request_in_progress
+            and not self._messages
+        ):
+            self._head_since = now = self._loop.time()
             if self._head_timer is None:
-                self._head_timer = self._loop.call_at(
-                    now + self._server.header_timeout, self._head_deadline
-                )
-        super().data_received(data)
+                self._head_timer = self._loop.call_at(now + self._server.header_timeout, self._head_deadline)
+        RequestHandler.data_received(self, data)
         if self._messages:  # a complete head: its deadline is met
             self._head_since = -1.0
 
