@@ -29,7 +29,7 @@ from gateway.config import Config, Secrets, parse_listen
 from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
 from gateway.lifecycle import Lifecycle
-from gateway.listener import ProxyServer
+from gateway.listener import AdminRunner, ProxyServer
 from gateway.models import IdentityRecord
 from gateway.observability import AccessLog, Metrics, counter, gauge
 from gateway.proxy import Forwarder
@@ -137,7 +137,7 @@ class Gateway:
         self.usage.start()
         self.handler = ProxyHandler(
             cfg,
-            RouteTable(cfg.routes),
+            RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),
             self.authenticator,
             self.forwarder,
             self.usage,
@@ -153,7 +153,10 @@ class Gateway:
             handler_cancellation=True,
             keepalive_timeout=cfg.proxy.keepalive_timeout,
             access_log=None,
+            header_timeout=cfg.proxy.header_timeout,
+            max_connections=cfg.proxy.max_connections,
         )
+        self.metrics.add_state(server.stats.metrics)
         proxy_runner = web.ServerRunner(server, shutdown_timeout=cfg.proxy.shutdown_timeout)
         await proxy_runner.setup()
         self._runners.append(proxy_runner)
@@ -172,7 +175,7 @@ class Gateway:
         )
         admin_app = create_admin_app(self)
         admin_app.router.add_get("/metrics", self._metrics_endpoint)
-        admin_runner = web.AppRunner(admin_app, access_log=None, shutdown_timeout=5)
+        admin_runner = AdminRunner(admin_app, access_log=None, shutdown_timeout=5)
         await admin_runner.setup()
         self._runners.append(admin_runner)
         host, port = parse_listen(cfg.admin.listen)
@@ -227,7 +230,7 @@ class Gateway:
         self.metrics.add_routes(r.prefix for r in cfg.routes)
         handler = ProxyHandler(
             cfg,
-            RouteTable(cfg.routes),
+            RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),
             authenticator,
             forwarder,
             self.usage,
@@ -444,6 +447,8 @@ def _restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:
         ("proxy.listen", a.proxy.listen, b.proxy.listen),
         ("proxy.keepalive_timeout", a.proxy.keepalive_timeout, b.proxy.keepalive_timeout),
         ("proxy.shutdown_timeout", a.proxy.shutdown_timeout, b.proxy.shutdown_timeout),
+        ("proxy.header_timeout", a.proxy.header_timeout, b.proxy.header_timeout),
+        ("proxy.max_connections", a.proxy.max_connections, b.proxy.max_connections),
         ("admin", a.admin, b.admin),
         ("security", a.security, b.security),
         ("store", a.store, b.store),

@@ -9,7 +9,8 @@ every check after it run on every request.
 
 Precedence: ``Authorization: Bearer`` wins over ``X-API-Key`` when both are sent (a bearer token is
 the stronger statement of who is calling); ``Authorization`` with another scheme is ignored and
-passed to the upstream. Sending the key header twice is refused as invalid.
+passed to the upstream. Ambiguous credentials are refused with 400 before any route is chosen: two
+``Authorization`` headers, a key header (or the key query parameter) sent twice.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ class Presented:
         self.from_bearer = from_bearer
 
 
+# Credentials that cannot be read one way only (see ``Authenticator.presented``).
+AMBIGUOUS: Final = Presented("", False)
+
+
 class KeyMemory(Protocol):
     """Where a connection remembers its last well-formed key (``gateway.listener``)."""
 
@@ -73,21 +78,30 @@ class Authenticator:
         self._local_get = cache.local.get
 
     def presented(self, headers: CIMultiDictProxy[str], query: MultiMapping[str] | None) -> Presented:
-        """The key a request carries, or ``Presented(None)``; ``""`` means "sent but unusable"."""
-        if self._bearer:
-            auth = headers.getall("Authorization", ())
-            if len(auth) == 1 and auth[0][:7].lower() == "bearer ":
-                return Presented(auth[0][7:].strip(), True)
+        """The key a request carries, or ``Presented(None)``; ``""`` means "sent but unusable".
+
+        ``AMBIGUOUS`` (answer 400) when it carries more than one ``Authorization`` header (a
+        singleton field, RFC 9110 §11.6.2: which one an upstream reads is anyone's guess), or a key
+        header or the query parameter more than once."""
+        auth = headers.getall("Authorization", ())
+        if auth:
+            if len(auth) > 1:
+                return AMBIGUOUS
+            value = auth[0]
+            # "Bearer", any case, then spaces or tabs (RFC 9110 says 1*SP; a tab is read the same
+            # way rather than passing a key upstream as an unknown scheme).
+            if self._bearer and len(value) > 6 and value[6] in " \t" and value[:6].lower() == "bearer":
+                return Presented(value[7:].strip(), True)
         for name in self._headers:
             values = headers.getall(name, ())
             if len(values) == 1:
                 return Presented(values[0].strip(), False)
             if values:
-                return Presented("", False)
+                return AMBIGUOUS
         if self._query and query is not None:
             values = query.getall(self._query, ())
             if values:
-                return Presented(values[0] if len(values) == 1 else "", False)
+                return Presented(values[0], False) if len(values) == 1 else AMBIGUOUS
         return Presented(None, False)
 
     def _digest(self, raw: bytes) -> KeyDigest:

@@ -68,6 +68,19 @@ class ProxyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     keepalive_timeout: Seconds = 75.0
     # Seconds SIGTERM waits for in-flight requests before closing them.
     shutdown_timeout: Seconds = 30.0
+    # Seconds a client has to send a complete request head: from opening the connection, and on
+    # a keep-alive connection from the first byte of the next head (idle time before it is
+    # keepalive_timeout's). A connection that misses it is closed.
+    header_timeout: Seconds = 10.0
+    # Open client connections per process; a new connection past it is closed at once.
+    max_connections: Count = 10_000
+    # Accept ";" path parameters (matrix parameters): routes match the segment before ";" and
+    # "..;x" counts as "..". Off: any ";" in a path segment, raw or %3B, is refused with 400.
+    allow_path_parameters: bool = False
+    # Match route prefixes regardless of case, for upstreams that read paths case-insensitively.
+    case_insensitive_routes: bool = False
+    # Forward X-HTTP-Method-Override, X-Original-URL and the like (dropped by default).
+    pass_override_headers: bool = False
 
 
 class AdminConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -15,7 +15,7 @@ from typing import Final
 import msgspec
 from aiohttp import web
 
-from gateway.wire import RawResponse, status_tail
+from gateway.wire import ClosingResponse, RawResponse, status_tail
 
 _enc = msgspec.json.Encoder()
 
@@ -42,6 +42,10 @@ class ErrorSpec:
 
     def response(self) -> RawResponse:
         return RawResponse(self.status, self._tail, self._block, self.body)
+
+    def closing(self) -> ClosingResponse:
+        """The same answer, after which the connection is closed (``wire.ClosingResponse``)."""
+        return ClosingResponse(self.status, self._tail, self._block, self.body)
 
 
 def error_response(
@@ -97,3 +101,18 @@ UPSTREAM_TLS: Final = ErrorSpec(
     "upstream_tls",
     "The upstream's TLS certificate could not be verified or the TLS handshake failed.",
 )
+
+# The front door's own refusals (gateway.listener, the top of ProxyHandler._handle). Nothing from
+# the request is ever part of them: a parser error message quotes the offending line, which may
+# carry a key.
+MALFORMED_REQUEST: Final = ErrorSpec(400, "bad_request", "The request is not valid HTTP/1.1.")
+VERSION_NOT_SUPPORTED: Final = ErrorSpec(
+    505, "http_version_not_supported", "Only HTTP/1.0 and HTTP/1.1 are served."
+)
+AMBIGUOUS_CREDENTIALS: Final = ErrorSpec(
+    400,
+    "bad_request",
+    "More than one Authorization header, or more than one key header or parameter: send one.",
+)
+INTERNAL_ERROR: Final = ErrorSpec(500, "internal_error", "The gateway failed to handle the request.")
+HANDLER_TIMEOUT: Final = ErrorSpec(504, "timeout", "The gateway timed out handling the request.")

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 from typing import Final
 
 import msgspec
-from aiohttp import web
+from aiohttp import HttpVersion10, HttpVersion11, web
 
 from gateway import auth, errors
 from gateway.auth import Authenticator, KeyMemory
@@ -84,6 +84,7 @@ class ProxyHandler:
         self.metrics = metrics
         self._whoami = cfg.proxy.whoami_path
         self._query_keys = bool(cfg.proxy.query_param)
+        self._path_params = cfg.proxy.allow_path_parameters
         self._log_access = cfg.logging.access_log
         self.access_log = access_log or AccessLog()
         self._sample = cfg.logging.access_sample
@@ -104,14 +105,20 @@ class ProxyHandler:
         return resp
 
     async def _handle(self, request: web.BaseRequest, seen: _Seen) -> Answer:
+        version = request.version
+        if version != HttpVersion11 and version != HttpVersion10:
+            # llhttp parses "HTTP/2.0" and "HTTP/0.9" request lines; neither is forwarded as 1.1.
+            return errors.VERSION_NOT_SUPPORTED.closing()
         hosts = request.headers.getall("Host", ())
         if len(hosts) > 1:
             return bad_request("more than one Host header")
         try:
-            target = parse_target(request.raw_path)
+            target = parse_target(request.raw_path, self._path_params)
         except BadPath as e:
             return bad_request(str(e))
         presented = self.auth.presented(request.headers, request.query if self._query_keys else None)
+        if presented is auth.AMBIGUOUS:
+            return errors.AMBIGUOUS_CREDENTIALS.response()
 
         if target.path == self._whoami:
             seen.route = "whoami"

@@ -9,9 +9,14 @@ handed the identity to inject.
 
 Order of header work, both directions: drop hop-by-hop headers (RFC 9110 §7.6.1 plus every header
 the ``Connection`` header names) first; then, on requests, drop the key, every header that looks
-like an identity header (any case, ``_`` for ``-``) and untrusted forwarding headers; only then add
-Keystile's own headers. Redirects are returned to the client, never followed; bodies are never
-decompressed or buffered whole.
+like an identity header, untrusted forwarding and client-address headers, and method/URL override
+headers; only then add Keystile's own headers. Every class Keystile drops is recognised in any case
+and with ``_`` for ``-`` (CGI and WSGI servers map both to one variable, and some servers read
+``_`` as ``-``): ``X_Forwarded_For``, ``Transfer_Encoding``, ``X_API_Key``. Forwarding headers pass
+from a trusted proxy only as spelled with ``-``. Last, a header whose name or value carries a
+well-formed key (of this deployment's prefix, checksum checked) is dropped wherever it came from:
+no key is forwarded, whatever scheme or header a client put it in. Redirects are returned to the
+client, never followed; bodies are never decompressed or buffered whole.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
+import re
 import ssl
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -29,6 +35,7 @@ from aiohttp import web
 
 from gateway import errors, wire
 from gateway.config import Config
+from gateway.keys import BODY_CHARS, KeyFormat
 from gateway.models import IdentityRecord
 from gateway.paths import Target
 from gateway.routing import Route
@@ -49,7 +56,33 @@ HOP_BY_HOP = frozenset(
         "proxy-authorization",
     }
 )
-_FORWARDING = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "forwarded"})
+# Rebuilt by Keystile on every request (extending an incoming chain only from a trusted proxy).
+_REBUILT = frozenset({"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"})
+# Besides Forwarded and every X-Forwarded-*: headers upstreams commonly take for the client's
+# address. Believed only from proxy.trusted_proxies.
+_CLIENT_ADDRESS = frozenset(
+    {
+        "x-real-ip",
+        "x-client-ip",
+        "true-client-ip",
+        "x-original-forwarded-for",
+        "client-ip",
+        "cf-connecting-ip",
+        "x-cluster-client-ip",
+        "fastly-client-ip",
+    }
+)
+# Headers asking an upstream to treat the request as another method or URL (proxy.pass_override_headers).
+_OVERRIDE = frozenset(
+    {
+        "x-http-method-override",
+        "x-http-method",
+        "x-method-override",
+        "x-original-url",
+        "x-rewrite-url",
+        "x-original-method",
+    }
+)
 # A request these methods make may be sent twice (RFC 9110 §9.2.2).
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS", "TRACE"})
 _LAST_CHUNK = b"0\r\n\r\n"
@@ -258,6 +291,14 @@ class Forwarder:
         self._identity: OrderedDict[bytes, tuple[IdentityRecord, str]] = OrderedDict()
         self._identity_max = cfg.cache.local_max_entries
         self._key_headers = frozenset(_norm(h) for h in p.key_headers)
+        self._pass_override = p.pass_override_headers
+        # What a key looks like, for dropping any header that carries one (_carries_key): values
+        # shorter than a key cannot, and the rest are searched for the prefix before any regex.
+        prefix = cfg.keys.prefix
+        self._key_format = KeyFormat(prefix)
+        self._key_len = len(prefix) + len("_live_") + BODY_CHARS
+        self._key_mark = prefix + "_"
+        self._key_shape = re.compile(re.escape(prefix) + rf"_(?:live|test)_[0-9A-Za-z]{{{BODY_CHARS}}}")
         self._query_param = p.query_param
         self._trusted = tuple(ipaddress.ip_network(c, strict=False) for c in p.trusted_proxies)
         self._actions: dict[str, int] = {}
@@ -294,26 +335,39 @@ class Forwarder:
         return any(addr in net for net in self._trusted)
 
     def _classify(self, name: str) -> int:
-        """What ``upstream_headers`` does with a request header name; cached, bounded."""
+        """What ``upstream_headers`` does with a request header name; cached, bounded (a name
+        carrying a key is dropped and never cached)."""
         low = name.lower()
-        n = low.replace("_", "-")
-        if low in HOP_BY_HOP or low == "expect":
+        n = low.replace("_", "-")  # the name as a server reading "_" as "-" sees it
+        if n in HOP_BY_HOP or n == "expect":
             act = _DROP
         elif n.startswith(self._identity_prefix) or n in self._key_headers:
             act = _DROP
+        elif n in _OVERRIDE:
+            act = _KEEP if self._pass_override else _DROP
         elif low == "authorization":
             act = _AUTHZ
-        elif low == "forwarded":
-            act = _FWD
-        elif low in _FORWARDING:
+        elif n in _REBUILT:
             act = _DROP
+        elif n == "forwarded" or n.startswith("x-forwarded") or n in _CLIENT_ADDRESS:
+            act = _FWD if n == low else _DROP  # a proxy never spells them with "_"
+        elif n == "content-length" and n != low:
+            act = _DROP  # framing spelled with "_": another server could take it for the real one
         elif low == "host":
             act = _HOST
         else:
             act = _KEEP
+        if len(name) >= self._key_len and self._carries_key(name):
+            return _DROP
         if len(self._actions) < _ACTIONS_MAX:
             self._actions[name] = act
         return act
+
+    def _carries_key(self, text: str) -> bool:
+        """Whether ``text`` contains a well-formed key of this deployment (checksum checked)."""
+        if self._key_mark not in text:
+            return False
+        return any(self._key_format.well_formed(m.group(0)) for m in self._key_shape.finditer(text))
 
     def identity(self, ident: IdentityRecord) -> str:
         """The identity header lines for ``ident``; raises UnsafeHeader."""
@@ -340,6 +394,7 @@ class Forwarder:
         actions = self._actions
         out: list[tuple[str, str]] = []
         has_host = False
+        key_len, key_mark = self._key_len, self._key_mark
         for name, value in src.items():
             act = actions.get(name)
             if act is None:
@@ -351,7 +406,7 @@ class Forwarder:
                     if from_bearer:
                         continue
                 elif act == _FWD:
-                    if not trusted:  # Forwarded passes only from a trusted proxy
+                    if not trusted:  # forwarding headers pass only from a trusted proxy
                         continue
                 elif act == _HOST:
                     if not preserve_host:
@@ -359,19 +414,26 @@ class Forwarder:
                     has_host = True
             if drop and name.lower() in drop:
                 continue
+            if len(value) >= key_len and key_mark in value and self._carries_key(value):
+                continue
             out.append((name, value))
         if not has_host:
             out.append(("Host", route.upstream_host))
         # X-Forwarded-*: extend the chain only when the peer is a trusted proxy.
         if trusted:
             chain = ", ".join(src.getall("X-Forwarded-For", ()))
-            out.append(("X-Forwarded-For", f"{chain}, {peer}" if chain else peer))
-            out.append(("X-Forwarded-Proto", src.get("X-Forwarded-Proto", request.scheme)))
-            out.append(("X-Forwarded-Host", src.get("X-Forwarded-Host", src.get("Host", ""))))
+            forwarded = [
+                ("X-Forwarded-For", f"{chain}, {peer}" if chain else peer),
+                ("X-Forwarded-Proto", src.get("X-Forwarded-Proto", request.scheme)),
+                ("X-Forwarded-Host", src.get("X-Forwarded-Host", src.get("Host", ""))),
+            ]
+            out += [(k, v) for k, v in forwarded if len(v) < key_len or not self._carries_key(v)]
         else:
             out.append(("X-Forwarded-For", peer))
             out.append(("X-Forwarded-Proto", request.scheme))
-            out.append(("X-Forwarded-Host", src.get("Host", "")))
+            host = src.get("Host", "")
+            if len(host) < key_len or not self._carries_key(host):
+                out.append(("X-Forwarded-Host", host))
         return out
 
     def _request_target(self, route: Route, target: Target, strip_query_key: bool) -> str:

@@ -6,6 +6,11 @@ Must not: know about keys, the store or HTTP clients.
 Specificity: the longest matching path prefix wins (whole segments: ``/api`` matches ``/api`` and
 ``/api/x`` but not ``/apix``); on a tie a route naming the host beats one that does not, then one
 naming methods beats one that does not, then the earlier route in the file.
+
+Case: prefixes match exactly by default. ``case_insensitive`` (``proxy.case_insensitive_routes``)
+matches them without regard to case, for upstreams that read paths so: otherwise ``/ADMIN/x`` would
+take a catch-all route while such an upstream serves it as ``/admin/x``. Only matching changes; the
+path is forwarded as sent.
 """
 
 from __future__ import annotations
@@ -46,7 +51,7 @@ class Route:
         return host == self.host
 
 
-def _compile(i: int, rc: RouteConfig) -> Route:
+def _compile(i: int, rc: RouteConfig, fold: bool) -> Route:
     u = urlsplit(rc.upstream)
     port = u.port or (443 if u.scheme == "https" else 80)
     default = (u.scheme == "http" and port == 80) or (u.scheme == "https" and port == 443)
@@ -57,7 +62,7 @@ def _compile(i: int, rc: RouteConfig) -> Route:
     return Route(
         index=i,
         name=rc.prefix,
-        segments=tuple(s for s in rc.prefix.split("/") if s),
+        segments=tuple(s.lower() if fold else s for s in rc.prefix.split("/") if s),
         methods=frozenset(m.upper() for m in rc.methods),
         host=rc.host.lower(),
         auth=rc.auth,
@@ -71,8 +76,9 @@ def _compile(i: int, rc: RouteConfig) -> Route:
 
 
 class RouteTable:
-    def __init__(self, routes: tuple[RouteConfig, ...]) -> None:
-        compiled = [_compile(i, rc) for i, rc in enumerate(routes)]
+    def __init__(self, routes: tuple[RouteConfig, ...], case_insensitive: bool = False) -> None:
+        self._fold = case_insensitive
+        compiled = [_compile(i, rc, case_insensitive) for i, rc in enumerate(routes)]
         # Most specific first; the match is the first that accepts the request.
         self._routes = sorted(compiled, key=lambda r: (-len(r.segments), not r.host, not r.methods, r.index))
         # Candidates by the first path segment, in the order above: a request only tries the
@@ -89,6 +95,8 @@ class RouteTable:
 
     def match(self, method: str, host: str, target: Target) -> Route | None:
         segs = target.segments
+        if self._fold:
+            segs = [s.lower() for s in segs]
         candidates = self._by_first.get(segs[0], self._root) if segs else self._root
         hostname = None
         for r in candidates:

@@ -88,3 +88,22 @@ class RawResponse:
 
 # What the proxy listener's handler returns.
 Answer = web.StreamResponse | RawResponse
+
+
+class ClosingResponse(RawResponse):
+    """A finished response after which the connection is closed: always ``HTTP/1.1`` with
+    ``Connection: close``, whatever the request said. For requests whose framing or version cannot
+    be trusted to delimit a next request (parser errors, a version other than 1.0 or 1.1)."""
+
+    __slots__ = ()
+
+    async def prepare(self, request: web.BaseRequest) -> None:
+        self.keep_alive = False  # aiohttp reads it once the answer is written, and closes
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        body = b"" if request.method == "HEAD" else self.body
+        date = date_line() if self._add_date else b""
+        transport.write(
+            b"".join((b"HTTP/1.1 ", self._status_tail, date, self._headers, _HTTP11[1], body))
+        )

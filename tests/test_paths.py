@@ -49,3 +49,45 @@ def test_strip_prefix() -> None:
     t = parse_target("/api/v1/items/")
     assert t.forward_path(2) == "/items/"
     assert t.forward_path(3) == "/"
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["/public/..;/admin", "/public/secret;jsessionid=1/x", "/public/secret%3bx/y", "/a%3B", "/a;", "/;x/a"],
+)
+def test_path_parameters_are_refused_by_default(raw: str) -> None:
+    with pytest.raises(BadPath, match="path parameters"):
+        parse_target(raw)
+
+
+def test_a_semicolon_in_the_query_is_not_a_path_parameter() -> None:
+    assert parse_target("/a?b=1;c=2").query == "b=1;c=2"
+
+
+@pytest.mark.parametrize(
+    ("raw", "path", "forward"),
+    [
+        # Matched on the part before ";", as Tomcat, Jetty and Spring read it; forwarded with it.
+        ("/public/..;/admin/x", "/admin/x", "/admin/x"),
+        ("/public/..;jsessionid=1/admin", "/admin", "/admin"),
+        ("/public/.;x/secret", "/public/secret", "/public/secret"),
+        ("/public/secret;jsessionid=1/x", "/public/secret/x", "/public/secret;jsessionid=1/x"),
+        ("/public/secret%3bx/y", "/public/secret/y", "/public/secret;x/y"),
+        ("/public;a=1;b=2/secret/", "/public/secret/", "/public;a=1;b=2/secret/"),
+        ("/;x/admin", "/admin", "/admin"),
+        ("/a;p=%2520", "/a", "/a;p=%2520"),
+    ],
+)
+def test_allowed_path_parameters(raw: str, path: str, forward: str) -> None:
+    t = parse_target(raw, allow_params=True)
+    assert (t.path, t.forward_path()) == (path, forward)
+
+
+def test_allowed_path_parameters_keep_their_segment_when_a_prefix_is_stripped() -> None:
+    t = parse_target("/api;v=1/items;page=2/7", allow_params=True)
+    assert t.forward_path(1) == "/items;page=2/7"
+
+
+def test_allowed_path_parameters_still_refuse_climbing_above_the_root() -> None:
+    with pytest.raises(BadPath):
+        parse_target("/..;x/admin", allow_params=True)

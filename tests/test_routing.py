@@ -47,3 +47,20 @@ def test_no_catch_all_means_no_route() -> None:
     assert picked(t, "/") is None
     assert picked(t, "/api/admin/x") == "/api []"
     assert picked(t, "/api/admin/x", "DELETE") == "/api/admin ['DELETE']"
+
+
+def test_prefixes_match_case_sensitively_by_default() -> None:
+    t = table({"prefix": "/"}, {"prefix": "/admin"})
+    assert picked(t, "/ADMIN/x") == "/ []"
+
+
+def test_case_insensitive_routes_match_any_case() -> None:
+    routes = ({"prefix": "/"}, {"prefix": "/Admin"}, {"prefix": "/admin/Keys", "methods": ["DELETE"]})
+    t = RouteTable(tuple(RouteConfig(upstream=UP, **r) for r in routes), case_insensitive=True)  # type: ignore[arg-type]
+    assert picked(t, "/ADMIN/x") == "/Admin []"
+    assert picked(t, "/admin") == "/Admin []"
+    assert picked(t, "/aDmIn/KEYS/1", "DELETE") == "/admin/Keys ['DELETE']"
+    assert picked(t, "/adminx") == "/ []"
+    # Matching only: the path goes upstream as sent.
+    route = t.match("GET", "gw.test", parse_target("/ADMIN/X"))
+    assert route is not None and route.upstream_path(parse_target("/ADMIN/X")) == "/ADMIN/X"

@@ -152,14 +152,15 @@ async def test_auth_none_and_optional_routes(keystile, upstream: RecordingUpstre
     assert (await get(gw.url + "/opt/x", {"X-API-Key": "nope"}))[0] == 401
 
 
-async def test_duplicate_key_headers_are_refused(keystile) -> None:
+async def test_duplicate_key_headers_are_refused(keystile, upstream: RecordingUpstream) -> None:
     gw = await keystile()
     key = await gw.key()
-    req = (
-        f"GET /x HTTP/1.1\r\nHost: a\r\nX-API-Key: {key}\r\nX-API-Key: {key}\r\nConnection: close\r\n\r\n"
-    ).encode()
-    status, _, body = await raw_request(gw.port, req)
-    assert status == 401 and json.loads(body) == INVALID
+    for dup in (f"X-API-Key: {key}\r\nX-API-Key: {key}", f"Authorization: Bearer {key}\r\nAuthorization: Basic eDp5"):
+        for path in ("/x", "/public/x"):
+            req = f"GET {path} HTTP/1.1\r\nHost: a\r\n{dup}\r\nConnection: close\r\n\r\n".encode()
+            status, _, body = await raw_request(gw.port, req)
+            assert status == 400 and json.loads(body)["error"] == "bad_request"
+    assert upstream.received == []
 
 
 @pytest.mark.parametrize(
