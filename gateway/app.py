@@ -115,6 +115,7 @@ class Gateway:
                 cfg.cache.negative_ttl,
                 cfg.cache.local_max_entries,
                 cfg.cache.local_ttl_synced,
+                cfg.cache.negative_max_entries,
             ),
             self.loader,
             self.store.lookup_concurrency,
@@ -224,6 +225,7 @@ class Gateway:
             cfg.cache.local_max_entries,
             cfg.cache.local_ttl_synced,
         )
+        local.negative_max_entries = cfg.cache.negative_max_entries
         self.metrics.add_routes(r.prefix for r in cfg.routes)
         handler = ProxyHandler(
             cfg,
@@ -373,6 +375,13 @@ class Gateway:
             )
         out.append(counter("keystile_cache_lookups", "Identity lookups by tier and result.", tiers))
         out.append(gauge("keystile_cache_local_entries", "Entries in the in-process cache.", len(local)))
+        out.append(
+            gauge(
+                "keystile_cache_local_negative_entries",
+                "Unknown keys remembered in the in-process cache.",
+                local.negatives,
+            )
+        )
         u = self.usage
         out.append(
             counter("keystile_usage_flushes", "Usage batches written to the store.", [({}, u.flushes)])

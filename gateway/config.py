@@ -114,6 +114,8 @@ class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     # Unknown digests are remembered this long, so random keys do not reach the store.
     negative_ttl: Annotated[float, Meta(ge=0)] = 2.0
     redis_ttl: Seconds = 300.0
+    # Unknown digests held in-process, in a space of their own: they never evict valid keys.
+    negative_max_entries: Count = 10_000
 
 
 class RedisConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
