@@ -36,6 +36,7 @@ from gateway.proxy import Forwarder
 from gateway.routing import RouteTable
 from gateway.store import Store, open_store
 from gateway.store.migrations import latest_version
+from gateway.throttle import FailureThrottle
 from gateway.usage import STOP_WAIT as USAGE_STOP_WAIT
 from gateway.usage import UsageRecorder
 from gateway.wire import Answer
@@ -115,6 +116,7 @@ class Gateway:
                 cfg.cache.negative_ttl,
                 cfg.cache.local_max_entries,
                 cfg.cache.local_ttl_synced,
+                cfg.cache.negative_max_entries,
             ),
             self.loader,
             self.store.lookup_concurrency,
@@ -135,6 +137,7 @@ class Gateway:
         await self.forwarder.start()
         self.usage = UsageRecorder(self.store, cfg.usage.flush_interval, cfg.usage.max_pending)
         self.usage.start()
+        self.throttle = FailureThrottle(cfg.throttle, cfg.proxy.trusted_proxies)
         self.handler = ProxyHandler(
             cfg,
             RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),
@@ -144,6 +147,7 @@ class Gateway:
             self.metrics,
             self.last_used,
             self.access_log,
+            self.throttle,
         )
 
         server = ProxyServer(
@@ -227,6 +231,8 @@ class Gateway:
             cfg.cache.local_max_entries,
             cfg.cache.local_ttl_synced,
         )
+        local.negative_max_entries = cfg.cache.negative_max_entries
+        self.throttle.configure(cfg.throttle, cfg.proxy.trusted_proxies)
         self.metrics.add_routes(r.prefix for r in cfg.routes)
         handler = ProxyHandler(
             cfg,
@@ -237,6 +243,7 @@ class Gateway:
             self.metrics,
             self.last_used,
             self.access_log,
+            self.throttle,
         )
         assert self.store is not None
         lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
@@ -376,6 +383,14 @@ class Gateway:
             )
         out.append(counter("keystile_cache_lookups", "Identity lookups by tier and result.", tiers))
         out.append(gauge("keystile_cache_local_entries", "Entries in the in-process cache.", len(local)))
+        out.append(
+            gauge(
+                "keystile_cache_local_negative_entries",
+                "Unknown keys remembered in the in-process cache.",
+                local.negatives,
+            )
+        )
+        out.extend(self._throttle_metrics())
         u = self.usage
         out.append(
             counter("keystile_usage_flushes", "Usage batches written to the store.", [({}, u.flushes)])
@@ -395,6 +410,28 @@ class Gateway:
             counter("keystile_usage_dropped", "Usage bumps dropped at the pending bound.", [({}, u.dropped)])
         )
         return out
+
+    def _throttle_metrics(self) -> list[Metric]:
+        t = self.throttle
+        return [
+            counter(
+                "keystile_throttle_refused",
+                "Keyed requests refused with 429 before any lookup: their client was blocked.",
+                [({}, t.refused)],
+            ),
+            counter(
+                "keystile_throttle_blocks", "Times a client was blocked after failed keys.", [({}, t.blocks)]
+            ),
+            counter(
+                "keystile_throttle_forgotten",
+                "Clients whose failure count was dropped at throttle.max_clients while counting.",
+                [({}, t.forgotten)],
+            ),
+            gauge("keystile_throttle_blocked_clients", "Clients blocked now.", len(t.blocked)),
+            gauge(
+                "keystile_throttle_counting_clients", "Clients with failed keys being counted.", t.counting
+            ),
+        ]
 
     async def stop(self) -> None:
         # runner.cleanup() stops accepting, then waits for in-flight handlers up to

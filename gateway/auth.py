@@ -146,7 +146,7 @@ class Authenticator:
         if ident is None:
             return _REFUSED_INVALID
         if ident.expires_at is not None and time.time() >= ident.expires_at:
-            return EXPIRED, ident
+            return _expired(ident)
         if not ident.member or (scopes and not scopes.issubset(ident.scopes)):
             return INSUFFICIENT_SCOPE, ident
         return ident
@@ -184,10 +184,18 @@ def decide(ident: object, scopes: frozenset[str] = frozenset()) -> Decision:
         return INVALID, None
     assert isinstance(ident, IdentityRecord)
     if ident.expires_at is not None and time.time() >= ident.expires_at:
-        return EXPIRED, ident
+        return _expired(ident)
     if not ident.member or (scopes and not scopes.issubset(ident.scopes)):
         return INSUFFICIENT_SCOPE, ident
     return ident
+
+
+def _expired(ident: IdentityRecord) -> Decision:
+    """A key past its expiry is told so, but a rotated-out secret past its grace is refused like
+    an unknown key: "expired" would confirm that it once was a real secret."""
+    if ident.grace_until is not None and time.time() >= ident.grace_until:
+        return _REFUSED_INVALID
+    return EXPIRED, ident
 
 
 def permits_scopes(ident: IdentityRecord, required: Iterable[str]) -> bool:

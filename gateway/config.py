@@ -130,6 +130,8 @@ class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     # Unknown digests are remembered this long, so random keys do not reach the store.
     negative_ttl: Annotated[float, Meta(ge=0)] = 2.0
     redis_ttl: Seconds = 300.0
+    # Unknown digests held in-process, in a space of their own: they never evict valid keys.
+    negative_max_entries: Count = 10_000
 
 
 class RedisConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -161,6 +163,18 @@ class LoggingConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=T
     access_sample: Annotated[float, Meta(ge=0, le=1)] = 1.0
 
 
+class ThrottleConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # After this many refused keys (invalid or expired) from one client address within ``window``
+    # seconds, that address gets 429 for ``block`` seconds before any lookup. 0 turns it off.
+    failures: Annotated[int, Meta(ge=0)] = 20
+    window: Seconds = 60.0
+    block: Seconds = 60.0
+    # IPv6 clients are judged by this prefix (one host usually holds a whole /64).
+    ipv6_prefix: Annotated[int, Meta(ge=1, le=128)] = 64
+    # Client addresses remembered (counting and blocked, each); bounds the throttle's memory.
+    max_clients: Count = 100_000
+
+
 class RouteConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: str
     upstream: str
@@ -185,6 +199,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     usage: UsageConfig = UsageConfig()
     logging: LoggingConfig = LoggingConfig()
     routes: tuple[RouteConfig, ...] = ()
+    throttle: ThrottleConfig = ThrottleConfig()
 
 
 class Secrets(msgspec.Struct, frozen=True):
@@ -209,6 +224,7 @@ _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
     "policy": PolicyConfig,
     "usage": UsageConfig,
     "logging": LoggingConfig,
+    "throttle": ThrottleConfig,
 }
 
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
@@ -360,6 +376,9 @@ def _check_semantics(cfg: Config) -> list[str]:
             out.append("policy.default_lifetime: longer than policy.max_lifetime")
     if durations.get("max_rotation_grace", 0) > 86400:
         out.append("policy.max_rotation_grace: at most 24h")
+    for field in ("window", "block"):
+        if getattr(cfg.throttle, field) > 86400:
+            out.append(f"throttle.{field}: at most 86400 seconds")
     for i, r in enumerate(cfg.routes):
         where = f"routes[{i}]"
         if not r.prefix.startswith("/"):

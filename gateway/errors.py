@@ -116,3 +116,23 @@ AMBIGUOUS_CREDENTIALS: Final = ErrorSpec(
 )
 INTERNAL_ERROR: Final = ErrorSpec(500, "internal_error", "The gateway failed to handle the request.")
 HANDLER_TIMEOUT: Final = ErrorSpec(504, "timeout", "The gateway timed out handling the request.")
+
+# 429 for a client blocked by gateway.throttle: one spec per Retry-After value, built when first
+# needed; past the bound (blocks longer than this many seconds) built per answer.
+_THROTTLED: dict[int, ErrorSpec] = {}
+_THROTTLED_MAX: Final = 3600
+
+
+def throttled(retry_after: int) -> ErrorSpec:
+    """The 429 a blocked client gets, with ``Retry-After: <retry_after>``; the body is fixed."""
+    spec = _THROTTLED.get(retry_after)
+    if spec is None:
+        spec = ErrorSpec(
+            429,
+            "too_many_failed_attempts",
+            "Too many invalid API keys from this address; retry later.",
+            {"Retry-After": str(retry_after)},
+        )
+        if len(_THROTTLED) < _THROTTLED_MAX:
+            _THROTTLED[retry_after] = spec
+    return spec

@@ -24,6 +24,7 @@ from gateway.observability import AccessLog, Metrics
 from gateway.paths import BadPath, parse_target
 from gateway.proxy import Forwarder, UpstreamFailure
 from gateway.routing import RouteTable
+from gateway.throttle import FailureThrottle
 from gateway.usage import UsageRecorder
 from gateway.wire import Answer
 
@@ -37,6 +38,12 @@ _OUTCOME_ERRORS: Final = {
     auth.INSUFFICIENT_SCOPE: errors.INSUFFICIENT_SCOPE,
 }
 
+
+# Refusals that count towards the failed-key throttle: a key was presented and it is not (or no
+# longer) valid. Malformed keys count too (they are answered invalid_api_key alike); a missing key,
+# a valid key without the scopes and 503s never do.
+_THROTTLE_COUNTS: Final = frozenset((auth.INVALID, auth.EXPIRED))
+THROTTLED: Final = "throttled"
 
 _whoami_enc = msgspec.json.Encoder()
 _JSON_NO_STORE: Final = {"Content-Type": "application/json", "Cache-Control": "no-store"}
@@ -74,6 +81,7 @@ class ProxyHandler:
         metrics: Metrics,
         last_used: LastUsed | None = None,
         access_log: AccessLog | None = None,
+        throttle: FailureThrottle | None = None,
     ) -> None:
         self.cfg = cfg
         self.routes = routes
@@ -88,6 +96,9 @@ class ProxyHandler:
         self._log_access = cfg.logging.access_log
         self.access_log = access_log or AccessLog()
         self._sample = cfg.logging.access_sample
+        # Shared across reloads (the Gateway owns it), so a reload lifts no block.
+        self.throttle = throttle or FailureThrottle(cfg.throttle, cfg.proxy.trusted_proxies)
+        self._blocked = self.throttle.blocked  # tested for emptiness on every keyed request
 
     async def __call__(self, request: web.BaseRequest) -> Answer:
         started = time.perf_counter()
@@ -122,8 +133,14 @@ class ProxyHandler:
 
         if target.path == self._whoami:
             seen.route = "whoami"
+            if self._blocked and presented.key is not None:
+                refused = self._throttled(request, seen)
+                if refused is not None:
+                    return refused
             seen.outcome, seen.ident = await self.auth.identify(presented.key)
             if seen.outcome != auth.OK or seen.ident is None:
+                if seen.outcome in _THROTTLE_COUNTS:
+                    self.throttle.failed(self.throttle.client(request.remote, request.headers))
                 return _OUTCOME_ERRORS[seen.outcome].response()
             return await self._whoami_response(seen.ident)
 
@@ -133,6 +150,12 @@ class ProxyHandler:
         seen.route = route.name
         ident = None
         if route.auth != "none" and not (route.auth == "optional" and presented.key is None):
+            # A blocked client is refused before any lookup; with no block anywhere (the usual
+            # case) this costs one truth test.
+            if self._blocked and presented.key is not None:
+                refused = self._throttled(request, seen)
+                if refused is not None:
+                    return refused
             # No await on an in-process answer. The listener's connections are KeyedConnections.
             conn: KeyMemory = request.protocol  # type: ignore[assignment]
             known = self.auth.check(presented.key, route.scopes, conn)
@@ -140,6 +163,8 @@ class ProxyHandler:
                 known = await self.auth.resolve(known, route.scopes)
             if not isinstance(known, IdentityRecord):
                 seen.outcome, seen.ident = known
+                if known[0] in _THROTTLE_COUNTS:
+                    self.throttle.failed(self.throttle.client(request.remote, request.headers))
                 return _OUTCOME_ERRORS[known[0]].response()
             seen.outcome, seen.ident = auth.OK, known
             ident = known
@@ -159,6 +184,14 @@ class ProxyHandler:
             resp = e.spec.response()
         seen.upstream_ms = (time.perf_counter() - up_started) * 1000
         return resp
+
+    def _throttled(self, request: web.BaseRequest, seen: _Seen) -> Answer | None:
+        """The 429 for a client the throttle has blocked, else None."""
+        wait = self.throttle.retry_after(self.throttle.client(request.remote, request.headers))
+        if not wait:
+            return None
+        seen.outcome = THROTTLED
+        return errors.throttled(wait).response()
 
     async def _whoami_response(self, ident: IdentityRecord) -> web.Response:
         last = None if self._last_used is None else await self._last_used(ident.key_id)

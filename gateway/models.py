@@ -36,6 +36,9 @@ class IdentityRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
     # False when the principal holds no grant in the key's project: the key is known but may
     # reach nothing that needs an identity (403, not 401).
     member: bool = True
+    # Set only on the identity of a rotated-out secret: the end of its grace. From then on the old
+    # secret is answered exactly like an unknown key, also while this record is still cached.
+    grace_until: float | None = None
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at

@@ -136,7 +136,16 @@ class Metrics:
     never a key, a digest or request input.
     """
 
-    OUTCOMES: Final = ("ok", "missing", "invalid", "expired", "insufficient_scope", "unavailable")
+    # "throttled": refused with 429 before any lookup (gateway.throttle).
+    OUTCOMES: Final = (
+        "ok",
+        "missing",
+        "invalid",
+        "expired",
+        "insufficient_scope",
+        "unavailable",
+        "throttled",
+    )
 
     def __init__(self, routes: Iterable[str], multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=True)

@@ -45,3 +45,33 @@ def test_the_synced_lifetime_and_negative_entries_are_spread_too() -> None:
     negatives = [tier.get(_digest(n + i), 1.9) for i in range(n)]
     assert negatives.count(MISS) not in (0, n)  # negative entries: between 1.8 and 2 s
     assert all(tier.get(_digest(n + i), 2.0) is MISS for i in range(n))
+
+
+def test_negative_entries_never_evict_valid_keys() -> None:
+    """Unknown digests have their own bounded space: any number of them leaves every valid key in."""
+    tier = LocalTier(ttl=60.0, negative_ttl=2.0, max_entries=5, negative_max_entries=10)
+    for i in range(5):
+        tier.put(_digest(i), _record(i), 0.0)
+    for i in range(1000, 1500):  # a flood of unknown keys
+        tier.put(_digest(i), None, 0.1)
+    assert len(tier) == 5 and tier.negatives == 10  # the newest unknowns, first in first out
+    assert all(tier.get(_digest(i), 0.2) == _record(i) for i in range(5))
+    assert tier.get(_digest(1499), 0.2) is None  # a negative hit
+    assert tier.get(_digest(1000), 0.2) is MISS  # pushed out by later unknowns only
+    assert (tier.hits, tier.negative_hits, tier.misses) == (5, 1, 1)
+
+
+def test_a_digest_lives_in_one_space_at_a_time() -> None:
+    tier = LocalTier(ttl=60.0, negative_ttl=2.0, max_entries=5, negative_max_entries=5)
+    d = _digest(1)
+    tier.put(d, None, 0.0)
+    tier.put(d, _record(1), 0.0)  # created after it was looked up as unknown
+    assert tier.get(d, 0.1) == _record(1) and tier.negatives == 0
+    tier.put(d, None, 0.2)  # revoked: the store now says unknown
+    assert tier.get(d, 0.3) is None and len(tier) == 0
+    tier.discard(d)
+    assert tier.get(d, 0.3) is MISS
+    tier.put(d, None, 0.4)
+    tier.put(_digest(2), _record(2), 0.4)
+    tier.clear()
+    assert len(tier) == 0 and tier.negatives == 0

@@ -71,16 +71,34 @@ class LocalTier:
     OrderedDict (~60 ns), so when more keys are active than ``max_entries`` the hot ones stay and
     the cold tail cycles. (A plain dict evicting ``next(iter(d))`` is O(n) once the front holds
     deleted slots: ~19 us per eviction at 100k entries.)
+
+    Negative entries (``None``: the digest is unknown) live in a space of their own, bounded by
+    ``negative_max_entries``, so random well-formed keys, which anyone can mint, can never push a
+    valid key out: a flood only cycles the negative space. A digest is in at most one of the two
+    maps (a put into one removes it from the other). ``get`` looks at the positive map first, so a
+    positive hit stays one dict lookup; only a positive miss also looks at the negative map. The
+    negative space is first in, first out, with no reordering on a hit: its entries all live the
+    same short ``negative_ttl``, so the oldest is also the closest to expiring.
     """
 
-    def __init__(self, ttl: float, negative_ttl: float, max_entries: int, synced_ttl: float = 0.0) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        negative_ttl: float,
+        max_entries: int,
+        synced_ttl: float = 0.0,
+        negative_max_entries: int = 10_000,
+    ) -> None:
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
         self.synced_ttl = synced_ttl
+        self.negative_max_entries = negative_max_entries
         self.trusted_until = 0.0
-        # digest -> (deadline while synced, deadline otherwise, value), least recently used first
-        self._data: OrderedDict[KeyDigest, tuple[float, float, IdentityRecord | None]] = OrderedDict()
+        # digest -> (deadline while synced, deadline otherwise, identity), least recently used first
+        self._data: OrderedDict[KeyDigest, tuple[float, float, IdentityRecord]] = OrderedDict()
+        # unknown digest -> deadline, oldest first
+        self._negative: OrderedDict[KeyDigest, float] = OrderedDict()
         self.hits = 0
         self.negative_hits = 0
         self.misses = 0
@@ -88,27 +106,47 @@ class LocalTier:
     def get(self, digest: KeyDigest, now: float) -> IdentityRecord | _Miss | None:
         entry = self._data.get(digest)
         if entry is None:
-            self.misses += 1
-            return MISS
+            return self._get_negative(digest, now)
         if (entry[0] if now < self.trusted_until else entry[1]) <= now:
             del self._data[digest]
             self.misses += 1
             return MISS
         self._data.move_to_end(digest)
-        if entry[2] is None:
-            self.negative_hits += 1
-        else:
-            self.hits += 1
+        self.hits += 1
         return entry[2]
 
+    def _get_negative(self, digest: KeyDigest, now: float) -> _Miss | None:
+        deadline = self._negative.get(digest)
+        if deadline is None:
+            self.misses += 1
+            return MISS
+        if deadline <= now:
+            del self._negative[digest]
+            self.misses += 1
+            return MISS
+        self.negative_hits += 1
+        return None
+
     def put(self, digest: KeyDigest, value: IdentityRecord | None, now: float) -> None:
-        ttl = self.ttl if value is not None else min(self.negative_ttl, self.ttl)
+        keep = 1.0 - digest[-1] * _SPREAD_STEP  # a digest's bytes are uniform
+        if value is None:
+            ttl = min(self.negative_ttl, self.ttl)
+            if ttl <= 0:
+                return
+            self._data.pop(digest, None)  # a known key that became unknown (revoked, deleted)
+            negative = self._negative
+            if digest in negative:
+                del negative[digest]  # re-inserted at the end: first in, first out by deadline
+            elif len(negative) >= self.negative_max_entries:
+                negative.popitem(last=False)
+            negative[digest] = now + ttl * keep
+            return
+        ttl = self.ttl
         if ttl <= 0:
             return
-        long = ttl
-        if value is not None and now < self.trusted_until:
-            long = max(ttl, self.synced_ttl)
-        keep = 1.0 - digest[-1] * _SPREAD_STEP  # a digest's bytes are uniform
+        long = max(ttl, self.synced_ttl) if now < self.trusted_until else ttl
+        if self._negative:
+            self._negative.pop(digest, None)
         data = self._data
         if digest in data:
             data.move_to_end(digest)
@@ -118,12 +156,19 @@ class LocalTier:
 
     def discard(self, digest: KeyDigest) -> None:
         self._data.pop(digest, None)
+        self._negative.pop(digest, None)
 
     def clear(self) -> None:
         self._data.clear()
+        self._negative.clear()
 
     def __len__(self) -> int:
+        """Positive entries (``negatives`` counts the others)."""
         return len(self._data)
+
+    @property
+    def negatives(self) -> int:
+        return len(self._negative)
 
 
 class IdentityCache:

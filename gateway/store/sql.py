@@ -283,7 +283,7 @@ class SQLStore(Store):
                         out[cur] = IdentityRecord(digest=cur, expires_at=r[9], **base)
                     if prev is not None and prev in wanted and r[3] is not None and r[3] > now:
                         until = r[3] if r[9] is None else min(r[3], r[9])
-                        out[prev] = IdentityRecord(digest=prev, expires_at=until, **base)
+                        out[prev] = IdentityRecord(digest=prev, expires_at=until, grace_until=r[3], **base)
         return out
 
     # -- principals ------------------------------------------------------------------------

@@ -66,7 +66,7 @@ async def test_in_process_hit_needs_no_store_or_redis(keystile, redis_url: str) 
 
 
 async def test_unknown_keys_are_cached_as_negative(keystile) -> None:
-    gw = await keystile(cache={"negative_ttl": 30})
+    gw = await keystile(cache={"negative_ttl": 30}, throttle={"failures": 0})  # not blocked at 20
     unknown = generate_key("ks", "live")
     async with aiohttp.ClientSession() as s:
         for _ in range(30):
@@ -239,6 +239,7 @@ async def test_redis_dying_or_freezing_mid_load(keystile, private_redis: RedisSe
     gw = await keystile(
         redis={"url": private_redis.url, "socket_timeout": 0.2, "connect_timeout": 0.2},
         cache={"local_ttl": 0},
+        throttle={"failures": 0},  # the revoked key is sent from the valid keys' address
     )
     valid = [await gw.key(owner=f"u{i}") for i in range(3)]
     revoked = await gw.key(owner="gone")
