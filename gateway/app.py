@@ -23,14 +23,16 @@ from prometheus_client.core import Metric
 from gateway.admin import create_admin_app
 from gateway.auth import Authenticator
 from gateway.cache import IdentityCache, LocalTier
-from gateway.cache.redis_tier import RedisTier, Subscriber, tombstone_ttl
+from gateway.cache.invalidation import OutboxPoller, Publisher, Subscriber, retention_for
+from gateway.cache.ledger import Ledger, remember_for
+from gateway.cache.redis_tier import RedisTier, tombstone_ttl
 from gateway.cache.tiers import TieredLoader
 from gateway.config import Config, Secrets, parse_listen
 from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
 from gateway.lifecycle import Lifecycle
 from gateway.listener import AdminRunner, ProxyServer
-from gateway.models import IdentityRecord
+from gateway.models import IdentityRecord, Invalidation
 from gateway.observability import AccessLog, Metrics, counter, gauge
 from gateway.proxy import Forwarder
 from gateway.routing import RouteTable
@@ -89,9 +91,15 @@ class Gateway:
 
     async def _store_load(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord]:
         assert self.store is not None
-        # asyncio.timeout, not wait_for: no task of its own per lookup batch.
-        async with asyncio.timeout(self.cfg.store.timeout):
-            return await self.store.find_identities(digests, time.time())
+        try:
+            # asyncio.timeout, not wait_for: no task of its own per lookup batch.
+            async with asyncio.timeout(self.cfg.store.timeout):
+                return await self.store.find_identities(digests, time.time())
+        except Exception:
+            # The store fails from here: the outbox poller cannot vouch for the in-process cache
+            # either. Withdraw its trust now rather than at the next poll.
+            self.cache.confirm_synced(0.0)
+            raise
 
     async def start(self, proxy_sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
         check_runtime()
@@ -104,11 +112,14 @@ class Gateway:
                 pool_max=cfg.store.pool_max,
             )
         await self.store.check_schema()
+        self.ledger = Ledger(remember_for(cfg.cache.redis_ttl))
         self.redis: RedisTier | None = None
+        self.publisher: Publisher | None = None
         self.subscriber: Subscriber | None = None
         if cfg.redis.url:
             ttl = tombstone_ttl(cfg.store.timeout, cfg.redis.socket_timeout)
-            self.redis = RedisTier(cfg.redis, cfg.cache, ttl)
+            self.redis = RedisTier(cfg.redis, cfg.cache, ttl, self.ledger)
+            self.publisher = Publisher(self.redis)
         self.loader = TieredLoader(self.redis, self._store_load)
         self.cache = IdentityCache(
             LocalTier(
@@ -121,11 +132,25 @@ class Gateway:
             self.loader,
             self.store.lookup_concurrency,
         )
+        # Invalidations: the store's outbox every sync_interval (the backstop, which vouches for
+        # the in-process cache), Redis pub/sub at once (the fast path).
+        self.poller = OutboxPoller(
+            self.store,
+            self.ledger,
+            self.cache.apply,
+            self.cache.confirm_synced,
+            interval=cfg.cache.sync_interval,
+            timeout=cfg.store.timeout,
+            retention=retention_for(cfg.cache.redis_ttl),
+            tombstone=self.publisher.tombstone_later if self.publisher is not None else None,
+        )
+        await self.poller.load()
+        self.poller.start()
         if self.redis is not None:
             self.subscriber = Subscriber(
                 self.redis,
                 self.cache.apply,
-                self.cache.confirm_synced,
+                self.ledger,
                 cfg.redis.url,
                 cfg.redis.connect_timeout,
                 cfg.cache.sync_interval,
@@ -200,13 +225,14 @@ class Gateway:
             },
         )
 
-    async def invalidate(self, digests: Sequence[KeyDigest]) -> None:
-        """After a committed admin write: forget these digests here, tombstone them in Redis and tell
-        every other instance. If Redis is unreachable the invalidation is retried in the background
-        until it is delivered; until then other instances may still answer from their caches."""
-        self.cache.invalidate(digests)
-        if self.redis is not None:
-            await self.redis.invalidate(digests)
+    async def invalidate(self, change: Invalidation) -> None:
+        """After a committed admin write: forget its digests here, tombstone them in Redis and tell
+        every other instance at once. The store already holds the change's outbox row, so if Redis
+        cannot be told (or this process dies now) the others apply it at their next outbox read."""
+        self.cache.apply(change.digests)
+        self.ledger.note(change.seq, change.digests)
+        if self.publisher is not None:
+            await self.publisher.publish(change)
 
     async def reload(self, cfg: Config) -> list[str]:
         """Apply a new, already validated config without dropping connections.
@@ -337,6 +363,7 @@ class Gateway:
                 ({"tier": "redis", "result": "hit"}, r.hits),
                 ({"tier": "redis", "result": "miss"}, r.misses),
                 ({"tier": "redis", "result": "negative_hit"}, r.negative_hits),
+                ({"tier": "redis", "result": "stale"}, r.stale),
                 ({"tier": "redis", "result": "error"}, r.errors),
             ]
             state = {"closed": 0, "half_open": 1, "open": 2}[r.breaker.state]
@@ -348,11 +375,12 @@ class Gateway:
                     "keystile_redis_breaker_opens", "Times the Redis breaker opened.", [({}, r.breaker.opens)]
                 )
             )
+        if self.publisher is not None:
             out.append(
-                gauge(
-                    "keystile_invalidations_pending",
-                    "Invalidations not yet published.",
-                    r.pending_invalidations,
+                counter(
+                    "keystile_invalidations_unpublished",
+                    "Invalidations this process could not publish (instances applied them from the store).",
+                    [({}, self.publisher.failures)],
                 )
             )
         if self.subscriber is not None:
@@ -374,13 +402,28 @@ class Gateway:
                     [({}, sub.lost)],
                 )
             )
-            out.append(
-                gauge(
-                    "keystile_cache_in_sync",
-                    "1 while this process can confirm it missed no invalidation.",
-                    1 if local.trusted_until > time.monotonic() else 0,
-                )
+        poller = self.poller
+        out.append(
+            counter(
+                "keystile_invalidation_outbox_reads",
+                "Reads of the store's invalidation outbox, by result.",
+                [({"result": "ok"}, poller.polls), ({"result": "error"}, poller.failures)],
             )
+        )
+        out.append(
+            counter(
+                "keystile_invalidations_from_store",
+                "Invalidations first learned from the store's outbox (no message had brought them).",
+                [({}, poller.delivered)],
+            )
+        )
+        out.append(
+            gauge(
+                "keystile_cache_in_sync",
+                "1 while this process can confirm it missed no invalidation.",
+                1 if local.trusted_until > time.monotonic() else 0,
+            )
+        )
         out.append(counter("keystile_cache_lookups", "Identity lookups by tier and result.", tiers))
         out.append(gauge("keystile_cache_local_entries", "Entries in the in-process cache.", len(local)))
         out.append(
@@ -450,9 +493,14 @@ class Gateway:
             await self._stop_step("usage flush", self.usage.aclose(), limit)
         if hasattr(self, "cache"):
             await self._stop_step("cache loads", self.cache.aclose())
+        if getattr(self, "poller", None) is not None:
+            await self._stop_step("outbox poller", self.poller.aclose())
         if getattr(self, "subscriber", None) is not None:
             assert self.subscriber is not None
             await self._stop_step("invalidation subscriber", self.subscriber.aclose())
+        if getattr(self, "publisher", None) is not None:
+            assert self.publisher is not None
+            await self._stop_step("invalidation publisher", self.publisher.aclose())
         if getattr(self, "redis", None) is not None:
             assert self.redis is not None
             await self._stop_step("redis tier", self.redis.aclose())

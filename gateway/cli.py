@@ -33,8 +33,9 @@ import msgspec
 from gateway import config as config_mod
 from gateway.admin import schemas
 from gateway.config import Config, ConfigError, Secrets
-from gateway.keys import ENVIRONMENTS, KeyDigest
+from gateway.keys import ENVIRONMENTS
 from gateway.lifecycle import Lifecycle, PolicyError
+from gateway.models import Invalidation
 from gateway.store import Store, StoreError, open_store
 
 if TYPE_CHECKING:
@@ -48,8 +49,8 @@ ADMIN_MODES = f"""These commands use a running admin API (--admin-url and --toke
 {config_mod.ADMIN_URL_ENV} and {config_mod.ADMIN_TOKEN_ENV}) or, to bootstrap, the store itself:
 --config FILE always means the store; without it, an admin URL means the API, else the store of
 {config_mod.CONFIG_ENV} (or the defaults). Prefer the API while a gateway runs: it drops changed keys
-from its cache at once; store-mode changes reach running gateways through Redis when one is
-configured, else only as their cache entries expire (cache.local_ttl)."""
+from its cache at once; store-mode changes reach running gateways at once through Redis when one
+is configured, else when they next read the store's invalidation outbox (cache.sync_interval)."""
 
 
 class Fail(Exception):
@@ -139,9 +140,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not cfg.redis.url and cfg.cache.local_ttl > 0:
             logging.getLogger("keystile").warning(
                 "--workers %d without redis.url: a key revoked or changed through one worker is "
-                "still served from the other workers' caches for up to cache.local_ttl (%g s)",
+                "still served from the other workers' caches until they next read the store "
+                "(cache.sync_interval, %g s)",
                 args.workers,
-                cfg.cache.local_ttl,
+                cfg.cache.sync_interval,
             )
 
         if args.pid_file:
@@ -284,8 +286,8 @@ def _admin(args: argparse.Namespace, fn: Callable[[Admin], Awaitable[T]], *, nee
         assert loaded is not None
         cfg, secrets = loaded
 
-        async def publish(digests: Sequence[KeyDigest]) -> None:
-            await _publish(cfg, digests)
+        async def publish(change: Invalidation) -> None:
+            await _publish(cfg, change)
 
         async def on_store(store: Store) -> T:
             lifecycle = Lifecycle(
@@ -305,21 +307,21 @@ def _admin(args: argparse.Namespace, fn: Callable[[Admin], Awaitable[T]], *, nee
         raise Fail(f"keystile: cannot reach the admin API at {target[0]}: {e or type(e).__name__}") from None
 
 
-async def _publish(cfg: Config, digests: Sequence[KeyDigest]) -> None:
-    """Tell running gateways (through Redis) which keys a store-mode write changed."""
-    from gateway.cache.redis_tier import publish_invalidation
+async def _publish(cfg: Config, change: Invalidation) -> None:
+    """Tell running gateways at once (through Redis, with the gateway's own publisher) which keys a
+    store-mode write changed. The write already recorded the change in the store's outbox, which
+    every gateway reads each cache.sync_interval: Redis only makes it immediate."""
+    from gateway.cache.invalidation import publish_invalidation
 
     try:
-        delivered = await publish_invalidation(cfg.redis, cfg.cache, cfg.store.timeout, digests)
+        delivered = await publish_invalidation(cfg.redis, cfg.cache, cfg.store.timeout, change)
     except Exception as e:
         delivered = False
         print(f"keystile: redis: {type(e).__name__}: {e}", file=sys.stderr)
     if not delivered:
-        c = cfg.cache
-        stale_for = c.redis_ttl + max(c.local_ttl, c.local_ttl_synced)  # a Redis entry, then a local one
         print(
-            "warning: the change is stored, but Redis could not be told: running gateways may "
-            f"answer from their caches for up to {stale_for:g}s",
+            "note: the change is stored, but Redis could not be told: running gateways apply it "
+            f"when they next read the store, within {2 * cfg.cache.sync_interval:g}s",
             file=sys.stderr,
         )
 

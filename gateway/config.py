@@ -121,8 +121,8 @@ class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
 
 class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     # In-process tier. An entry lives local_ttl seconds, or local_ttl_synced while this instance
-    # can confirm (every sync_interval, through Redis) that it has received every invalidation.
-    # local_ttl = 0 turns the tier off.
+    # can confirm (every sync_interval, by reading the store's invalidation outbox) that it has
+    # received every invalidation. local_ttl = 0 turns the tier off.
     local_ttl: Annotated[float, Meta(ge=0)] = 10.0
     local_ttl_synced: Annotated[float, Meta(ge=0)] = 300.0
     sync_interval: Seconds = 1.0

@@ -3,6 +3,10 @@
 Owns: key generation at creation and rotation, naming rules, lifetime policy, the key limit, and
 telling the cache what changed after every committed write. Must not: speak HTTP or format output.
 
+The store records each change's invalidation in the write's own transaction (the outbox every
+instance reads), so telling the cache afterwards is the fast path only: if it fails, or the
+process dies first, instances still learn of the change from the store.
+
 Policies (``[policy]``): at most ``max_active_keys`` active keys per principal and project (1 gives
 the "one key, rotate to replace it" model); ``default_lifetime`` applies when no expiry is asked
 for; ``max_lifetime`` caps any expiry; names are unique per principal and project, at most 200
@@ -20,13 +24,12 @@ import msgspec
 
 from gateway import keys
 from gateway.config import Config, durations
-from gateway.keys import KeyDigest
-from gateway.models import KeyRecord, NewKey, Principal, PrincipalKind
+from gateway.models import Invalidation, KeyRecord, NewKey, Principal, PrincipalKind
 from gateway.store import KeyChanges, NameTaken, PrincipalChanges, Store
 
 MAX_NAME = 200
 MAX_NAME_ATTEMPTS = 20  # generated names tried before a NameTaken is reported
-Invalidate = Callable[[Sequence[KeyDigest]], Awaitable[object]]
+Invalidate = Callable[[Invalidation], Awaitable[object]]
 
 
 class PolicyError(ValueError):
@@ -80,10 +83,11 @@ class Lifecycle:
         self._invalidate = invalidate
         self.default_lifetime, self.max_lifetime, self.max_grace = durations(cfg.policy)
 
-    async def _changed(self, digests: Sequence[KeyDigest]) -> None:
-        """After a committed write: tell every instance (awaited, bounded by the Redis timeout)."""
-        if self._invalidate is not None and digests:
-            await self._invalidate(digests)
+    async def _changed(self, change: Invalidation) -> None:
+        """After a committed write: tell every instance at once (awaited, bounded by the Redis
+        timeout). The store already holds the change's outbox row: this only makes it fast."""
+        if self._invalidate is not None and change.seq:
+            await self._invalidate(change)
 
     def _expiry(
         self, now: float, expires_at: float | None, expires_in: float | None, field: str
@@ -150,10 +154,10 @@ class Lifecycle:
             checked = {
                 check_project(p, f"grants.{p}"): _check_scopes(s, f"grants.{p}") for p, s in grants.items()
             }
-        principal, digests = await self.store.update_principal(
+        principal, change = await self.store.update_principal(
             ref, PrincipalChanges(grants=checked, disabled=disabled, metadata=metadata), actor
         )
-        await self._changed(digests)
+        await self._changed(change)
         return principal
 
     async def delete_principal(self, ref: str, *, with_keys: bool, actor: str) -> None:
@@ -244,15 +248,15 @@ class Lifecycle:
             else _check_scopes(scopes, "scopes"),
             metadata=metadata,
         )
-        record, digests = await self.store.update_key(
+        record, change = await self.store.update_key(
             key_id, changes, actor, max_active=self.cfg.policy.max_active_keys, now=now
         )
-        await self._changed(digests)
+        await self._changed(change)
         return record
 
     async def revoke_key(self, key_id: str, *, actor: str) -> KeyRecord:
-        record, digests = await self.store.revoke_key(key_id, actor, time.time())
-        await self._changed(digests)
+        record, change = await self.store.revoke_key(key_id, actor, time.time())
+        await self._changed(change)
         return record
 
     async def delete_key(self, key_id: str, *, actor: str) -> None:
@@ -266,7 +270,7 @@ class Lifecycle:
         now = time.time()
         current = await self.store.get_key(key_id)
         secret = keys.generate_key(self.cfg.keys.prefix, current.env)
-        record, digests = await self.store.rotate_key(
+        record, change = await self.store.rotate_key(
             key_id,
             digest=keys.digest(self._secret, secret),
             start=keys.display_start(secret),
@@ -274,5 +278,5 @@ class Lifecycle:
             actor=actor,
             now=now,
         )
-        await self._changed(digests)
+        await self._changed(change)
         return CreatedKey(record, secret)

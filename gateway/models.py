@@ -146,3 +146,15 @@ class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
     target_id: str
     before: dict[str, object] | None
     after: dict[str, object] | None
+
+
+class Invalidation(msgspec.Struct, frozen=True):
+    """What one committed admin write changed, as recorded in the store's invalidation outbox.
+
+    ``seq`` is the outbox row's position: it grows in commit order, so a reader that has seen
+    ``seq`` knows every row before it has committed too (0: no row, nothing changed). ``digests``
+    are the key digests whose cached identities are now wrong; ``None`` means every key (a change
+    too large to list)."""
+
+    seq: int
+    digests: tuple[bytes, ...] | None

@@ -58,7 +58,7 @@ class LocalTier:
 
     Every entry has two deadlines: ``ttl`` after it was stored, and the longer ``synced_ttl`` that
     applies only while ``trusted_until`` (monotonic) lies ahead, that is while whoever sets it (the
-    invalidation subscriber) can confirm that this process has received every invalidation. An
+    invalidation outbox poller) can confirm that this process has received every invalidation. An
     entry stored while that is not confirmed gets the short deadline only.
 
     Each key's lifetimes are shortened by up to ``TTL_SPREAD``, by a fraction taken from its digest

@@ -45,6 +45,11 @@ def set_nx(key: str, value: bytes, px: int) -> bytes:
     return encode(b"SET", key.encode(), value, b"PX", str(px).encode(), b"NX")
 
 
+def set_px(key: str, value: bytes, px: int) -> bytes:
+    """``SET key value PX px`` (replacing what is there), encoded."""
+    return encode(b"SET", key.encode(), value, b"PX", str(px).encode())
+
+
 class _Call:
     __slots__ = ("deadline", "expected", "future", "replies")
 

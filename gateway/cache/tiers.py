@@ -2,7 +2,9 @@
 
 Owns: the fall-through order and what is written back. Must not: touch HTTP. A digest absent from
 the result could not be resolved (both tiers failed): the cache reports it as unavailable, never as
-unknown. Store answers (found or not) are written back to Redis without making the request wait.
+unknown. Store answers (found or not) are written back to Redis without making the request wait,
+stamped with the invalidation seq known committed before the store was read; they replace the
+Redis values found stale (see ``gateway.cache.redis_tier``).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
-from gateway.cache.redis_tier import RedisTier, RedisUnavailable
+from gateway.cache.redis_tier import STALE, RedisTier, RedisUnavailable
 from gateway.keys import KeyDigest
 from gateway.models import IdentityRecord
 
@@ -30,6 +32,7 @@ class TieredLoader:
     async def __call__(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord | None]:
         out: dict[KeyDigest, IdentityRecord | None] = {}
         need: Sequence[KeyDigest] = digests
+        stale: list[KeyDigest] = []
         redis = self.redis
         if redis is not None and redis.breaker.allow():
             try:
@@ -42,10 +45,14 @@ class TieredLoader:
                 value = got.get(d, b"")
                 if value is None or isinstance(value, IdentityRecord):
                     out[d] = value
-                else:  # not cached, or tombstoned by a recent write
+                else:  # not cached, tombstoned by a recent write, or stale
                     need.append(d)
+                    if value is STALE:
+                        stale.append(d)
         if not need:
             return out
+        # Before the store read: every invalidation up to it is reflected in what the read returns.
+        stamp = redis.ledger.committed if redis is not None else 0
         self.store_loads += 1
         try:
             stored = await self._store_load(need)
@@ -56,5 +63,5 @@ class TieredLoader:
         fresh = {d: stored.get(d) for d in need}
         out.update(fresh)
         if redis is not None:
-            redis.fill_later(fresh, time.time())
+            redis.fill_later(fresh, time.time(), stamp, stale)
         return out

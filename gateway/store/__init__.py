@@ -4,6 +4,12 @@ Owns: the durable record of principals, grants, keys, usage and audit. Must not:
 aiohttp or the app. Every mutating call is one transaction that also writes its audit row, so a
 failed call leaves nothing behind.
 
+The invalidation outbox: a write that changes what keys resolve to also records, in the same
+transaction, an ``Invalidation`` row (the digests it changed) and returns it. Rows get a ``seq``
+that grows in commit order; every instance reads the rows after the last it saw
+(``invalidations_since``) to learn of changes even when no message reached it, and old rows are
+pruned (``prune_invalidations``).
+
 Errors::
 
     StoreError
@@ -26,7 +32,16 @@ from typing import Literal
 import msgspec
 
 from gateway.keys import KeyDigest
-from gateway.models import AuditEvent, IdentityRecord, KeyRecord, KeyStatus, NewKey, Principal, UsageUpdate
+from gateway.models import (
+    AuditEvent,
+    IdentityRecord,
+    Invalidation,
+    KeyRecord,
+    KeyStatus,
+    NewKey,
+    Principal,
+    UsageUpdate,
+)
 
 
 class StoreError(Exception):
@@ -168,11 +183,11 @@ class Store(ABC):
     @abstractmethod
     async def update_principal(
         self, ref: str, changes: PrincipalChanges, actor: str
-    ) -> tuple[Principal, list[KeyDigest]]:
-        """Returns the new principal and the digests of its keys, for invalidation."""
+    ) -> tuple[Principal, Invalidation]:
+        """Returns the new principal and the recorded invalidation of its keys' digests."""
 
     @abstractmethod
-    async def delete_principal(self, ref: str, actor: str, *, with_keys: bool) -> list[KeyDigest]: ...
+    async def delete_principal(self, ref: str, actor: str, *, with_keys: bool) -> Invalidation: ...
 
     # keys
     @abstractmethod
@@ -187,13 +202,13 @@ class Store(ABC):
     @abstractmethod
     async def update_key(
         self, key_id: str, changes: KeyChanges, actor: str, *, max_active: int, now: float
-    ) -> tuple[KeyRecord, list[KeyDigest]]: ...
+    ) -> tuple[KeyRecord, Invalidation]: ...
 
     @abstractmethod
-    async def revoke_key(self, key_id: str, actor: str, now: float) -> tuple[KeyRecord, list[KeyDigest]]: ...
+    async def revoke_key(self, key_id: str, actor: str, now: float) -> tuple[KeyRecord, Invalidation]: ...
 
     @abstractmethod
-    async def delete_key(self, key_id: str, actor: str) -> list[KeyDigest]: ...
+    async def delete_key(self, key_id: str, actor: str) -> Invalidation: ...
 
     @abstractmethod
     async def rotate_key(
@@ -205,7 +220,7 @@ class Store(ABC):
         previous_valid_until: float | None,
         actor: str,
         now: float,
-    ) -> tuple[KeyRecord, list[KeyDigest]]:
+    ) -> tuple[KeyRecord, Invalidation]:
         """Give the key a new secret; the old digest stays valid until ``previous_valid_until``."""
 
     # usage and audit
@@ -215,6 +230,23 @@ class Store(ABC):
 
     @abstractmethod
     async def list_audit(self, flt: AuditFilter) -> AuditPage: ...
+
+    # the invalidation outbox
+    @abstractmethod
+    async def latest_invalidation(self) -> int:
+        """The seq of the newest recorded invalidation; 0 when none is kept."""
+
+    @abstractmethod
+    async def invalidations_since(self, seq: int, limit: int) -> list[Invalidation]:
+        """At most ``limit`` recorded invalidations after ``seq``, oldest first (one indexed read)."""
+
+    @abstractmethod
+    async def recent_invalidations(self, since: float) -> list[Invalidation]:
+        """The invalidations recorded at or after ``since`` (UNIX time), oldest first."""
+
+    @abstractmethod
+    async def prune_invalidations(self, before: float) -> int:
+        """Delete the invalidations recorded before ``before``; returns how many."""
 
 
 async def open_store(url: str, *, timeout: float = 5.0, pool_min: int = 2, pool_max: int = 10) -> Store:

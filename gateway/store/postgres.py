@@ -9,6 +9,8 @@ Store method.
 Concurrency: a writer for a principal takes ``SELECT ... FOR UPDATE`` on the principal's row at the
 start of its transaction, so writers for one principal run one after another (READ COMMITTED gives
 each later statement a fresh snapshot, so the key-limit count sees the previous writer's insert).
+Writers of invalidation outbox rows take one advisory lock from the insert to the commit, so rows
+commit in seq order (the last statement of a write: the lock is held for one round trip).
 Several instances may migrate at once: the migration runs in one transaction under an advisory lock.
 """
 
@@ -31,6 +33,10 @@ from gateway.store.sql import Conn, Row, SQLStore
 
 # Any constant shared by every Keystile instance; "keys" in ASCII.
 _MIGRATION_LOCK = 0x6B657973
+# Taken by a writer just before it inserts its invalidation outbox row, held until it commits:
+# sequence numbers are handed out at insert, so without it a writer could take seq n, commit after
+# the writer of n+1, and a reader that already moved past n+1 would never see n. "ksob" in ASCII.
+_OUTBOX_LOCK = 0x6B736F62
 # Migrations may wait for another instance's migration and run DDL on a big table.
 _MIGRATION_TIMEOUT = 600.0
 
@@ -125,6 +131,7 @@ class PostgresStore(SQLStore):
     backend: Literal["sqlite", "postgresql"] = "postgresql"
     greatest = "GREATEST"
     ilike = "ILIKE"
+    outbox_lock = f"SELECT pg_advisory_xact_lock({_OUTBOX_LOCK})"
 
     def _digest_in(self, column: str, digests: list[KeyDigest]) -> tuple[str, list[Any]]:
         # One array parameter: one prepared statement whatever the batch size.

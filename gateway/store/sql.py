@@ -4,6 +4,11 @@ Owns: every query and rule of the store (limits, unique names, audit rows, usage
 supplies ``_tx()`` (a transaction that serialises writers for one principal), ``_read()`` (a
 connection for plain reads) and the few dialect differences below. Must not: import the cache or
 aiohttp. SQL is written with ``$1``-style placeholders; SQLite receives them as ``?1``.
+
+Every write that changes what a key resolves to ends its transaction with ``_invalidation``: one
+row in the ``invalidations`` outbox, committed with the change or not at all (see
+``gateway.store``). A backend whose transactions may commit out of seq order takes
+``outbox_lock`` first, so rows become visible in seq order.
 """
 
 from __future__ import annotations
@@ -21,7 +26,15 @@ from typing import Any, Protocol
 import msgspec
 
 from gateway.keys import KeyDigest
-from gateway.models import AuditEvent, IdentityRecord, KeyRecord, NewKey, Principal, UsageUpdate
+from gateway.models import (
+    AuditEvent,
+    IdentityRecord,
+    Invalidation,
+    KeyRecord,
+    NewKey,
+    Principal,
+    UsageUpdate,
+)
 from gateway.store import (
     AuditFilter,
     AuditPage,
@@ -43,6 +56,11 @@ _scopes_dec = msgspec.json.Decoder(tuple[str, ...])
 _meta_dec = msgspec.json.Decoder(dict[str, str])
 _obj_dec = msgspec.json.Decoder(dict[str, Any])
 _cursor_dec = msgspec.json.Decoder(tuple[float, str])
+
+DIGEST_SIZE = 32  # HMAC-SHA256 (gateway.keys.digest): outbox rows hold digests back to back
+# A change naming more digests than this is recorded as "every key": readers clear their caches
+# instead of holding a list this long.
+MAX_INVALIDATION_DIGESTS = 10_000
 
 
 class Conn(Protocol):
@@ -141,6 +159,9 @@ class SQLStore(Store):
     # Dialect: how to take the larger of two values, and case-insensitive LIKE.
     greatest = "GREATEST"
     ilike = "ILIKE"
+    # A statement run before inserting an outbox row, held until commit, when concurrent writers
+    # could otherwise commit their rows out of seq order.
+    outbox_lock: str | None = None
 
     @abstractmethod
     def _tx(self, principal_id: str | None = None) -> AbstractAsyncContextManager[Conn]:
@@ -186,6 +207,26 @@ class SQLStore(Store):
             None if before is None else _j(before),
             None if after is None else _j(after),
         )
+
+    async def _invalidation(self, conn: Conn, digests: Sequence[KeyDigest]) -> Invalidation:
+        """Record in the outbox, inside the caller's transaction, that ``digests`` changed.
+
+        The last statement of a write: the outbox lock (if any) is held from here to the commit,
+        which keeps that stretch short. No digests, no row."""
+        if not digests:
+            return Invalidation(0, ())
+        every = len(digests) > MAX_INVALIDATION_DIGESTS
+        if any(len(d) != DIGEST_SIZE for d in digests):
+            raise ValueError("an outbox row holds 32-byte digests only")
+        if self.outbox_lock is not None:
+            await conn.execute(self.outbox_lock)
+        row = await conn.fetchrow(
+            "INSERT INTO invalidations (digests, created_at) VALUES ($1, $2) RETURNING seq",
+            None if every else b"".join(digests),
+            time.time(),
+        )
+        assert row is not None
+        return Invalidation(int(row[0]), None if every else tuple(digests))
 
     async def _principal(self, conn: Conn, ref: str) -> Principal:
         row = await conn.fetchrow(f"SELECT {_PRINCIPAL_COLS} FROM principals WHERE id = $1 OR name = $1", ref)
@@ -338,7 +379,7 @@ class SQLStore(Store):
 
     async def update_principal(
         self, ref: str, changes: PrincipalChanges, actor: str
-    ) -> tuple[Principal, list[KeyDigest]]:
+    ) -> tuple[Principal, Invalidation]:
         async with self._read() as conn:
             pid = (await self._principal(conn, ref)).id
         async with self._tx(pid) as conn:
@@ -374,9 +415,9 @@ class SQLStore(Store):
                 before=_public(before),
                 after=_public(after),
             )
-            return after, await self._digests(conn, "principal_id", pid)
+            return after, await self._invalidation(conn, await self._digests(conn, "principal_id", pid))
 
-    async def delete_principal(self, ref: str, actor: str, *, with_keys: bool) -> list[KeyDigest]:
+    async def delete_principal(self, ref: str, actor: str, *, with_keys: bool) -> Invalidation:
         async with self._read() as conn:
             pid = (await self._principal(conn, ref)).id
         async with self._tx(pid) as conn:
@@ -403,7 +444,7 @@ class SQLStore(Store):
                 before={**_public(before), "keys_deleted": int(row[0])},
                 after=None,
             )
-            return digests
+            return await self._invalidation(conn, digests)
 
     # -- keys ------------------------------------------------------------------------------
 
@@ -491,7 +532,7 @@ class SQLStore(Store):
 
     async def update_key(
         self, key_id: str, changes: KeyChanges, actor: str, *, max_active: int, now: float
-    ) -> tuple[KeyRecord, list[KeyDigest]]:
+    ) -> tuple[KeyRecord, Invalidation]:
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
             before = await self._key_row(conn, key_id)
@@ -535,9 +576,9 @@ class SQLStore(Store):
                 before=_public(before),
                 after=_public(after),
             )
-            return after, await self._digests(conn, "id", key_id)
+            return after, await self._invalidation(conn, await self._digests(conn, "id", key_id))
 
-    async def revoke_key(self, key_id: str, actor: str, now: float) -> tuple[KeyRecord, list[KeyDigest]]:
+    async def revoke_key(self, key_id: str, actor: str, now: float) -> tuple[KeyRecord, Invalidation]:
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
             before = await self._key_row(conn, key_id)
@@ -561,9 +602,9 @@ class SQLStore(Store):
                 before=_public(before),
                 after=_public(after),
             )
-            return after, digests
+            return after, await self._invalidation(conn, digests)
 
-    async def delete_key(self, key_id: str, actor: str) -> list[KeyDigest]:
+    async def delete_key(self, key_id: str, actor: str) -> Invalidation:
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
             before = await self._key_row(conn, key_id)
@@ -580,7 +621,7 @@ class SQLStore(Store):
                 before=_public(before),
                 after=None,
             )
-            return digests
+            return await self._invalidation(conn, digests)
 
     async def rotate_key(
         self,
@@ -591,7 +632,7 @@ class SQLStore(Store):
         previous_valid_until: float | None,
         actor: str,
         now: float,
-    ) -> tuple[KeyRecord, list[KeyDigest]]:
+    ) -> tuple[KeyRecord, Invalidation]:
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
             before = await self._key_row(conn, key_id)
@@ -623,7 +664,7 @@ class SQLStore(Store):
                 before=_public(before),
                 after=_public(after),
             )
-            return after, old
+            return after, await self._invalidation(conn, old)
 
     # -- usage and audit -------------------------------------------------------------------
 
@@ -672,3 +713,37 @@ class SQLStore(Store):
         ]
         nxt = encode_cursor(0, str(items[-1].id)) if len(rows) > flt.limit else None
         return AuditPage(items, nxt)
+
+    # -- the invalidation outbox -----------------------------------------------------------
+
+    async def latest_invalidation(self) -> int:
+        async with self._read() as conn:
+            row = await conn.fetchrow("SELECT COALESCE(MAX(seq), 0) FROM invalidations")
+        return 0 if row is None else int(row[0])
+
+    async def invalidations_since(self, seq: int, limit: int) -> list[Invalidation]:
+        async with self._read() as conn:
+            rows = await conn.fetch(
+                "SELECT seq, digests FROM invalidations WHERE seq > $1 ORDER BY seq LIMIT $2", seq, limit
+            )
+        return [_outbox_row(r) for r in rows]
+
+    async def recent_invalidations(self, since: float) -> list[Invalidation]:
+        async with self._read() as conn:
+            rows = await conn.fetch(
+                "SELECT seq, digests FROM invalidations WHERE created_at >= $1 ORDER BY seq", since
+            )
+        return [_outbox_row(r) for r in rows]
+
+    async def prune_invalidations(self, before: float) -> int:
+        async with self._tx() as conn:
+            gone = await conn.fetch("DELETE FROM invalidations WHERE created_at < $1 RETURNING seq", before)
+        return len(gone)
+
+
+def _outbox_row(row: Row) -> Invalidation:
+    blob = row[1]
+    if blob is None:
+        return Invalidation(int(row[0]), None)
+    raw = bytes(blob)
+    return Invalidation(int(row[0]), tuple(raw[i : i + DIGEST_SIZE] for i in range(0, len(raw), DIGEST_SIZE)))

@@ -16,7 +16,7 @@ import msgspec
 import pytest
 
 from gateway.keys import KeyDigest, digest, display_start, generate_id, generate_key
-from gateway.models import KeyRecord, NewKey, Principal, UsageUpdate
+from gateway.models import Invalidation, KeyRecord, NewKey, Principal, UsageUpdate
 from gateway.store import (
     AuditFilter,
     Conflict,
@@ -165,11 +165,11 @@ async def test_updating_grants_changes_what_keys_can_do(store: Store) -> None:
     identity = await store.find_identity(d, T0)
     assert identity is not None and identity.scopes == ("read",)
 
-    updated, digests = await store.update_principal(
+    updated, change = await store.update_principal(
         "alice", PrincipalChanges(grants={"proj": ("read", "write"), "new": ("x",)}), "admin"
     )
     assert updated.grants == {"new": ("x",), "proj": ("read", "write")}
-    assert digests == [d]  # so the caller can invalidate caches
+    assert change.digests == (d,)  # so the caller can invalidate caches
     assert (await store.get_principal(p.id)).grants == updated.grants
     identity = await store.find_identity(d, T0)
     assert identity is not None and identity.scopes == ("read", "write")
@@ -191,8 +191,8 @@ async def test_updating_grants_changes_what_keys_can_do(store: Store) -> None:
 async def test_disabled_principal_keys_stop_resolving_until_enabled(store: Store) -> None:
     p = await make_principal(store)
     _, d = await make_key(store, p)
-    disabled, digests = await store.update_principal(p.id, PrincipalChanges(disabled=True), "admin")
-    assert disabled.disabled and digests == [d]
+    disabled, change = await store.update_principal(p.id, PrincipalChanges(disabled=True), "admin")
+    assert disabled.disabled and change.digests == (d,)
     assert await store.find_identity(d, T0) is None
     enabled, _ = await store.update_principal("alice", PrincipalChanges(disabled=False), "admin")
     assert not enabled.disabled
@@ -215,8 +215,8 @@ async def test_delete_principal_needs_with_keys_when_it_has_keys(store: Store) -
     assert await audit_count(store) == before
     assert len(await all_keys(store)) == 2
 
-    digests = await store.delete_principal("alice", "admin", with_keys=True)
-    assert sorted(digests) == sorted([d1, d2, d3])
+    change = await store.delete_principal("alice", "admin", with_keys=True)
+    assert change.digests is not None and sorted(change.digests) == sorted([d1, d2, d3])
     with pytest.raises(NotFound):
         await store.get_principal(p.id)
     for key_id in (k1.id, k2.id):
@@ -230,7 +230,7 @@ async def test_delete_principal_needs_with_keys_when_it_has_keys(store: Store) -
 
 async def test_delete_principal_without_keys(store: Store) -> None:
     p = await make_principal(store)
-    assert await store.delete_principal(p.id, "admin", with_keys=False) == []
+    assert await store.delete_principal(p.id, "admin", with_keys=False) == Invalidation(0, ())
     with pytest.raises(NotFound):
         await store.get_principal("alice")
     # The name is free again.
@@ -300,8 +300,8 @@ async def test_identity_scopes_are_grant_narrowed_by_key(store: Store) -> None:
 async def test_revoked_key_stops_resolving(store: Store) -> None:
     p = await make_principal(store)
     key, d = await make_key(store, p)
-    revoked, digests = await store.revoke_key(key.id, "admin", T0 + 5)
-    assert digests == [d]
+    revoked, change = await store.revoke_key(key.id, "admin", T0 + 5)
+    assert change.digests == (d,)
     assert revoked.revoked_at == T0 + 5 and revoked.status(T0 + 6) == "revoked"
     assert await store.find_identity(d, T0 + 6) is None
     assert (await store.get_key(key.id)).revoked_at == T0 + 5
@@ -443,8 +443,8 @@ async def test_update_key_changes_fields_and_audits_before_and_after(store: Stor
     p = await make_principal(store, grants={"proj": ("read", "write")})
     key, d = await make_key(store, p, "old-name")
     changes = KeyChanges(name="new-name", expires_at=T0 + 500, scopes=("read",), metadata={"owner": "ops"})
-    updated, digests = await store.update_key(key.id, changes, "admin", max_active=MANY, now=T0)
-    assert digests == [d]
+    updated, change = await store.update_key(key.id, changes, "admin", max_active=MANY, now=T0)
+    assert change.digests == (d,)
     assert (updated.name, updated.expires_at, updated.scopes, updated.metadata) == (
         "new-name",
         T0 + 500,
@@ -476,10 +476,10 @@ async def test_rotate_without_grace_retires_the_old_secret_at_once(store: Store)
     p = await make_principal(store)
     key, old = await make_key(store, p)
     new, start = new_secret()
-    rotated, digests = await store.rotate_key(
+    rotated, change = await store.rotate_key(
         key.id, digest=new, start=start, previous_valid_until=None, actor="admin", now=T0 + 1
     )
-    assert digests == [old]
+    assert change.digests == (old,)
     assert rotated.start == start != key.start and rotated.previous_valid_until is None
     assert await store.find_identity(old, T0 + 1) is None
     identity = await store.find_identity(new, T0 + 1)
@@ -509,7 +509,8 @@ async def test_rotate_with_grace_keeps_the_old_secret_until_the_grace_ends(store
     assert set(after) == {new}
 
     # Deleting the key hands back both digests for invalidation.
-    assert sorted(await store.delete_key(key.id, "admin")) == sorted([old, new])
+    deleted = (await store.delete_key(key.id, "admin")).digests
+    assert deleted is not None and sorted(deleted) == sorted([old, new])
 
 
 async def test_rotating_an_inactive_key_is_refused(store: Store) -> None:
@@ -533,7 +534,7 @@ async def test_delete_key(store: Store) -> None:
     p = await make_principal(store)
     key, d = await make_key(store, p)
     other, d_other = await make_key(store, p, "other")
-    assert await store.delete_key(key.id, "admin") == [d]
+    assert (await store.delete_key(key.id, "admin")).digests == (d,)
     with pytest.raises(NotFound):
         await store.get_key(key.id)
     assert await store.find_identity(d, T0) is None
@@ -694,8 +695,8 @@ async def test_migrations_apply_once_and_refuse_a_newer_database(fresh_url: str)
         assert await store.schema_version() == 0
         with pytest.raises(SchemaMismatch, match="keystile migrate"):
             await store.check_schema()
-        assert await store.migrate() == [1, 2, 3]
-        assert await store.schema_version() == 3
+        assert await store.migrate() == [1, 2, 3, 4]
+        assert await store.schema_version() == 4
         await store.check_schema()
         assert await store.migrate() == []
         await store.ping()
@@ -742,8 +743,8 @@ async def test_concurrent_migrations_apply_once(fresh_pg_url: str) -> None:
     stores = [await open_store(fresh_pg_url, pool_min=1, pool_max=1) for _ in range(4)]
     try:
         applied = await asyncio.gather(*(s.migrate() for s in stores))
-        assert sorted(applied) == [[], [], [], [1, 2, 3]]
-        assert await stores[0].schema_version() == 3
+        assert sorted(applied) == [[], [], [], [1, 2, 3, 4]]
+        assert await stores[0].schema_version() == 4
     finally:
         for s in stores:
             await s.close()
