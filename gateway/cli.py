@@ -116,9 +116,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import StartupError, create_app
     from gateway.observability import configure_logging
 
-    cfg, secrets = _load(args)
+    runtime = Path(args.runtime_dir) if args.runtime_dir else None
+    if runtime is None:
+        path = config_mod.config_path(args.config)
+        cfg = config_mod.load(path)
+    else:
+        # A supervisor's worker: the generation the supervisor accepted, never the operator's file.
+        from gateway.app import in_force
+        from gateway.workers import current_config, startup_config
+
+        path = str(current_config(runtime))
+        cfg = in_force(config_mod.load(startup_config(runtime)), config_mod.load(path))
+    secrets = config_mod.load_secrets(cfg)
     configure_logging(cfg.logging.level)
-    path = config_mod.config_path(args.config)
     if args.worker_of is None:
         from gateway.workers import usable_cpus
 
@@ -146,10 +156,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         if args.pid_file:
             Path(args.pid_file).write_text(f"{os.getpid()}\n")
-        return Supervisor(args.workers, ["--config", path] if path else [], cfg.proxy.shutdown_timeout).run()
+        return Supervisor(args.workers, path, cfg.proxy.shutdown_timeout).run()
 
     async def main() -> int:
         gw = create_app(cfg, secrets, metrics_dir=args.metrics_dir)
+        if runtime is not None:
+            from gateway.workers import describe, read_status, status_file, status_metrics
+
+            status = status_file(runtime)
+            gw.readiness_notes["workers"] = lambda: describe(read_status(status))
+            gw.metrics.add_state(status_metrics(status))
         try:
             await gw.start(reuse_port=args.reuse_port)
         except (StoreError, StartupError, OSError) as e:
@@ -185,6 +201,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         if args.pid_file and args.worker_of is None:
             Path(args.pid_file).write_text(f"{os.getpid()}\n")  # noqa: ASYNC240
+        if runtime is not None:
+            from gateway.workers import ready_file
+
+            ready_file(runtime, os.getpid()).touch()  # serving, and SIGHUP is handled: tell the supervisor
         if args.worker_of is not None:
             # A worker outlives no supervisor: stop when the parent is gone.
             async def watch_parent() -> None:
@@ -797,6 +817,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     s.add_argument("--metrics-dir", help=argparse.SUPPRESS)
+    s.add_argument("--runtime-dir", help=argparse.SUPPRESS)  # a worker: the supervisor's directory
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("config", help="configuration tools").add_subparsers(dest="sub", required=True)
