@@ -92,7 +92,24 @@ def _fmt_time(t: float | None) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+MAX_CELL = 40  # a table cell longer than this is cut, ending in "…" (show and --json give it whole)
+
+
+def shown(text: str) -> str:
+    """Text safe to print on a terminal: each character Python deems unprintable (controls such as
+    U+009B, a CSI; bidi overrides; zero-width and unassigned characters) written as an escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _cell(text: str) -> str:
+    text = shown(text)
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    rows = [[_cell(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     for r in rows:
@@ -278,7 +295,7 @@ def _admin_target(args: argparse.Namespace) -> tuple[str, str] | None:
 
 def _refusal(e: AdminError) -> str:
     where = f"{e.field}: " if e.field else ""
-    return f"keystile: {where}{e} ({e.error})"
+    return shown(f"keystile: {where}{e} ({e.error})")
 
 
 def _admin(args: argparse.Namespace, fn: Callable[[Admin], Awaitable[T]], *, need_secret: bool = False) -> T:
@@ -359,6 +376,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _print_fields(pairs: Sequence[tuple[str, str]]) -> None:
+    pairs = [(shown(k), shown(v)) for k, v in pairs]
     width = max(len(k) for k, _ in pairs) + 1
     for k, v in pairs:
         print(f"{k + ':':<{width}} {v}")
@@ -545,7 +563,7 @@ def cmd_principals_delete(args: argparse.Namespace) -> int:
     query = _build(schemas.PrincipalDeleteQuery, with_keys=args.with_keys)
     if not args.yes:
         p = _admin(args, lambda admin: admin.get_principal(args.principal))
-        what = f"principal {p.name} ({p.id})" + (" and all of its keys" if args.with_keys else "")
+        what = f"principal {shown(p.name)} ({p.id})" + (" and all of its keys" if args.with_keys else "")
         _confirm(args, p.name, what)
     _admin(args, lambda admin: admin.delete_principal(args.principal, query))
     print(f"deleted principal {args.principal}", file=sys.stderr)
@@ -595,13 +613,13 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
     created, notes = _admin(args, main, need_secret=True)
     for n in notes:
-        print(n, file=sys.stderr)
+        print(shown(n), file=sys.stderr)
     if args.json:
         _print_json(created)
     else:
         print(f"key:  {created.key}")
         print(f"id:   {created.id}")
-        print(f"name: {created.name}")
+        print(f"name: {shown(created.name)}")
         print("Store the key now: it is shown only once.", file=sys.stderr)
     return 0
 
@@ -672,7 +690,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(key)
     else:
-        print(f"revoked {key.id} ({key.name}); it stays listed as revoked")
+        print(f"revoked {key.id} ({shown(key.name)}); it stays listed as revoked")
     return 0
 
 
@@ -698,7 +716,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def cmd_keys_delete(args: argparse.Namespace) -> int:
     if not args.yes:
         k = _admin(args, lambda admin: admin.get_key(args.key_id))
-        _confirm(args, k.id, f"key {k.id} ({k.name}, {k.principal}/{k.project})")
+        _confirm(args, k.id, shown(f"key {k.id} ({k.name}, {k.principal}/{k.project})"))
     _admin(args, lambda admin: admin.delete_key(args.key_id))
     print(f"deleted key {args.key_id}", file=sys.stderr)
     return 0
