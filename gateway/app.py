@@ -302,7 +302,9 @@ class Gateway:
                 checks["schema"] = f"version {version}"
         except Exception as e:
             ready = False
-            checks["store"] = f"unavailable: {type(e).__name__}: {e}"
+            # Public: the kind of failure only; its text (hosts, users, SQL) goes to the log.
+            checks["store"] = f"unavailable: {type(e).__name__}"
+            log.warning("readiness: store unavailable: %s: %s", type(e).__name__, e)
         if self.redis is None:
             checks["redis"] = "disabled"
         else:
