@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 import unicodedata
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Cn"})
 _category = unicodedata.category
@@ -61,22 +61,30 @@ def is_token_char(c: str) -> bool:
 # the checks refuse them for any other caller.
 
 
-def _ranges(member: Callable[[str], bool]) -> list[tuple[int, int]]:
+@functools.cache
+def _runs() -> tuple[tuple[int, int, str], ...]:
+    """Every code point as runs of one category: ``(first, last, category)``, one pass."""
+    runs = []
+    first, previous = 0, _category("\x00")
+    for cp in range(1, 0x110000):
+        category = _category(chr(cp))
+        if category != previous:
+            runs.append((first, cp - 1, previous))
+            first, previous = cp, category
+    runs.append((first, 0x10FFFF, previous))
+    return tuple(runs)
+
+
+def _ranges(categories: frozenset[str]) -> list[tuple[int, int]]:
+    """The code points of ``categories`` as ranges (surrogates never: see above)."""
     out: list[tuple[int, int]] = []
-    start = None
-    for cp in range(0x110000):
-        if 0xD800 <= cp <= 0xDFFF:  # surrogates: see above
-            hit = False
+    for first, last, category in _runs():
+        if category not in categories or category == "Cs":
+            continue
+        if out and out[-1][1] == first - 1:
+            out[-1] = (out[-1][0], last)
         else:
-            hit = member(chr(cp))
-        if hit:
-            if start is None:
-                start = cp
-        elif start is not None:
-            out.append((start, cp - 1))
-            start = None
-    if start is not None:
-        out.append((start, 0x10FFFF))
+            out.append((first, last))
     return out
 
 
@@ -92,18 +100,18 @@ def _items(ranges: Iterable[tuple[int, int]]) -> str:
 
 @functools.cache
 def _refused_assigned() -> str:
-    return _items(_ranges(lambda c: _category(c) in REFUSED_CATEGORIES - {"Cn", "Cs"}))
+    return _items(_ranges(REFUSED_CATEGORIES - {"Cn", "Cs"}))
 
 
 @functools.cache
 def _spaces() -> str:
     # Among the characters not refused, exactly the Zs ones are whitespace (str.isspace).
-    return _items(_ranges(lambda c: _category(c) == "Zs"))
+    return _items(_ranges(frozenset({"Zs"})))
 
 
 @functools.cache
 def _no_unassigned() -> str:
-    return "(?!.*[" + _items(_ranges(lambda c: _category(c) == "Cn")) + "])"
+    return "(?!.*[" + _items(_ranges(frozenset({"Cn"}))) + "])"
 
 
 @functools.cache

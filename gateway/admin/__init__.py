@@ -24,7 +24,7 @@ from gateway.admin.api import (
     http_handler,
     log_middleware,
 )
-from gateway.admin.openapi import ALL_ENDPOINTS
+from gateway.admin.openapi import ALL_ENDPOINTS, document
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -38,6 +38,7 @@ def create_admin_app(gateway: Gateway) -> web.Application:
         middlewares=[log_middleware, error_middleware, auth_middleware(gateway.secrets.admin_tokens)],
     )
     app[GATEWAY] = gateway
+    document()  # built now, at start-up, not on the loop's time when first asked for
     by_path: dict[str, list[Endpoint]] = {}
     for ep in ALL_ENDPOINTS:
         by_path.setdefault(ep.path, []).append(ep)
