@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import aiohttp
+import msgspec
 from aiohttp import http_parser, web
 from prometheus_client.core import Metric
 
@@ -88,6 +89,8 @@ class Gateway:
         self.started_at = 0.0
         self.stop_stalls: list[str] = []  # shutdown steps that had to be abandoned
         self.stop_step_timeout = STOP_STEP_TIMEOUT
+        # Further /readyz lines, name -> text read at request time (e.g. the supervisor's workers).
+        self.readiness_notes: dict[str, Callable[[], str]] = {}
 
     async def _store_load(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord]:
         assert self.store is not None
@@ -247,6 +250,7 @@ class Gateway:
             for name, old, new in _restart_only(self.cfg, cfg)
             if old != new
         ]
+        cfg = in_force(self.cfg, cfg)  # what needs a restart stays as it runs
         forwarder = Forwarder(cfg)
         await forwarder.start()
         authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
@@ -334,7 +338,9 @@ class Gateway:
                 checks["schema"] = f"version {version}"
         except Exception as e:
             ready = False
-            checks["store"] = f"unavailable: {type(e).__name__}: {e}"
+            # Public: the kind of failure only; its text (hosts, users, SQL) goes to the log.
+            checks["store"] = f"unavailable: {type(e).__name__}"
+            log.warning("readiness: store unavailable: %s: %s", type(e).__name__, e)
         if self.redis is None:
             checks["redis"] = "disabled"
         else:
@@ -342,6 +348,8 @@ class Gateway:
             checks["redis"] = f"breaker {self.redis.breaker.state}, subscription " + (
                 "connected" if sub is not None and sub.connected else "down"
             )
+        for name, note in self.readiness_notes.items():
+            checks[name] = note()
         return ready, checks
 
     async def _metrics_endpoint(self, request: web.Request) -> web.Response:
@@ -543,6 +551,20 @@ def _restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:
         ("usage", a.usage, b.usage),
         ("logging.level", a.logging.level, b.logging.level),
     ]
+
+
+def in_force(running: Config, new: Config) -> Config:
+    """``new`` with every setting that needs a restart (``_restart_only``) as ``running`` has it:
+    what a process started with ``running`` serves once it has reloaded ``new``. A worker started
+    later from the two files runs exactly what the workers that reloaded run."""
+    cfg = new
+    for name, old, changed in _restart_only(running, new):
+        if old == changed:
+            continue
+        section, _, field = name.partition(".")
+        value = msgspec.structs.replace(getattr(cfg, section), **{field: old}) if field else old
+        cfg = msgspec.structs.replace(cfg, **{section: value})
+    return cfg
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -93,7 +93,24 @@ def _fmt_time(t: float | None) -> str:
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+MAX_CELL = 40  # a table cell longer than this is cut, ending in "…" (show and --json give it whole)
+
+
+def shown(text: str) -> str:
+    """Text safe to print on a terminal: each character Python deems unprintable (controls such as
+    U+009B, a CSI; bidi overrides; zero-width and unassigned characters) written as an escape."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _cell(text: str) -> str:
+    text = shown(text)
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 1] + "…"
+
+
 def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    rows = [[_cell(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     for r in rows:
@@ -117,9 +134,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.app import StartupError, create_app
     from gateway.observability import configure_logging
 
-    cfg, secrets = _load(args)
+    runtime = Path(args.runtime_dir) if args.runtime_dir else None
+    if runtime is None:
+        path = config_mod.config_path(args.config)
+        cfg = config_mod.load(path)
+    else:
+        # A supervisor's worker: the generation the supervisor accepted, never the operator's file.
+        from gateway.app import in_force
+        from gateway.workers import current_config, startup_config
+
+        path = str(current_config(runtime))
+        cfg = in_force(config_mod.load(startup_config(runtime)), config_mod.load(path))
+    secrets = config_mod.load_secrets(cfg)
     configure_logging(cfg.logging.level)
-    path = config_mod.config_path(args.config)
     if args.worker_of is None:
         from gateway.workers import usable_cpus
 
@@ -148,10 +175,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         if args.pid_file:
             Path(args.pid_file).write_text(f"{os.getpid()}\n")
-        return Supervisor(args.workers, ["--config", path] if path else [], cfg.proxy.shutdown_timeout).run()
+        return Supervisor(args.workers, path, cfg.proxy.shutdown_timeout).run()
 
     async def main() -> int:
         gw = create_app(cfg, secrets, metrics_dir=args.metrics_dir)
+        if runtime is not None:
+            from gateway.workers import describe, read_status, status_file, status_metrics
+
+            status = status_file(runtime)
+            gw.readiness_notes["workers"] = lambda: describe(read_status(status))
+            gw.metrics.add_state(status_metrics(status))
         # Before start: a SIGTERM that arrives while starting (a supervisor stopping at once) is a
         # graceful stop right after it, not the default action's abrupt exit.
         stop = asyncio.Event()
@@ -189,6 +222,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         if args.pid_file and args.worker_of is None:
             Path(args.pid_file).write_text(f"{os.getpid()}\n")  # noqa: ASYNC240
+        if runtime is not None:
+            from gateway.workers import ready_file
+
+            ready_file(runtime, os.getpid()).touch()  # serving, and SIGHUP is handled: tell the supervisor
         if args.worker_of is not None:
             # A worker outlives no supervisor: stop when the parent is gone.
             async def watch_parent() -> None:
@@ -262,7 +299,7 @@ def _admin_target(args: argparse.Namespace) -> tuple[str, str] | None:
 
 def _refusal(e: AdminError) -> str:
     where = f"{e.field}: " if e.field else ""
-    return f"keystile: {where}{e} ({e.error})"
+    return shown(f"keystile: {where}{e} ({e.error})")
 
 
 def _admin(args: argparse.Namespace, fn: Callable[[Admin], Awaitable[T]], *, need_secret: bool = False) -> T:
@@ -343,6 +380,7 @@ def _print_json(obj: Any) -> None:
 
 
 def _print_fields(pairs: Sequence[tuple[str, str]]) -> None:
+    pairs = [(shown(k), shown(v)) for k, v in pairs]
     width = max(len(k) for k, _ in pairs) + 1
     for k, v in pairs:
         print(f"{k + ':':<{width}} {v}")
@@ -529,7 +567,7 @@ def cmd_principals_delete(args: argparse.Namespace) -> int:
     query = _build(schemas.PrincipalDeleteQuery, with_keys=args.with_keys)
     if not args.yes:
         p = _admin(args, lambda admin: admin.get_principal(args.principal))
-        what = f"principal {p.name} ({p.id})" + (" and all of its keys" if args.with_keys else "")
+        what = f"principal {shown(p.name)} ({p.id})" + (" and all of its keys" if args.with_keys else "")
         _confirm(args, p.name, what)
     _admin(args, lambda admin: admin.delete_principal(args.principal, query))
     print(f"deleted principal {args.principal}", file=sys.stderr)
@@ -579,13 +617,13 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
     created, notes = _admin(args, main, need_secret=True)
     for n in notes:
-        print(n, file=sys.stderr)
+        print(shown(n), file=sys.stderr)
     if args.json:
         _print_json(created)
     else:
         print(f"key:  {created.key}")
         print(f"id:   {created.id}")
-        print(f"name: {created.name}")
+        print(f"name: {shown(created.name)}")
         print("Store the key now: it is shown only once.", file=sys.stderr)
     return 0
 
@@ -656,7 +694,7 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
     if args.json:
         _print_json(key)
     else:
-        print(f"revoked {key.id} ({key.name}); it stays listed as revoked")
+        print(f"revoked {key.id} ({shown(key.name)}); it stays listed as revoked")
     return 0
 
 
@@ -682,7 +720,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 def cmd_keys_delete(args: argparse.Namespace) -> int:
     if not args.yes:
         k = _admin(args, lambda admin: admin.get_key(args.key_id))
-        _confirm(args, k.id, f"key {k.id} ({k.name}, {k.principal}/{k.project})")
+        _confirm(args, k.id, shown(f"key {k.id} ({k.name}, {k.principal}/{k.project})"))
     _admin(args, lambda admin: admin.delete_key(args.key_id))
     print(f"deleted key {args.key_id}", file=sys.stderr)
     return 0
@@ -801,6 +839,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
     s.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
     s.add_argument("--metrics-dir", help=argparse.SUPPRESS)
+    s.add_argument("--runtime-dir", help=argparse.SUPPRESS)  # a worker: the supervisor's directory
     s.set_defaults(fn=cmd_serve)
 
     c = sub.add_parser("config", help="configuration tools").add_subparsers(dest="sub", required=True)

@@ -444,11 +444,16 @@ def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Confi
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"{source}: cannot read: {e.strerror}"]) from None
+    return loads(text, source, environ)
+
+
+def loads(text: str, source: str, env: Mapping[str, str] | None = None) -> Config:
+    """A Config from TOML text already read (``source`` names it in errors) and the environment."""
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError([f"{source}: invalid TOML: {e}"]) from None
-    return decode(data, source, environ)
+    return decode(data, source, os.environ if env is None else env)
 
 
 def config_path(explicit: str | None, env: Mapping[str, str] | None = None) -> str | None:

@@ -12,22 +12,27 @@ the "one key, rotate to replace it" model); ``default_lifetime`` applies when no
 for; ``max_lifetime`` caps any expiry; names are unique per principal and project, at most 200
 characters, and default to ``API Key name YYYYMMDDHHMMSS`` (UTC; `` (2)``, `` (3)``... when keys
 are made within one second).
+
+Characters (``gateway.text``): names, projects, scopes and metadata keys refuse control, format
+(bidi, zero-width), separator and unassigned characters; projects and scopes also spaces and
+commas. Names lose surrounding spaces and must keep at least one other character.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import msgspec
 
-from gateway import keys
+from gateway import keys, text
 from gateway.config import Config, durations
 from gateway.models import Invalidation, KeyRecord, NewKey, Principal, PrincipalKind
 from gateway.store import KeyChanges, NameTaken, PrincipalChanges, Store
 
 MAX_NAME = 200
+MAX_TOKEN = 100  # projects and scopes
 MAX_NAME_ATTEMPTS = 20  # generated names tried before a NameTaken is reported
 Invalidate = Callable[[Invalidation], Awaitable[object]]
 
@@ -46,27 +51,65 @@ class CreatedKey(msgspec.Struct, frozen=True):
 
 
 def _check_name(name: str, field: str = "name") -> str:
+    """A principal or key name (``gateway.text``: no control, format or unassigned characters),
+    without surrounding spaces."""
+    bad = text.refused_char(name)
+    if bad is not None:
+        raise PolicyError(field, f"must not contain {text.describe_char(bad)}")
     name = name.strip()
     if not name:
         raise PolicyError(field, "must not be empty")
     if len(name) > MAX_NAME:
         raise PolicyError(field, f"must be at most {MAX_NAME} characters")
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
-        raise PolicyError(field, "must not contain control characters")
     return name
 
 
-def _check_scopes(scopes: Sequence[str], field: str) -> tuple[str, ...]:
+def _is_token(value: str) -> bool:
+    return 0 < len(value) <= MAX_TOKEN and all(map(text.is_token_char, value))
+
+
+def check_scopes(scopes: Sequence[str], field: str) -> tuple[str, ...]:
     for s in scopes:
-        if not s or len(s) > 100 or any(c.isspace() or c == "," or ord(c) < 33 for c in s):
-            raise PolicyError(field, f"invalid scope {s!r} (no spaces or commas, 1-100 characters)")
+        if not _is_token(s):
+            raise PolicyError(
+                field,
+                f"invalid scope {s!r} (1-{MAX_TOKEN} characters; no spaces, commas, control or "
+                "invisible characters)",
+            )
     return tuple(sorted(set(scopes)))
 
 
 def check_project(project: str, field: str = "project") -> str:
-    if not project or len(project) > 100 or any(c.isspace() or ord(c) < 33 or c == "," for c in project):
-        raise PolicyError(field, "must be 1-100 characters without spaces or commas")
+    if not _is_token(project):
+        raise PolicyError(
+            field,
+            f"must be 1-{MAX_TOKEN} characters without spaces, commas, control or invisible characters",
+        )
     return project
+
+
+def _check_grants(grants: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+    out = {}
+    for project, scopes in grants.items():
+        # The field names the project, unless printing it could do harm (repr escapes it).
+        field = f"grants.{project}" if project.isprintable() else "grants"
+        if not _is_token(project):
+            raise PolicyError(
+                field,
+                f"invalid project {project!r} (1-{MAX_TOKEN} characters; no spaces, commas, "
+                "control or invisible characters)",
+            )
+        out[project] = check_scopes(scopes, field)
+    return out
+
+
+def check_metadata(metadata: Mapping[str, str], field: str = "metadata") -> dict[str, str]:
+    """Metadata keys follow the name rule (values are free-form text)."""
+    for key in metadata:
+        bad = text.refused_char(key)
+        if bad is not None:
+            raise PolicyError(field, f"key {key!r} contains {text.describe_char(bad)}")
+    return dict(metadata)
 
 
 def default_name(now: float) -> str:
@@ -94,14 +137,16 @@ class Lifecycle:
     ) -> float | None:
         if expires_at is not None and expires_in is not None:
             raise PolicyError(field, "give expires_at or expires_in, not both")
+        explicit = expires_at is not None
         if expires_in is not None:
             if expires_in <= 0:
                 raise PolicyError(field, "must be positive")
+            # Any positive lifetime is accepted, however short (even one that rounds to now).
             expires_at = now + expires_in
         if expires_at is None and self.default_lifetime is not None:
             expires_at = now + self.default_lifetime
         if expires_at is not None:
-            if expires_at <= now:
+            if explicit and expires_at <= now:
                 raise PolicyError(field, "must be in the future")
             if self.max_lifetime is not None and expires_at - now > self.max_lifetime + 1:
                 raise PolicyError(
@@ -123,10 +168,7 @@ class Lifecycle:
         actor: str,
     ) -> Principal:
         name = _check_name(name)
-        g = {
-            check_project(p, f"grants.{p}"): _check_scopes(s, f"grants.{p}")
-            for p, s in (grants or {}).items()
-        }
+        g = _check_grants(grants or {})
         return await self.store.create_principal(
             Principal(
                 id=keys.generate_id("prn"),
@@ -135,7 +177,7 @@ class Lifecycle:
                 disabled=False,
                 created_at=time.time(),
                 grants=g,
-                metadata=metadata or {},
+                metadata=check_metadata(metadata or {}),
             ),
             actor,
         )
@@ -151,9 +193,9 @@ class Lifecycle:
     ) -> Principal:
         checked: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
         if not isinstance(grants, msgspec.UnsetType):
-            checked = {
-                check_project(p, f"grants.{p}"): _check_scopes(s, f"grants.{p}") for p, s in grants.items()
-            }
+            checked = _check_grants(grants)
+        if not isinstance(metadata, msgspec.UnsetType):
+            metadata = check_metadata(metadata)
         principal, change = await self.store.update_principal(
             ref, PrincipalChanges(grants=checked, disabled=disabled, metadata=metadata), actor
         )
@@ -185,7 +227,8 @@ class Lifecycle:
             raise PolicyError("env", "must be live or test")
         named = name is not None
         name = _check_name(name) if name is not None else default_name(now)
-        narrowed = None if scopes is None else _check_scopes(scopes, "scopes")
+        narrowed = None if scopes is None else check_scopes(scopes, "scopes")
+        metadata = check_metadata(metadata or {})
         expiry = self._expiry(
             now, expires_at, expires_in, "expires_at" if expires_at is not None else "expires_in"
         )
@@ -245,8 +288,8 @@ class Lifecycle:
             expires_at=expires_at,
             scopes=scopes
             if isinstance(scopes, msgspec.UnsetType) or scopes is None
-            else _check_scopes(scopes, "scopes"),
-            metadata=metadata,
+            else check_scopes(scopes, "scopes"),
+            metadata=metadata if isinstance(metadata, msgspec.UnsetType) else check_metadata(metadata),
         )
         record, change = await self.store.update_key(
             key_id, changes, actor, max_active=self.cfg.policy.max_active_keys, now=now

@@ -10,12 +10,21 @@ are public; every other ``/v1`` route needs an admin bearer token.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
-from gateway.admin.api import GATEWAY, auth_middleware, error_middleware, http_handler, log_middleware
-from gateway.admin.openapi import ALL_ENDPOINTS
+from gateway.admin.api import (
+    GATEWAY,
+    Endpoint,
+    auth_middleware,
+    error_middleware,
+    http_handler,
+    log_middleware,
+)
+from gateway.admin.openapi import ALL_ENDPOINTS, document
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -29,6 +38,25 @@ def create_admin_app(gateway: Gateway) -> web.Application:
         middlewares=[log_middleware, error_middleware, auth_middleware(gateway.secrets.admin_tokens)],
     )
     app[GATEWAY] = gateway
+    document()  # built now, at start-up, not on the loop's time when first asked for
+    by_path: dict[str, list[Endpoint]] = {}
     for ep in ALL_ENDPOINTS:
-        app.router.add_route(ep.method, ep.path, http_handler(ep))
+        by_path.setdefault(ep.path, []).append(ep)
+    # One resource per path, in ENDPOINTS order (a literal path such as /v1/keys/verify before
+    # /v1/keys/{key_id}); a method a path does not have is answered 405 with that path's own
+    # Allow, never handed to a template that happens to match too.
+    for path, eps in by_path.items():
+        resource = app.router.add_resource(path)
+        for ep in eps:
+            resource.add_route(ep.method, http_handler(ep))
+        resource.add_route("*", _not_allowed(ep.method for ep in eps))
     return app
+
+
+def _not_allowed(methods: Iterable[str]) -> Handler:
+    allowed = sorted(set(methods))
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        raise web.HTTPMethodNotAllowed(request.method, allowed)
+
+    return handle

@@ -13,21 +13,32 @@ request is refused. The OpenAPI document is public: it describes the API and hol
 are audited with the actor ``admin:<first 8 hex of sha256(token)>``, never the token itself.
 
 Errors, always ``{"error", "message", "field"}``: 400 ``malformed_json``; 401 ``unauthenticated``;
-404 ``not_found``; 409 ``name_taken`` / ``key_limit_reached`` / ``principal_has_keys`` /
-``conflict``; 422 ``invalid_request`` (wrong types, unknown fields, broken policies, bad cursors,
-with ``field`` naming the input); 503 ``store_unavailable`` with ``Retry-After``.
+404 ``not_found`` (also for an id that cannot exist, e.g. one holding a NUL); 405
+``method_not_allowed`` with the path's own ``Allow``; 409 ``name_taken`` / ``key_limit_reached`` /
+``principal_has_keys`` / ``conflict``; 422 ``invalid_request`` (wrong types, unknown fields, broken
+policies, bad cursors, with ``field`` naming the input); 503 ``store_unavailable`` with
+``Retry-After``; 500 ``store_error`` for any other store failure, whose detail goes to the log only
+(it may name the database or echo input).
+
+Conformance: input valid by the OpenAPI document is accepted unless a rule the document cannot
+state refuses it (an expiry in the past, an owner that does not exist); query strings are read as
+the document types them (no ``null``; numbers and booleans as JSON scalars); cursors are positions
+of the documented shape. ``tests/adversarial/test_admin_schemathesis.py`` holds the API to this.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import logging
 import re
 import time
+import types
+import typing
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, Final, Literal, TypeVar
 
 import msgspec
 from aiohttp import web
@@ -37,7 +48,7 @@ from multidict import MultiMapping
 
 from gateway import auth
 from gateway.admin import schemas as s
-from gateway.lifecycle import Lifecycle, PolicyError
+from gateway.lifecycle import Lifecycle, PolicyError, check_scopes
 from gateway.store import AuditFilter, Conflict, KeyFilter, NotFound, StoreError, StoreUnavailable
 
 if TYPE_CHECKING:
@@ -244,8 +255,8 @@ def problem(exc: BaseException) -> tuple[int, s.ErrorBody, dict[str, str]] | Non
     if isinstance(exc, StoreUnavailable):
         body = s.ErrorBody(error="store_unavailable", message="the key store is unavailable; retry shortly")
         return 503, body, {"Retry-After": "1"}
-    if isinstance(exc, StoreError):
-        return 500, s.ErrorBody(error=exc.code, message=str(exc)), {}
+    if isinstance(exc, StoreError):  # the detail is logged, never answered: it may name the database
+        return 500, s.ErrorBody(error="store_error", message="the key store failed; see the server log"), {}
     return None
 
 
@@ -274,7 +285,8 @@ async def error_middleware(request: web.Request, handler: WebHandler) -> web.Str
         if e.status < 400:
             raise
         code = _HTTP_CODES.get(e.status, "bad_request" if e.status < 500 else "internal_error")
-        return error_response(e.status, s.ErrorBody(error=code, message=e.reason))
+        allow = {"Allow": e.headers["Allow"]} if "Allow" in e.headers else {}  # 405 (RFC 9110 15.5.6)
+        return error_response(e.status, s.ErrorBody(error=code, message=e.reason), allow)
     except Exception as e:
         mapped = problem(e)
         if mapped is None:
@@ -371,7 +383,10 @@ class Call:
         return Operations(self.gateway.lifecycle, self.request[ACTOR])
 
     def param(self, name: str) -> str:
-        return self.request.match_info[name]
+        value = self.request.match_info[name]
+        if "\x00" in value:  # no id or name holds a NUL (and PostgreSQL cannot even compare one)
+            raise NotFound(f"{name} {value!r} not found")
+        return value
 
 
 Handler = Callable[[Call], Awaitable[Result]]
@@ -407,13 +422,58 @@ async def _read_body(request: web.Request, typ: type[msgspec.Struct] | None) -> 
     return msgspec.json.decode(raw if raw.strip() else b"{}", type=typ)
 
 
+@functools.cache
+def _query_fields(typ: type[msgspec.Struct]) -> dict[str, tuple[Any, type]]:
+    """Each query field's type without ``None`` (a query parameter is absent or a value, never
+    null), and ``str`` when its values are strings, else the JSON scalar it takes (``int``,
+    ``float``, ``bool``)."""
+    fields = {}
+    for name, hint in typing.get_type_hints(typ, include_extras=True).items():
+        options = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+        assert len(options) == 1, f"{typ.__name__}.{name}: one type besides None"
+        (value_type,) = options
+        plain = typing.get_args(value_type)[0] if typing.get_origin(value_type) is Annotated else value_type
+        stringy = plain is str or (
+            typing.get_origin(plain) is Literal and all(isinstance(a, str) for a in typing.get_args(plain))
+        )
+        fields[name] = (value_type, plain if not stringy else str)
+    return fields
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (typing.Union, types.UnionType)
+
+
 def _read_query(query: MultiMapping[str], typ: type[msgspec.Struct] | None) -> Any:
+    """The query string as ``typ``, read as the OpenAPI document describes it: strings as they
+    are, numbers and booleans as JSON scalars (``1e1`` is not an integer, ``nan`` not a number),
+    and no ``null`` anywhere."""
+    fields = {} if typ is None else _query_fields(typ)
+    values: dict[str, Any] = {}
     for name in query.keys():  # a multidict: keys() names each key once, getall() has them all
         if len(query.getall(name)) > 1:
             raise InvalidInput(name, "given more than once")
-        if typ is None or name not in typ.__struct_fields__:
+        if name not in fields:
             raise InvalidInput(name, "unknown query parameter")
-    return None if typ is None else msgspec.convert(dict(query), typ, strict=False)
+        value_type, scalar = fields[name]
+        raw = query[name]
+        try:
+            if scalar is str:
+                values[name] = msgspec.convert(raw, value_type)
+            elif raw != raw.strip():  # JSON would skip the spaces; a query value is exact
+                raise msgspec.DecodeError
+            else:
+                values[name] = msgspec.json.decode(raw.encode(), type=value_type)
+        except (msgspec.ValidationError, msgspec.DecodeError) as e:
+            if name == "cursor":
+                raise InvalidInput(name, "is not a cursor this API handed out") from None
+            if isinstance(e, msgspec.ValidationError):
+                raise InvalidInput(name, _validation_field(str(e))[1]) from None
+            raise InvalidInput(name, f"expected {_SCALAR_NAMES[scalar]}") from None
+    return None if typ is None else msgspec.convert(values, typ)
+
+
+_SCALAR_NAMES: Final[dict[type, str]] = {bool: "true or false", int: "an integer", float: "a number"}
 
 
 def _respond(endpoint: Endpoint, result: Result) -> web.StreamResponse:
@@ -527,6 +587,7 @@ VERIFY_CODES: Final[dict[str, s.VerifyCode]] = {
 
 async def _verify_key(call: Call) -> Result:
     body: s.VerifyRequest = call.body
+    check_scopes(body.scopes, "scopes")  # the document's rule for scopes, as everywhere
     gw = call.gateway
     outcome, ident = await gw.authenticator.identify(body.key)
     # The proxy's rule for a route needing ``body.scopes``.

@@ -14,7 +14,7 @@ from typing import Any, Final
 import msgspec
 from aiohttp import web
 
-from gateway import __version__
+from gateway import __version__, text
 from gateway.admin import schemas as s
 from gateway.admin.api import ENDPOINTS, Call, Endpoint
 
@@ -134,6 +134,16 @@ def build(endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
             if isinstance(t, type) and t not in types:
                 types.append(t)
     _, components = msgspec.json.schema_components(types, ref_template=REF)
+    # The character rules of names, projects/scopes and metadata keys (``gateway.text``), which
+    # fields refer to (``schemas.NAME_TEXT``...) rather than repeat.
+    components["NameText"] = {"type": "string", "pattern": text.name_pattern()}
+    components["ProjectText"] = {"type": "string", "pattern": text.token_pattern()}
+    components["MetadataKeyText"] = {"type": "string", "pattern": text.text_pattern()}
+    # A rule between two fields, which a Struct cannot say: one expiry, not both.
+    components["KeyCreate"]["anyOf"] = [
+        {"properties": {"expires_at": {"type": "null"}}},
+        {"properties": {"expires_in": {"type": "null"}}},
+    ]
     paths: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
         paths.setdefault(ep.path, {})[ep.method.lower()] = _operation(ep, components)

@@ -16,27 +16,66 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from gateway.lifecycle import MAX_NAME
+from gateway.lifecycle import MAX_NAME, MAX_TOKEN
 from gateway.models import AuditEvent, IdentityView, KeyRecord, KeyStatus, Principal, PrincipalKind
+from gateway.store.sql import AUDIT_CURSOR, KEY_CURSOR, PRINCIPAL_CURSOR
 
 MAX_PAGE = 500
 MAX_GRACE_SECONDS = 86400
+# String schemas whose patterns (``gateway.text``) are long: the document holds each once, under
+# components, and the fields refer to it. The lifecycle enforces the same rules with messages
+# that name the field.
+NAME_TEXT = "#/components/schemas/NameText"
+PROJECT_TEXT = "#/components/schemas/ProjectText"
+KEY_TEXT = "#/components/schemas/MetadataKeyText"
+NO_NUL = "^[^\\x00]*$"  # filters and references: nothing stored can hold a NUL
 
-Name = Annotated[str, Meta(min_length=1, max_length=MAX_NAME, description=f"1-{MAX_NAME} characters")]
-Ref = Annotated[str, Meta(min_length=1, max_length=MAX_NAME)]
+Name = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_NAME,
+        description=f"1-{MAX_NAME} characters, not all spaces; no control, format (invisible, "
+        "bidi) or unassigned characters; surrounding spaces are removed",
+        extra_json_schema={"$ref": NAME_TEXT},
+    ),
+]
+Project = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_TOKEN,
+        description="no spaces, commas, control, format or unassigned characters",
+        extra_json_schema={"$ref": PROJECT_TEXT},
+    ),
+]
+Scope = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_TOKEN,
+        description="no spaces, commas, control, format or unassigned characters",
+        extra_json_schema={"$ref": PROJECT_TEXT},
+    ),
+]
+Filter = Annotated[str, Meta(pattern=NO_NUL)]
 UnixTime = Annotated[float, Meta(description="UNIX seconds, UTC")]
 Limit = Annotated[int, Meta(ge=1, le=MAX_PAGE, description=f"page size, 1-{MAX_PAGE}")]
-Cursor = Annotated[
-    str, Meta(max_length=512, description="`next_cursor` of the previous page; omit for the first page")
-]
-Scopes = Annotated[list[str], Meta(max_length=100)]
+_CURSOR = "`next_cursor` of the previous page (a position in the listing); omit for the first page"
+PrincipalCursor = Annotated[str, Meta(max_length=512, pattern=PRINCIPAL_CURSOR, description=_CURSOR)]
+KeyCursor = Annotated[str, Meta(max_length=512, pattern=KEY_CURSOR, description=_CURSOR)]
+AuditCursor = Annotated[str, Meta(max_length=512, pattern=AUDIT_CURSOR, description=_CURSOR)]
+Scopes = Annotated[list[Scope], Meta(max_length=100)]
 Grants = Annotated[
-    dict[str, Scopes],
+    dict[Project, Scopes],
     Meta(max_length=200, description="project -> scopes granted in it; replaces every grant"),
 ]
 Metadata = Annotated[
-    dict[Annotated[str, Meta(max_length=100)], Annotated[str, Meta(max_length=1000)]],
-    Meta(max_length=50, description="free-form string pairs (at most 50)"),
+    dict[
+        Annotated[str, Meta(max_length=100, extra_json_schema={"$ref": KEY_TEXT})],
+        Annotated[str, Meta(max_length=1000)],
+    ],
+    Meta(max_length=50, description="free-form string pairs (at most 50); keys as names"),
 ]
 VerifyCode = Literal[
     "ok", "missing_api_key", "invalid_api_key", "expired_api_key", "insufficient_scope", "auth_unavailable"
@@ -95,7 +134,7 @@ class PrincipalUpdate(_Request):
 
 class PrincipalQuery(_Request):
     limit: Limit = 50
-    cursor: Cursor | None = None
+    cursor: PrincipalCursor | None = None
 
 
 class PrincipalDeleteQuery(_Request):
@@ -126,8 +165,10 @@ class PrincipalPage(_Response):
 class KeyCreate(_Request):
     """A new key for ``owner`` in ``project``; the secret is in the response and nowhere else."""
 
-    owner: Annotated[str, Meta(min_length=1, max_length=MAX_NAME, description="principal id or name")]
-    project: str
+    owner: Annotated[
+        str, Meta(min_length=1, max_length=MAX_NAME, pattern=NO_NUL, description="principal id or name")
+    ]
+    project: Project
     name: Name | None = None
     scopes: Annotated[
         Scopes | None, Meta(description="narrow the owner's grant to these; null: all of it")
@@ -158,12 +199,14 @@ class KeyRotate(_Request):
 
 
 class KeyQuery(_Request):
-    owner: Annotated[str, Meta(description="principal id or name")] | None = None
-    project: str | None = None
+    owner: Annotated[Filter, Meta(description="principal id or name")] | None = None
+    project: Filter | None = None
     status: KeyStatus | None = None
-    q: Annotated[str, Meta(max_length=MAX_NAME, description="name contains (case-insensitive)")] | None = None
+    q: (
+        Annotated[Filter, Meta(max_length=MAX_NAME, description="name contains (case-insensitive)")] | None
+    ) = None
     limit: Limit = 50
-    cursor: Cursor | None = None
+    cursor: KeyCursor | None = None
 
 
 class KeyView(_Response):
@@ -223,12 +266,12 @@ class VerifyResponse(_Response):
 
 
 class AuditQuery(_Request):
-    key_id: str | None = None
-    principal: Annotated[str, Meta(description="principal id or name")] | None = None
+    key_id: Filter | None = None
+    principal: Annotated[Filter, Meta(description="principal id or name")] | None = None
     since: Annotated[float, Meta(description="at or after, UNIX seconds")] | None = None
     until: Annotated[float, Meta(description="before, UNIX seconds")] | None = None
     limit: Limit = 50
-    cursor: Cursor | None = None
+    cursor: AuditCursor | None = None
 
 
 class AuditEventView(_Response):

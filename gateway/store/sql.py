@@ -13,9 +13,8 @@ row in the ``invalidations`` outbox, committed with the change or not at all (se
 
 from __future__ import annotations
 
-import base64
-import binascii
 import operator
+import re
 import time
 from abc import abstractmethod
 from collections.abc import Sequence
@@ -55,7 +54,6 @@ _json_enc = msgspec.json.Encoder()
 _scopes_dec = msgspec.json.Decoder(tuple[str, ...])
 _meta_dec = msgspec.json.Decoder(dict[str, str])
 _obj_dec = msgspec.json.Decoder(dict[str, Any])
-_cursor_dec = msgspec.json.Decoder(tuple[float, str])
 
 DIGEST_SIZE = 32  # HMAC-SHA256 (gateway.keys.digest): outbox rows hold digests back to back
 # A change naming more digests than this is recorded as "every key": readers clear their caches
@@ -73,17 +71,38 @@ def _j(value: object) -> str:
     return _json_enc.encode(value).decode()
 
 
-def encode_cursor(at: float, ident: str) -> str:
-    return base64.urlsafe_b64encode(_json_enc.encode((at, ident))).decode().rstrip("=")
+# Cursors are positions in a listing's order, so every string of the documented shape is a valid
+# cursor (the admin API's document carries these patterns): keys ``<created_at>~<id>``
+# (``repr`` of the float, exact), audit events ``<id>``, principals the last name listed.
+# ``(?!\n)$``: Python's ``$`` would also match before a trailing newline.
+KEY_CURSOR = r"^-?[0-9]{1,20}(\.[0-9]{1,20})?(e[-+]?[0-9]{1,3})?~[A-Za-z0-9_]{1,64}(?!\n)$"
+AUDIT_CURSOR = r"^[0-9]{1,18}(?!\n)$"
+PRINCIPAL_CURSOR = r"^[^\x00]*$"  # any name; nothing stored holds a NUL
+_KEY_CURSOR, _AUDIT_CURSOR = re.compile(KEY_CURSOR), re.compile(AUDIT_CURSOR)
 
 
-def decode_cursor(cursor: str) -> tuple[float, str]:
-    """Raises ValueError for anything this store did not hand out."""
-    try:
-        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
-        return _cursor_dec.decode(raw)
-    except (binascii.Error, msgspec.DecodeError, ValueError):
-        raise ValueError("invalid cursor") from None
+def key_cursor(at: float, key_id: str) -> str:
+    return f"{at!r}~{key_id}"
+
+
+def read_key_cursor(cursor: str) -> tuple[float, str]:
+    """Raises ValueError for anything not shaped like a key cursor."""
+    if not _KEY_CURSOR.search(cursor):
+        raise ValueError("invalid cursor")
+    at, _, key_id = cursor.partition("~")
+    return float(at), key_id
+
+
+def read_audit_cursor(cursor: str) -> int:
+    if not _AUDIT_CURSOR.search(cursor):
+        raise ValueError("invalid cursor")
+    return int(cursor)
+
+
+def read_principal_cursor(cursor: str) -> str:
+    if "\x00" in cursor:
+        raise ValueError("invalid cursor")
+    return cursor
 
 
 # Usage lives in key_usage (migration 3); keys.last_used_at/request_count hold what versions before
@@ -368,13 +387,13 @@ class SQLStore(Store):
             return await self._principal(conn, ref)
 
     async def list_principals(self, limit: int, cursor: str | None) -> tuple[list[Principal], str | None]:
-        after = decode_cursor(cursor)[1] if cursor else ""
+        after = read_principal_cursor(cursor) if cursor else ""
         async with self._read() as conn:
             rows = await conn.fetch(
                 "SELECT id FROM principals WHERE name > $1 ORDER BY name LIMIT $2", after, limit + 1
             )
             items = [await self._principal(conn, r[0]) for r in rows[:limit]]
-        nxt = encode_cursor(0, items[-1].name) if len(rows) > limit else None
+        nxt = items[-1].name if len(rows) > limit else None
         return items, nxt
 
     async def update_principal(
@@ -518,7 +537,7 @@ class SQLStore(Store):
             pattern = "%" + flt.q.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
             where.append(f"k.name {self.ilike} {arg(pattern)} ESCAPE '\\'")
         if flt.cursor:
-            at, kid = decode_cursor(flt.cursor)
+            at, kid = read_key_cursor(flt.cursor)
             where.append(f"(k.created_at < {arg(at)} OR (k.created_at = ${len(args)} AND k.id < {arg(kid)}))")
         sql = f"SELECT {_KEY_COLS} {_KEY_FROM}"
         if where:
@@ -527,7 +546,7 @@ class SQLStore(Store):
         async with self._read() as conn:
             rows = await conn.fetch(sql, *args)
         items = [_key(r) for r in rows[: flt.limit]]
-        nxt = encode_cursor(items[-1].created_at, items[-1].id) if len(rows) > flt.limit else None
+        nxt = key_cursor(items[-1].created_at, items[-1].id) if len(rows) > flt.limit else None
         return Page(items, nxt)
 
     async def update_key(
@@ -691,7 +710,7 @@ class SQLStore(Store):
         if flt.until is not None:
             where.append(f"at < {arg(flt.until)}")
         if flt.cursor:
-            where.append(f"id < {arg(int(decode_cursor(flt.cursor)[1]))}")
+            where.append(f"id < {arg(read_audit_cursor(flt.cursor))}")
         sql = "SELECT id, at, actor, action, target_type, target_id, before, after FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
@@ -711,7 +730,7 @@ class SQLStore(Store):
             )
             for r in rows[: flt.limit]
         ]
-        nxt = encode_cursor(0, str(items[-1].id)) if len(rows) > flt.limit else None
+        nxt = str(items[-1].id) if len(rows) > flt.limit else None
         return AuditPage(items, nxt)
 
     # -- the invalidation outbox -----------------------------------------------------------

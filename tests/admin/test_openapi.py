@@ -68,7 +68,9 @@ def test_the_document_is_built_from_the_handlers_structs() -> None:
     )
     schemas = DOC["components"]["schemas"]
     for name, schema in generated.items():
-        assert schemas[name] == schema, name
+        # The one rule between two fields no Struct can say, added to KeyCreate by hand.
+        extra = {"anyOf"} if name == "KeyCreate" else set()
+        assert {k: v for k, v in schemas[name].items() if k not in extra} == schema, name
     for ep in ENDPOINTS:
         op = DOC["paths"][ep.path][ep.method.lower()]
         if ep.body is not None:
@@ -116,7 +118,8 @@ async def test_the_router_serves_exactly_the_documented_routes(keystile) -> None
     app = create_admin_app(gw.gateway)
     routes = {(r.method, r.resource.canonical) for r in app.router.routes() if r.resource is not None}
     documented = {(m.upper(), path) for path, item in DOC["paths"].items() for m in item}
-    assert routes == documented
+    # Besides the documented methods, each path answers any other with 405 and its own Allow.
+    assert routes == documented | {("*", path) for path in DOC["paths"]}
     async with aiohttp.ClientSession() as session, session.get(gw.admin_url + "/v1/openapi.json") as r:
         assert r.status == 200 and r.content_type == "application/json"
         assert await r.read() == document()  # public, and the very bytes built once

@@ -7,6 +7,7 @@ request is followed by a look at principals, keys and audit: a refusal writes no
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import io
 import json
@@ -26,9 +27,10 @@ from gateway.config import Secrets
 from gateway.keys import generate_key
 from gateway.observability import JSONFormatter
 from gateway.store import open_store
-from tests.admin_client import AdminAPI
+from tests.admin_client import _NO_BODY, AdminAPI
 from tests.conftest import ADMIN_TOKEN, HASH_SECRET, make_config
 from tests.store.conftest import PgServer, pg_server  # noqa: F401 - the fixture is used by name
+from tests.upstream import RecordingUpstream
 
 ACTOR = "admin:" + hashlib.sha256(ADMIN_TOKEN.encode()).hexdigest()[:8]
 
@@ -630,14 +632,15 @@ BAD: list[tuple[str, str, dict[str, Any], int, str, str | None]] = [
     ("DELETE", "/v1/principals/alice", {"params": {"force": "true"}}, 422, "invalid_request", "force"),
     ("DELETE", "/v1/principals/nobody", {}, 404, "not_found", None),
     ("GET", "/v1/principals/nobody", {}, 404, "not_found", None),
-    ("GET", "/v1/principals", {"params": {"cursor": "garbage"}}, 422, "invalid_request", "cursor"),
+    # A principal cursor is the last name listed: any text, but never a NUL (no name holds one).
+    ("GET", "/v1/principals", {"params": {"cursor": "a\x00b"}}, 422, "invalid_request", "cursor"),
     ("GET", "/v1/principals", {"params": {"limit": "0"}}, 422, "invalid_request", "limit"),
     ("PATCH", "/v1/keys/{key}", {"body": {"name": 7}}, 422, "invalid_request", "name"),
     ("PATCH", "/v1/keys/{key}", {"body": {"name": NAME_201}}, 422, "invalid_request", "name"),
     ("PATCH", "/v1/keys/{key}", {"body": {"expires_at": PAST}}, 422, "invalid_request", "expires_at"),
     ("PATCH", "/v1/keys/{key}", {"body": {"expires_in": 60}}, 422, "invalid_request", "expires_in"),
     ("PATCH", "/v1/keys/{key}", {"body": {"project": "p2"}}, 422, "invalid_request", "project"),
-    ("PATCH", "/v1/keys/{key}", {"body": {"scopes": ["ok", ""]}}, 422, "invalid_request", "scopes"),
+    ("PATCH", "/v1/keys/{key}", {"body": {"scopes": ["ok", ""]}}, 422, "invalid_request", "scopes[1]"),
     ("PATCH", "/v1/keys/{key}", {"body": {"name": "taken"}}, 409, "name_taken", None),
     ("PATCH", "/v1/keys/key_nope", {"body": {"name": "x"}}, 404, "not_found", None),
     (
@@ -675,6 +678,8 @@ BAD: list[tuple[str, str, dict[str, Any], int, str, str | None]] = [
     ("GET", "/v1/keys", {"params": {"status": "lost"}}, 422, "invalid_request", "status"),
     ("GET", "/v1/keys", {"params": {"cursor": "garbage"}}, 422, "invalid_request", "cursor"),
     ("GET", "/v1/keys", {"params": {"cursor": "W10"}}, 422, "invalid_request", "cursor"),
+    ("GET", "/v1/keys", {"params": {"cursor": "1.5~key_\x00"}}, 422, "invalid_request", "cursor"),
+    ("GET", "/v1/keys", {"params": {"cursor": "1.5~key_a\n"}}, 422, "invalid_request", "cursor"),
     ("GET", "/v1/keys", {"params": {"owner_id": "alice"}}, 422, "invalid_request", "owner_id"),
     ("GET", "/v1/keys?owner=a&owner=b", {}, 422, "invalid_request", "owner"),
     ("GET", "/v1/audit", {"params": {"cursor": "garbage"}}, 422, "invalid_request", "cursor"),
@@ -724,6 +729,19 @@ async def test_unknown_routes_and_methods_answer_json(keystile) -> None:
         ):
             async with s.request(method, gw.admin_url + path, headers=headers) as r:
                 assert r.status == status and (await r.json())["error"] == code
+        # 405 names the methods of that very path (RFC 9110 15.5.6): /v1/keys/verify is not
+        # /v1/keys/{key_id} with the id "verify".
+        for method, path, allow in (
+            ("PUT", "/v1/keys", "GET,POST"),
+            ("TRACE", "/healthz", "GET"),
+            ("GET", "/v1/keys/verify", "POST"),
+            ("OPTIONS", "/v1/keys/verify", "POST"),
+            ("PUT", "/v1/keys/key_x", "DELETE,GET,PATCH"),
+            ("GET", "/v1/principals/alice/disable", "POST"),
+        ):
+            async with s.request(method, gw.admin_url + path, headers=headers) as r:
+                assert (r.status, r.headers.get("Allow")) == (405, allow), (method, path)
+                assert (await r.json())["error"] == "method_not_allowed"
         # Unauthenticated requests learn nothing about which /v1 routes exist.
         async with s.get(gw.admin_url + "/v1/nothing") as r:
             assert r.status == 401
@@ -871,3 +889,183 @@ async def test_admin_token_with_raw_non_ascii_bytes_is_401(keystile) -> None:
     req = b"GET /v1/keys HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer \xff\xfe-not-a-token\r\nConnection: close\r\n\r\n"
     status, _, body = await raw_request(gw.gateway.admin_port, req)
     assert status == 401, body
+
+
+# -- input that cannot exist, and store errors, on both backends -----------------------------
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_nul_in_ids_filters_cursors_or_names_is_a_clean_404_or_422(
+    keystile, admin, request: pytest.FixtureRequest, backend: str
+) -> None:
+    """PostgreSQL cannot hold or compare a NUL: such input never reaches it, and nothing of its
+    error text ever reaches a body."""
+    sections: dict[str, Any] = {}
+    if backend == "postgresql":
+        sections["store"] = {"url": request.getfixturevalue("pg_database")}
+    gw = await keystile(**sections)
+    api = admin(gw)
+    await api.principal()
+    k = await api.key(name="mine")
+    before = await api.state()
+    replies = []
+    for method, path in (
+        ("GET", "/v1/keys/key_x%00"),
+        ("PATCH", "/v1/keys/key_x%00"),
+        ("POST", "/v1/keys/key_x%00/revoke"),
+        ("POST", "/v1/keys/key_x%00/rotate"),
+        ("DELETE", "/v1/keys/key_x%00"),
+        ("GET", "/v1/principals/alice%00"),
+        ("PATCH", "/v1/principals/alice%00"),
+        ("POST", "/v1/principals/alice%00/disable"),
+        ("DELETE", "/v1/principals/alice%00"),
+    ):
+        r = await api.request(method, path, {} if method in ("PATCH", "POST") else _NO_BODY)
+        assert (r.status, r.error) == (404, "not_found"), (method, path, r.json)
+        replies.append(r)
+    # A forged cursor: the old opaque shape carrying a NUL, and the documented shapes with one.
+    forged = base64.urlsafe_b64encode(b'[1.0,"key_\\u0000"]').decode().rstrip("=")
+    for path, params, fld in (
+        ("/v1/keys", {"cursor": forged}, "cursor"),
+        ("/v1/keys", {"cursor": "1.5~key_\x00"}, "cursor"),
+        ("/v1/principals", {"cursor": "alice\x00"}, "cursor"),
+        ("/v1/audit", {"cursor": "1\x00"}, "cursor"),
+        ("/v1/keys", {"owner": "alice\x00"}, "owner"),
+        ("/v1/keys", {"project": "p1\x00"}, "project"),
+        ("/v1/keys", {"q": "mi\x00"}, "q"),
+        ("/v1/audit", {"principal": "alice\x00"}, "principal"),
+        ("/v1/audit", {"key_id": k["id"] + "\x00"}, "key_id"),
+    ):
+        r = await api.get(path, params=params)
+        assert (r.status, r.error, r.json["field"]) == (422, "invalid_request", fld), (path, params, r.json)
+        replies.append(r)
+    for path, body, fld in (
+        ("/v1/keys", {"owner": "alice\x00", "project": "p1"}, "owner"),
+        ("/v1/keys", {"owner": "alice", "project": "p1\x00"}, "project"),
+        ("/v1/keys", {"owner": "alice", "project": "p1", "name": "a\x00"}, "name"),
+        ("/v1/keys", {"owner": "alice", "project": "p1", "scopes": ["read\x00"]}, "scopes"),
+        ("/v1/principals", {"name": "bob\x00"}, "name"),
+        ("/v1/principals", {"name": "bob", "metadata": {"k\x00": "v"}}, "metadata"),
+    ):
+        r = await api.post(path, body)
+        assert (r.status, r.json["field"]) == (422, fld), (body, r.json)
+        replies.append(r)
+    for r in replies:
+        assert b"postgres" not in r.raw.lower() and b"sqlite" not in r.raw.lower(), r.raw
+    assert await api.state() == before
+    # A NUL in a metadata value is only text: stored and given back as it was.
+    bob = await api.principal("bob", metadata={"note": "a\x00b"})
+    assert (await api.ok("GET", f"/v1/principals/{bob['id']}"))["metadata"] == {"note": "a\x00b"}
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+async def test_a_store_error_is_a_generic_500_with_the_detail_only_in_the_log(
+    keystile, request: pytest.FixtureRequest, backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    sections: dict[str, Any] = {}
+    if backend == "postgresql":
+        sections["store"] = {"url": request.getfixturevalue("pg_database")}
+    gw = await keystile(**sections)
+    from tests.store.conftest import execute_sql
+
+    await execute_sql(gw.cfg.store.url, "DROP TABLE audit")  # every write now fails in the store
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    with caplog.at_level(logging.WARNING, logger="keystile.admin"):
+        async with aiohttp.ClientSession() as s, s.post(
+            gw.admin_url + "/v1/principals", json={"name": "carol"}, headers=headers
+        ) as r:
+            assert r.status == 500
+            assert await r.json() == {
+                "error": "store_error",
+                "message": "the key store failed; see the server log",
+                "field": None,
+            }
+    assert "audit" in caplog.text  # the detail, for the operator
+
+
+# -- names: no control, format (bidi, zero-width) or unassigned characters --------------------
+
+# C1 (U+009B is a terminal's CSI), line and paragraph separators, a bidi override, a bidi isolate,
+# a zero-width space, a BOM, the soft hyphen, an unassigned code point, plus C0 and DEL.
+HOSTILE = ["\x9b", "\u2028", "\u2029", "\u202e", "\u2066", "\u200b", "\ufeff", "\u00ad", "\u0378", "\x1b", "\x7f"]
+
+
+@pytest.mark.parametrize("char", HOSTILE, ids=[f"U+{ord(c):04X}" for c in HOSTILE])
+async def test_names_projects_scopes_and_metadata_keys_refuse_invisible_and_control_characters(
+    keystile, admin, char: str
+) -> None:
+    gw = await keystile()
+    api = admin(gw)
+    await api.principal()
+    k = await api.key(name="mine")
+    before = await api.state()
+    bad = f"ev{char}il"
+    for method, path, body, fld in (
+        ("POST", "/v1/principals", {"name": bad}, "name"),
+        ("POST", "/v1/principals", {"name": "bob", "grants": {bad: ["read"]}}, "grants"),
+        ("POST", "/v1/principals", {"name": "bob", "grants": {"p1": [bad]}}, "grants.p1"),
+        ("POST", "/v1/principals", {"name": "bob", "metadata": {bad: "v"}}, "metadata"),
+        ("PATCH", "/v1/principals/alice", {"grants": {bad: []}}, "grants"),
+        ("PATCH", "/v1/principals/alice", {"metadata": {bad: "v"}}, "metadata"),
+        ("POST", "/v1/keys", {"owner": "alice", "project": "p1", "name": bad}, "name"),
+        ("POST", "/v1/keys", {"owner": "alice", "project": bad}, "project"),
+        ("POST", "/v1/keys", {"owner": "alice", "project": "p1", "scopes": [bad]}, "scopes"),
+        ("POST", "/v1/keys", {"owner": "alice", "project": "p1", "metadata": {bad: "v"}}, "metadata"),
+        ("PATCH", f"/v1/keys/{k['id']}", {"name": bad}, "name"),
+        ("PATCH", f"/v1/keys/{k['id']}", {"scopes": [bad]}, "scopes"),
+        ("PATCH", f"/v1/keys/{k['id']}", {"metadata": {bad: "v"}}, "metadata"),
+        ("POST", "/v1/keys/verify", {"key": "nope", "scopes": [bad]}, "scopes"),
+    ):
+        r = await api.request(method, path, body)
+        assert (r.status, r.error, r.json["field"]) == (422, "invalid_request", fld), (body, r.json)
+        assert char not in r.json["message"]  # the message names it as U+..., never prints it
+    assert await api.state() == before
+
+
+async def test_names_in_any_script_and_with_spaces_are_welcome(keystile, admin, upstream: RecordingUpstream) -> None:
+    gw = await keystile(routes=[{"prefix": "/", "upstream": upstream.url}])
+    api = admin(gw)
+    for name in ("José Müller", "张伟", "Ωmega team", "🔑 deploy-bot", "  padded  "):
+        p = await api.principal(name, {"prój-ü": ["lire:écrire"]}, metadata={"équipe": "é"})
+        assert p["name"] == name.strip()
+        k = await api.key(p["id"], "prój-ü", name=f"clé {name}")
+        async with aiohttp.ClientSession() as s, s.get(gw.url + "/x", headers={"X-API-Key": k["key"]}) as r:
+            assert r.status == 200
+        assert upstream.received[-1].header("X-Keystile-Owner") == [name.strip()]
+    r = await api.post("/v1/principals", {"name": "   "})
+    assert (r.status, r.json["field"]) == (422, "name")
+
+
+async def test_query_strings_are_read_as_documented_and_cursors_are_positions(keystile, admin) -> None:
+    """A query parameter is a string, or a JSON number or boolean where the document says so:
+    never null, never ``1e1`` for an integer; a cursor of the documented shape is a position."""
+    gw = await keystile()
+    api = admin(gw)
+    await api.principal()
+    for i in range(3):
+        await api.key(name=f"k{i}")
+    for path, params, fld in (
+        ("/v1/keys", {"status": "null"}, "status"),
+        ("/v1/keys", {"limit": "1e1"}, "limit"),
+        ("/v1/keys", {"limit": "null"}, "limit"),
+        ("/v1/audit", {"until": "null"}, "until"),
+        ("/v1/audit", {"since": "nan"}, "since"),
+        ("/v1/audit", {"since": "1e999"}, "since"),
+        ("/v1/audit", {"cursor": "99999999999999999999"}, "cursor"),  # beyond any id: not a cursor
+        ("/v1/principals", {"limit": " 5"}, "limit"),
+    ):
+        r = await api.get(path, params=params)
+        assert (r.status, r.json["field"]) == (422, fld), (path, params, r.json)
+    r = await api.delete("/v1/principals/alice", params={"with_keys": "1"})
+    assert (r.status, r.json["field"]) == (422, "with_keys")
+    assert (await api.ok("GET", "/v1/keys", params={"q": "null"}))["items"] == []  # a name, "null"
+    # Pages follow each other, and any position of the documented shape is a valid cursor.
+    first = await api.ok("GET", "/v1/keys", params={"limit": "2"})
+    rest = await api.ok("GET", "/v1/keys", params={"cursor": first["next_cursor"]})
+    assert [k["name"] for k in first["items"] + rest["items"]] == ["k2", "k1", "k0"]
+    after_all = await api.ok("GET", "/v1/keys", params={"cursor": "0.5~key_0"})
+    assert after_all == {"items": [], "next_cursor": None}
+    assert len((await api.ok("GET", "/v1/keys", params={"cursor": "1e30~key_0"}))["items"]) == 3
+    assert (await api.ok("GET", "/v1/audit", params={"cursor": "2"}))["items"][0]["id"] == 1
+    principals = await api.ok("GET", "/v1/principals", params={"cursor": "a"})
+    assert [p["name"] for p in principals["items"]] == ["alice"]

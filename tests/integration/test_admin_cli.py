@@ -222,3 +222,42 @@ async def test_store_mode_bootstraps_without_a_running_server(tmp_path: Path) ->
     assert r.returncode == 0 and created["id"] in r.stdout
     r = await cli("keys", "rotate", created["id"], "--config", str(cfg))
     assert r.returncode == 2 and "KEYSTILE_KEY_HASH_SECRET" in r.stderr
+
+
+async def test_tables_escape_what_a_terminal_would_obey_and_cut_long_names(tmp_path: Path) -> None:
+    """Names stored before control and format characters were refused must not reach a terminal
+    raw (U+009B is a CSI: it starts an escape sequence), and long names must not stretch tables."""
+    from gateway.keys import generate_id
+    from gateway.models import Principal
+    from gateway.store import open_store
+
+    cfg = tmp_path / "k.toml"
+    cfg.write_text(f'[store]\nurl = "sqlite:///{tmp_path}/ks.db"\n')
+    store = await open_store(f"sqlite:///{tmp_path}/ks.db")
+    await store.migrate()
+    hostile = "evil\x9b31m\u202etxt.exe\u2028x"
+    long_name = "n" * 120
+    for name in (hostile, long_name):  # written as an old version might have: straight to the store
+        await store.create_principal(
+            Principal(id=generate_id("prn"), name=name, kind="user", disabled=False, created_at=0.0,
+                      grants={"p\u200b1": ("read",)}, metadata={"k\x1b": "v\x9b"}),
+            "test",
+        )
+    await store.close()
+
+    async def out(*args: str) -> str:
+        r = await cli(*args, "--config", str(cfg), env={"KEYSTILE_KEY_HASH_SECRET": SECRET})
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    table = await out("principals", "list")
+    show = await out("principals", "show", hostile)
+    for text in (table, show):
+        assert not any(c in text for c in "\x9b\u202e\u2028\u200b\x1b"), repr(text)
+    assert "evil\\x9b31m\\u202etxt.exe\\u2028x" in table and "p\\u200b1: read" in show
+    assert "metadata.k\\x1b: v\\x9b" in show
+    assert long_name not in table and "n" * 39 + "…" in table
+    assert long_name in await out("principals", "show", long_name)  # shown whole where asked for
+    # --json is for programs: the data as it is.
+    names = {p["name"] for p in json.loads(await out("principals", "list", "--json"))["items"]}
+    assert names == {hostile, long_name}

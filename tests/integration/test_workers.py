@@ -1,16 +1,23 @@
-"""``keystile serve --workers N``: one port, N processes, a dead worker replaced, SIGTERM drains all."""
+"""``keystile serve --workers N``: one port, N processes, a dead worker replaced, SIGTERM drains all.
+
+A replaced worker runs the configuration the others run (never a refused or not yet reloaded
+file), and a worker that cannot start never takes the healthy ones down.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import aiohttp
+import pytest
 
 from tests.servers import free_port, wait_tcp
 from tests.upstream import RecordingUpstream
@@ -152,3 +159,226 @@ async def test_workers_beyond_the_usable_cpus_are_warned_about_and_auto_fits(
     bad = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--workers", "0"],
                          env=env(), capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "must be at least 1" in bad.stderr
+
+
+# -- configuration generations and failing starts ----------------------------------------------
+
+
+class Supervised:
+    """``keystile serve --workers 2`` as a real process tree, with a client for it."""
+
+    def __init__(self, tmp_path: Path, cfg: Path, port: int, admin: int) -> None:
+        self.cfg, self.port, self.admin = cfg, port, admin
+        self.log_path = tmp_path / "serve.log"
+        self._log = self.log_path.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(cfg), "--workers", "2"],
+            env=env(), stdout=self._log, stderr=subprocess.STDOUT,
+        )
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        for pid in children(self.proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        self._log.close()
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    async def admin_get(self, path: str) -> str:
+        async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{self.admin}{path}") as r:
+            return await r.text()
+
+    async def until(self, what: str, check, timeout: float = 40.0) -> None:  # type: ignore[no-untyped-def]
+        deadline = time.monotonic() + timeout
+        while not await check():
+            assert self.proc.poll() is None, f"the supervisor exited while waiting for {what}: {self.log()}"
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: {self.log()[-3000:]}"
+            await asyncio.sleep(0.1)
+
+    async def workers_ready(self, pattern: str) -> None:
+        """Wait until ``/readyz`` says ``workers: <pattern>`` (a regular expression)."""
+        async def check() -> bool:
+            try:
+                return re.search(f'"workers":"{pattern}', await self.admin_get("/readyz")) is not None
+            except aiohttp.ClientError:
+                return False
+
+        await self.until(f"workers: {pattern}", check)
+
+    async def statuses(self, path: str, n: int = 40) -> list[int]:
+        """``n`` requests on ``n`` new connections (spread over the workers by the kernel)."""
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            async def one() -> int:
+                async with s.get(f"http://127.0.0.1:{self.port}{path}") as r:
+                    await r.read()
+                    return r.status
+            return list(await asyncio.gather(*(one() for _ in range(n))))
+
+    async def kill_a_worker(self) -> int:
+        victim = min(children(self.proc.pid))
+        os.kill(victim, signal.SIGKILL)
+        return victim
+
+
+class Load:
+    """Requests on new connections from a few clients, until stopped; records (time, status)."""
+
+    def __init__(self, port: int, path: str, clients: int = 4) -> None:
+        self.results: list[tuple[float, int | str]] = []
+        self._stop = asyncio.Event()
+        self._tasks = [asyncio.ensure_future(self._client(port, path)) for _ in range(clients)]
+
+    async def _client(self, port: int, path: str) -> None:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as s:
+            while not self._stop.is_set():
+                started = time.monotonic()
+                try:
+                    async with s.get(f"http://127.0.0.1:{port}{path}") as r:
+                        await r.read()
+                        self.results.append((started, r.status))
+                except aiohttp.ClientError as e:
+                    self.results.append((started, type(e).__name__))
+                await asyncio.sleep(0.01)
+
+    async def stop(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+
+    def failures(self, *, around: list[float]) -> list[tuple[float, int | str]]:
+        """Answers other than 200, leaving out requests started within 2 s of a worker's death
+        (it resets the connections it had accepted; the margin is for a loaded machine)."""
+        return [(t, r) for t, r in self.results if r != 200 and not any(abs(t - k) <= 2.0 for k in around)]
+
+
+def routes_config(tmp_path: Path, upstream: RecordingUpstream, prefix: str) -> tuple[Path, int, int]:
+    cfg, port, admin = migrated_config(tmp_path, upstream)
+    cfg.write_text(cfg.read_text().replace('prefix = "/"', f'prefix = "{prefix}"'))
+    return cfg, port, admin
+
+
+@pytest.mark.slow
+async def test_a_replaced_worker_runs_the_configuration_in_force_not_the_file(
+    tmp_path: Path, upstream: RecordingUpstream
+) -> None:
+    cfg, port, admin = routes_config(tmp_path, upstream, "/old")
+    good = cfg.read_text()
+    sup = Supervised(tmp_path, cfg, port, admin)
+    try:
+        await sup.workers_ready("2 of 2 ready")
+        load = Load(port, "/old/x")
+        # A refused reload: the file is broken, both workers keep the previous configuration.
+        cfg.write_text(good + '[[routes]]\nprefix = "broken"\n')
+        sup.proc.send_signal(signal.SIGHUP)
+        await sup.until("the refusal", lambda: asyncio.sleep(0, "reload refused; the previous" in sup.log()))
+        # A worker dies: its replacement runs what the other runs, not the broken file.
+        killed_at = time.monotonic()
+        victim = await sup.kill_a_worker()
+        await sup.until("the replacement", lambda: asyncio.sleep(0, victim not in children(sup.proc.pid)
+                                                              and len(children(sup.proc.pid)) == 2))
+        await sup.workers_ready("2 of 2 ready")
+        assert await sup.statuses("/old/x") == [200] * 40
+        # A valid file that was not reloaded is not in force either: a replacement ignores it.
+        cfg.write_text(good.replace('prefix = "/old"', 'prefix = "/new"'))
+        killed_again = time.monotonic()
+        victim = await sup.kill_a_worker()
+        await sup.until("the replacement", lambda: asyncio.sleep(0, victim not in children(sup.proc.pid)
+                                                              and len(children(sup.proc.pid)) == 2))
+        await sup.workers_ready("2 of 2 ready")
+        assert await sup.statuses("/old/x") == [200] * 40
+        await load.stop()
+        failures = load.failures(around=[killed_at, killed_again])
+        assert failures == [] and len(load.results) > 50, failures
+        assert "giving up" not in sup.log()
+
+        # Reloaded: every worker, the replaced ones too, switches to the new routes.
+        sup.proc.send_signal(signal.SIGHUP)
+
+        async def switched() -> bool:
+            return await sup.statuses("/new/x") == [200] * 40
+
+        await sup.until("the new routes on every worker", switched)
+        assert set(await sup.statuses("/old/x")) == {404}
+        assert "keystile_config_generation 2.0" in await sup.admin_get("/metrics")
+        sup.proc.send_signal(signal.SIGTERM)
+        assert sup.proc.wait(timeout=30) == 0
+    finally:
+        sup.close()
+
+
+@pytest.mark.slow
+async def test_a_worker_that_cannot_start_never_takes_the_healthy_one_down(
+    tmp_path: Path, upstream: RecordingUpstream
+) -> None:
+    cfg, port, admin = migrated_config(tmp_path, upstream)
+    sup = Supervised(tmp_path, cfg, port, admin)
+    db = sqlite3.connect(tmp_path / "k.db", isolation_level=None)
+    try:
+        await sup.workers_ready("2 of 2 ready")
+        load = Load(port, "/x")
+        # A schema from the future: a new worker refuses to start; the running ones keep serving.
+        db.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (999, 0)")
+        killed_at = time.monotonic()
+        await sup.kill_a_worker()
+        await sup.workers_ready(r"1 of 2 ready; slot \d: exited with code 1 before it was ready, ([2-9]|\d\d+) time\(s\)")
+        metrics = await sup.admin_get("/metrics")
+        assert "keystile_workers_ready 1.0" in metrics and "keystile_workers_configured 2.0" in metrics
+        assert await sup.statuses("/x") == [200] * 40
+        assert "giving up" not in sup.log() and len(children(sup.proc.pid)) >= 1
+
+        db.execute("DELETE FROM schema_migrations WHERE version = 999")
+        await sup.workers_ready("2 of 2 ready")
+        assert await sup.statuses("/x") == [200] * 40
+        await load.stop()
+        assert load.failures(around=[killed_at]) == []
+        metrics = await sup.admin_get("/metrics")
+        assert "keystile_workers_ready 2.0" in metrics
+        failed = float(re.search(r"^keystile_worker_failed_starts_total (\S+)$", metrics, re.M)[1])
+        assert failed >= 2
+        sup.proc.send_signal(signal.SIGTERM)
+        assert sup.proc.wait(timeout=30) == 0
+    finally:
+        db.close()
+        sup.close()
+
+
+def test_a_failing_slot_backs_off_exponentially_and_recovers_once_a_worker_lasts() -> None:
+    from gateway.workers import MAX_BACKOFF, RESTART_BACKOFF, STARTUP_GRACE, Slot
+
+    slot = Slot(1)
+    delays = []
+    now = 100.0
+    for _ in range(10):  # exits before it is ready, again and again
+        slot.started = now
+        delays.append(slot.exited(1, now + 1))
+        now += 60
+    assert delays[:4] == [RESTART_BACKOFF, 2 * RESTART_BACKOFF, 4 * RESTART_BACKOFF, 8 * RESTART_BACKOFF]
+    assert delays[-1] == MAX_BACKOFF and slot.failures == 10
+    assert "exited with code 1 before it was ready, 10 time(s) in a row" in slot.last_failure
+    # It starts and serves: no longer failing; once it has lasted the grace, the backoff resets.
+    slot.started, slot.ready_at = now, now + 1
+    slot.settled(now + 2)
+    assert slot.failures == 10 and slot.last_failure == ""
+    slot.settled(now + STARTUP_GRACE)
+    assert slot.failures == 0
+    # A worker that served a while and dies is replaced at once.
+    assert slot.exited(-9, now + 3600) == 0.0 and slot.failures == 0
+
+
+def test_in_force_keeps_what_needs_a_restart_and_takes_everything_else_from_the_new_file() -> None:
+    from gateway.app import _restart_only, in_force
+    from tests.conftest import make_config
+
+    running = make_config({"store": {"url": "sqlite:///a.db"}, "cache": {"redis_ttl": 300, "local_ttl": 10},
+                           "routes": [{"prefix": "/a", "upstream": "http://127.0.0.1:1"}]})
+    new = make_config({"proxy": {"listen": "127.0.0.1:9999", "keepalive_timeout": 7},
+                       "store": {"url": "sqlite:///b.db"}, "usage": {"flush_interval": 9},
+                       "cache": {"redis_ttl": 30, "local_ttl": 3}, "logging": {"level": "debug"},
+                       "routes": [{"prefix": "/b", "upstream": "http://127.0.0.1:2"}]})
+    cfg = in_force(running, new)
+    assert all(old == now for _, old, now in _restart_only(running, cfg))
+    assert cfg.routes == new.routes and cfg.cache.local_ttl == 3 and cfg.cache.redis_ttl == 300
+    assert cfg.store == running.store and cfg.proxy.listen == running.proxy.listen
+    assert in_force(running, running) == running

@@ -155,8 +155,10 @@ async def test_principals_are_listed_by_name_in_pages(store: Store) -> None:
             break
     assert seen == sorted(names)
     assert pages == 3
+    # A principal cursor is a position (the last name listed): any text but a NUL.
+    assert [p.name for p in (await store.list_principals(10, "p"))[0]] == [n for n in seen if n > "p"]
     with pytest.raises(ValueError):
-        await store.list_principals(2, "not-a-cursor")
+        await store.list_principals(2, "a\x00")
 
 
 async def test_updating_grants_changes_what_keys_can_do(store: Store) -> None:
@@ -431,7 +433,7 @@ async def test_list_keys_is_newest_first_and_pages_without_gaps(store: Store) ->
     # Filters and the cursor combine.
     first = await store.list_keys(KeyFilter(limit=1, q="key1"), T0)
     assert [k.name for k in first.items] == ["key1"] and first.next_cursor is None
-    for bad in ("garbage", "!!!", "WzEsMl0"):  # the last is valid base64 of the wrong shape
+    for bad in ("garbage", "!!!", "WzEsMl0", "1.5~key_\x00", "1.5~key_a\n", "nan~key_a", "1.5"):
         with pytest.raises(ValueError):
             await store.list_keys(KeyFilter(cursor=bad), T0)
 
