@@ -151,6 +151,14 @@ class Authenticator:
             return INSUFFICIENT_SCOPE, ident
         return ident
 
+    def known_valid(self, key: str | None) -> bool:
+        """True when the in-process tier already holds ``key`` as a key that may pass (its
+        project's grant aside): no lookup, no await."""
+        known = self.check(key)
+        return isinstance(known, IdentityRecord) or (
+            isinstance(known, tuple) and known[0] == INSUFFICIENT_SCOPE
+        )
+
     async def identify(self, key: str | None) -> tuple[str, IdentityRecord | None]:
         """(outcome, identity), scopes not checked. Never raises: a failed lookup is
         ``UNAVAILABLE``, never "unknown"."""

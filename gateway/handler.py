@@ -133,7 +133,7 @@ class ProxyHandler:
 
         if target.path == self._whoami:
             seen.route = "whoami"
-            if self._blocked and presented.key is not None:
+            if self._blocked and presented.key is not None and not self.auth.known_valid(presented.key):
                 refused = self._throttled(request, seen)
                 if refused is not None:
                     return refused
@@ -150,17 +150,20 @@ class ProxyHandler:
         seen.route = route.name
         ident = None
         if route.auth != "none" and not (route.auth == "optional" and presented.key is None):
-            # A blocked client is refused before any lookup; with no block anywhere (the usual
-            # case) this costs one truth test.
-            if self._blocked and presented.key is not None:
-                refused = self._throttled(request, seen)
-                if refused is not None:
-                    return refused
             # No await on an in-process answer. The listener's connections are KeyedConnections.
             conn: KeyMemory = request.protocol  # type: ignore[assignment]
             known = self.auth.check(presented.key, route.scopes, conn)
-            if isinstance(known, bytes):
-                known = await self.auth.resolve(known, route.scopes)
+            if not isinstance(known, IdentityRecord):
+                # A blocked client gets no lookup and no verdict on its key. A key this process
+                # already holds as valid still passes: it costs nothing, and one client failing
+                # behind a shared address (NAT, an egress proxy) does not lock out the working
+                # keys of the others.
+                if self._blocked and presented.key is not None:
+                    refused = self._throttled(request, seen)
+                    if refused is not None:
+                        return refused
+                if isinstance(known, bytes):
+                    known = await self.auth.resolve(known, route.scopes)
             if not isinstance(known, IdentityRecord):
                 seen.outcome, seen.ident = known
                 if known[0] in _THROTTLE_COUNTS:
