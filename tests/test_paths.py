@@ -1,8 +1,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.paths import BadPath, parse_target
+from gateway.paths import BadPath, parse_general, parse_target
 
 
 @pytest.mark.parametrize(
@@ -91,3 +93,28 @@ def test_allowed_path_parameters_keep_their_segment_when_a_prefix_is_stripped() 
 def test_allowed_path_parameters_still_refuse_climbing_above_the_root() -> None:
     with pytest.raises(BadPath):
         parse_target("/..;x/admin", allow_params=True)
+
+
+# -- the plain-path shortcut gives exactly what the general parse gives --------------------------
+
+_SEGMENT = st.text(alphabet="aZ09-._~!$&'()*+,=:@;%2e/", min_size=0, max_size=6)
+
+
+@settings(max_examples=600, derandomize=True, database=None)
+@given(st.lists(_SEGMENT, min_size=0, max_size=5), st.booleans(), st.booleans())
+def test_plain_paths_parse_as_the_general_parser_does(parts: list[str], trailing: bool, allow: bool) -> None:
+    path = "/" + "/".join(parts) + ("/" if trailing and parts else "")
+    try:
+        want = parse_general(path, "q=1", allow)
+    except BadPath:
+        want = None
+    try:
+        got = parse_target(path + "?q=1", allow)
+    except BadPath:
+        got = None
+    if want is None or got is None:
+        assert want is None and got is None, path
+        return
+    assert (got.segments, got.path, got.query) == (want.segments, want.path, want.query), path
+    for skip in range(len(want.segments) + 1):
+        assert got.forward_path(skip) == want.forward_path(skip), (path, skip)
