@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.paths import BadPath, parse_general, parse_target
+from tests.adversarial import budget
 
 
 @pytest.mark.parametrize(
@@ -100,7 +101,7 @@ def test_allowed_path_parameters_still_refuse_climbing_above_the_root() -> None:
 _SEGMENT = st.text(alphabet="aZ09-._~!$&'()*+,=:@;%2e/", min_size=0, max_size=6)
 
 
-@settings(max_examples=600, derandomize=True, database=None)
+@settings(max_examples=budget.examples(600), derandomize=budget.seeded(), database=None)
 @given(st.lists(_SEGMENT, min_size=0, max_size=5), st.booleans(), st.booleans())
 def test_plain_paths_parse_as_the_general_parser_does(parts: list[str], trailing: bool, allow: bool) -> None:
     path = "/" + "/".join(parts) + ("/" if trailing and parts else "")

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from gateway import text
 from gateway.lifecycle import MAX_NAME, PolicyError, _check_name, check_metadata, check_project, check_scopes
+from tests.adversarial import budget
 
 
 def matcher(pattern: str):  # type: ignore[no-untyped-def]
@@ -35,7 +36,7 @@ def accepted(check, value: str) -> bool:  # type: ignore[no-untyped-def]
     return True
 
 
-@settings(max_examples=500, derandomize=True, database=None)
+@settings(max_examples=budget.examples(500), derandomize=budget.seeded(), database=None)
 @given(texts)
 @example("ab\n")  # Python's $ also matches before a final newline: the patterns must not
 @example(" \u3000 ")

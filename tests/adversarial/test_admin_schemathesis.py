@@ -24,6 +24,7 @@ from schemathesis import CheckContext, Response
 from schemathesis.engine import Status, events, from_schema
 from schemathesis.generation.case import Case
 
+from tests.adversarial import budget
 from tests.conftest import ADMIN_TOKEN
 
 SEED = 20251
@@ -88,11 +89,15 @@ class Outcome:
 def _run(admin_url: str) -> Outcome:
     config = schemathesis.Config.from_dict(
         {
-            "seed": SEED,
+            "seed": budget.seed(SEED),
             "cache": {"enabled": False},
             "headers": {"Authorization": f"Bearer {ADMIN_TOKEN}"},
             "workers": 1,
-            "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
+            "generation": {
+                "max-examples": budget.examples(MAX_EXAMPLES),
+                "deterministic": budget.seeded(),
+                "database": "none",
+            },
             "checks": {
                 # 422 is judged by the check above.
                 "positive_data_acceptance": {
@@ -115,7 +120,14 @@ def _run(admin_url: str) -> Outcome:
         elif isinstance(event, events.PhaseFinished):
             out.phases[event.phase.name.value] = event.status
         elif isinstance(event, events.NonFatalError):
-            out.problems.add(f"error in {event.label}: {event.value!r}")
+            problem = f"error in {event.label}: {event.value!r}"
+            if budget.FUZZING and "Cannot generate" in problem:
+                # Hypothesis gave up finding strings for a pattern with a large negative
+                # lookahead (the name rules): a limit of the generator, not a finding. Seeded
+                # runs (scripts/test) never hit it, and there it would fail.
+                print("generator gave up:", problem)
+                continue
+            out.problems.add(problem)
         elif isinstance(event, events.FatalError):
             out.problems.add(f"fatal: {event.exception!r}")
         elif isinstance(event, events.EngineFinished):

@@ -45,6 +45,7 @@ from hypothesis.stateful import (
 from gateway.app import create_app
 from gateway.config import Secrets
 from gateway.store import open_store
+from tests.adversarial import budget
 from tests.adversarial.invariants import assert_no_key
 from tests.conftest import ADMIN_TOKEN, HASH_SECRET, make_config
 from tests.upstream import RecordingUpstream, Seen
@@ -419,9 +420,9 @@ def test_the_key_lifecycle_matches_the_model(tmp_path: Path) -> None:
         run_state_machine_as_test(
             KeyLifecycle,
             settings=settings(
-                max_examples=30,
+                max_examples=budget.examples(30),
                 stateful_step_count=15,
-                derandomize=True,
+                derandomize=budget.seeded(),
                 deadline=None,
                 database=None,
                 suppress_health_check=[HealthCheck.too_slow],
