@@ -40,16 +40,14 @@ from __future__ import annotations
 
 import ipaddress
 import math
-import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Final
 
 from multidict import CIMultiDictProxy
 
+from gateway.clock import SYSTEM, Clock
 from gateway.config import ThrottleConfig
-
-Clock = Callable[[], float]
 
 # An X-Forwarded-For hop that is no address is judged by its text, cut to this length.
 _HOP_MAX: Final = 64
@@ -60,9 +58,9 @@ _UNSEEN: Final = "\x00unseen"  # no peer string contains NUL
 
 class FailureThrottle:
     def __init__(
-        self, cfg: ThrottleConfig, trusted_proxies: Iterable[str] = (), clock: Clock = time.monotonic
+        self, cfg: ThrottleConfig, trusted_proxies: Iterable[str] = (), clock: Clock = SYSTEM
     ) -> None:
-        self.clock = clock
+        self.clock = clock  # windows and blocks run on its monotonic time
         # client -> [window start, refusals in it], the earliest window first
         self._counting: OrderedDict[str, list[float]] = OrderedDict()
         # client -> end of its block, the earliest end first (every block lasts ``block`` seconds).
@@ -76,6 +74,16 @@ class FailureThrottle:
         self.blocks = 0  # times a client was blocked
         self.forgotten = 0  # counting entries dropped at the bound while their window was open
         self.configure(cfg, trusted_proxies)
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    @clock.setter
+    def clock(self, clock: Clock) -> None:
+        """Windows and blocks under way carry on in the new clock's time (tests move it)."""
+        self._clock = clock
+        self._now = clock.monotonic
 
     def configure(self, cfg: ThrottleConfig, trusted_proxies: Iterable[str]) -> None:
         """Apply a (reloaded) config; counts and blocks in progress are kept."""
@@ -150,7 +158,7 @@ class FailureThrottle:
     def retry_after(self, client: str) -> int:
         """Seconds until ``client`` may try again (at least 1), or 0 when it is not blocked. A
         positive answer counts as a refused request."""
-        now = self.clock()
+        now = self._now()
         blocked = self.blocked
         while blocked:  # drop ended blocks from the front (all last the same time)
             first_end = next(iter(blocked.values()))
@@ -168,7 +176,7 @@ class FailureThrottle:
         within a window."""
         if not self.failures or client in self.blocked:
             return  # off, or a lookup that started before the block
-        now = self.clock()
+        now = self._now()
         counting = self._counting
         while counting:  # drop ended windows from the front
             first = next(iter(counting.values()))

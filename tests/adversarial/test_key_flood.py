@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 import aiohttp
 import pytest
 
+from gateway.clock import ManualClock
 from gateway.keys import BASE62, with_checksum
 from tests.adversarial.invariants import assert_no_key
 from tests.conftest import GatewayFactory, Running
@@ -30,14 +31,6 @@ BYSTANDER = "127.0.0.2"
 def random_key() -> str:
     """A key anyone can mint: random body, valid checksum."""
     return with_checksum("ks_live_" + "".join(secrets.choice(BASE62) for _ in range(30)))
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
@@ -154,7 +147,7 @@ async def test_the_block_starts_at_the_configured_count_and_ends_after_the_block
     keystile: GatewayFactory, sessions: dict[str, aiohttp.ClientSession]
 ) -> None:
     gw = await keystile(throttle={"failures": 3, "window": 60, "block": 30})
-    clock = gw.gateway.throttle.clock = Clock()
+    clock = gw.gateway.throttle.clock = ManualClock()
     valid, other = await gw.key(), await gw.key()
     flooder, bystander = sessions[FLOODER], sessions[BYSTANDER]
     bad = random_key()
@@ -170,14 +163,14 @@ async def test_the_block_starts_at_the_configured_count_and_ends_after_the_block
 
     # Now held in-process as valid (the bystander's request): it passes even from the flooder.
     assert (await call(flooder, gw, valid))[0] == 200
-    clock.now += 29.5
+    clock.advance(29.5)
     status, headers, _ = await call(flooder, gw, other)  # needs a lookup: still refused
     assert (status, headers["Retry-After"]) == (429, "1")
-    clock.now += 0.5
+    clock.advance(0.5)
     assert (await call(flooder, gw, other))[0] == 200
     # The count starts over: two failures, a window later two more, and no block.
     assert [(await call(flooder, gw, random_key()))[0] for _ in range(2)] == [401] * 2
-    clock.now += 60
+    clock.advance(60)
     assert [(await call(flooder, gw, random_key()))[0] for _ in range(2)] == [401] * 2
     assert (await call(flooder, gw, valid))[0] == 200
 
