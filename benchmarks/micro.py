@@ -246,18 +246,12 @@ async def verify_cases(ctx: MicroContext) -> tuple[list[tuple[str, Async, str]],
     return cases, closers, ""
 
 
-class _Connection:
-    """What a proxy-listener connection remembers of its key (``gateway.listener``)."""
-
-    key_seen = ""
-    key_digest = b""
-    key_by: object = None
-
-
 def _repeated(auth: Any, key: str) -> Async:
     """The decision for a key its keep-alive connection presented before (``Authenticator.check``
     with the connection's memory), as every request after a client's first takes it."""
-    conn = _Connection()
+    from gateway.auth import KeyMemory
+
+    conn = KeyMemory()
     auth.check(key, frozenset(), conn)
 
     async def call() -> object:

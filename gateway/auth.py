@@ -1,11 +1,13 @@
 """Authentication: which key a request presents, what it resolves to, and the 401/403 decision.
 
-Owns: reading the key from the configured places, the format check, the digest, the cache lookup
-and the scope check. Must not: forward requests or call the store (it only sees the cache front).
+Owns: reading the key from the configured places, the format check, the digest, the cache lookup,
+and what a connection remembers of its key (``KeyMemory``). The decision itself (expiry, grace,
+scopes) is ``gateway.decision``'s, which every path here ends in. Must not: forward requests, call
+the store or reach past the cache's front (``IdentityCache``).
 
 A keep-alive connection that presents the key it presented before skips the format check and the
-hashing (its digest is remembered on the connection, ``gateway.listener``); the cache lookup and
-every check after it run on every request.
+hashing (its digest is in the connection's ``KeyMemory``, which ``gateway.listener`` gives every
+proxy connection); the cache lookup and the decision run on every request.
 
 Precedence: ``Authorization: Bearer`` wins over ``X-API-Key`` when both are sent (a bearer token is
 the stronger statement of who is calling); ``Authorization`` with another scheme is ignored and
@@ -15,27 +17,28 @@ passed to the upstream. Ambiguous credentials are refused with 400 before any ro
 
 from __future__ import annotations
 
-import time
 from collections import OrderedDict
 from collections.abc import Iterable
 from hashlib import sha256
 from hmac import compare_digest
-from time import monotonic
-from typing import Final, Protocol
+from typing import Final
 
 from multidict import CIMultiDictProxy, MultiMapping
 
 from gateway.cache import MISS, IdentityCache
+from gateway.clock import SYSTEM, Clock
 from gateway.config import Config
+from gateway.decision import EXPIRED as EXPIRED
+from gateway.decision import INSUFFICIENT_SCOPE as INSUFFICIENT_SCOPE
+from gateway.decision import INVALID as INVALID
+from gateway.decision import MISSING as MISSING
+from gateway.decision import OK as OK
+from gateway.decision import REFUSED_INVALID, REFUSED_MISSING, REFUSED_UNAVAILABLE, outcome, validity
+from gateway.decision import UNAVAILABLE as UNAVAILABLE
+from gateway.decision import Decision as Decision
+from gateway.decision import Outcome as Outcome
+from gateway.decision import decide as decide
 from gateway.keys import Digester, KeyDigest, KeyFormat
-from gateway.models import IdentityRecord
-
-OK: Final = "ok"
-MISSING: Final = "missing"
-INVALID: Final = "invalid"
-EXPIRED: Final = "expired"
-INSUFFICIENT_SCOPE: Final = "insufficient_scope"
-UNAVAILABLE: Final = "unavailable"
 
 
 class Presented:
@@ -52,30 +55,37 @@ class Presented:
 AMBIGUOUS: Final = Presented("", False)
 
 
-class KeyMemory(Protocol):
-    """Where a connection remembers its last well-formed key (``gateway.listener``)."""
+class KeyMemory:
+    """What one client connection remembers of the last well-formed key presented on it: the key,
+    its digest and the ``Authenticator`` that checked it (a reload builds a new one, whose secret
+    may differ). Read and written only by ``Authenticator.check``; ``gateway.listener`` gives each
+    proxy connection one, so it lives exactly as long as the connection."""
 
-    key_seen: str
-    key_digest: KeyDigest
-    key_by: object
+    __slots__ = ("by", "digest", "key")
+
+    def __init__(self) -> None:
+        self.key = ""
+        self.digest: KeyDigest = b""
+        self.by: object = None
 
 
 class Authenticator:
-    def __init__(self, cfg: Config, secret: bytes, cache: IdentityCache) -> None:
+    def __init__(self, cfg: Config, secret: bytes, cache: IdentityCache, clock: Clock = SYSTEM) -> None:
         self._headers = tuple(cfg.proxy.key_headers)
         self._bearer = cfg.proxy.bearer
         self._query = cfg.proxy.query_param
         self._format = KeyFormat(cfg.keys.prefix)
         self._hmac = Digester(secret)
         # SHA-256 of a key -> its HMAC digest. Even with its pads precomputed (keys.Digester) the
-        # keyed digest costs two compressions and two state copies (~0.6 us), a plain one ~0.3 us;
-        # the mapping never changes while the secret stays, so it needs no invalidation. Bounded
+        # keyed digest costs two compressions and two state copies, a plain one half that; the
+        # mapping never changes while the secret stays, so it needs no invalidation. Bounded
         # like the in-process cache, oldest first out (O(1) with an OrderedDict); raw keys are
         # never kept.
         self._memo: OrderedDict[bytes, KeyDigest] = OrderedDict()
         self._memo_max = cfg.cache.local_max_entries
         self.cache = cache
-        self._local_get = cache.local.get
+        self._peek = cache.peek
+        self._now = clock.time  # expiry is wall time (the store's)
 
     def presented(self, headers: CIMultiDictProxy[str], query: MultiMapping[str] | None) -> Presented:
         """The key a request carries, or ``Presented(None)``; ``""`` means "sent but unusable".
@@ -121,91 +131,54 @@ class Authenticator:
         """The decision when it is known without waiting (missing, malformed, or answered by the
         in-process tier), else the digest ``resolve`` must look up. No I/O, no await.
 
-        A decision is the identity itself when the key may pass (a route needing ``scopes``), else
-        an ``(outcome, identity)`` refusal: returning the record bare saves every accepted request
-        a tuple and an unpacking.
-
         ``conn``: the client connection's memory. When the key equals (constant-time compare) the
         last well-formed key this authenticator checked on it, its digest is reused: no format
         check, no hashing. The digest is still looked up below on every request."""
         if key is None:
-            return _REFUSED_MISSING
-        if conn is not None and conn.key_by is self and key.isascii() and compare_digest(key, conn.key_seen):
-            d = conn.key_digest
+            return REFUSED_MISSING
+        if conn is not None and conn.by is self and key.isascii() and compare_digest(key, conn.key):
+            d = conn.digest
         else:
             raw = self._format.checked(key)
             if raw is None:
-                return _REFUSED_INVALID
-            # Inlined _digest, cache.peek and decide: this is every authenticated request's path.
+                return REFUSED_INVALID
+            # Inlined _digest: this is every authenticated request's path.
             d = self._memo.get(sha256(raw).digest()) or self._digest(raw)
             if conn is not None:
-                conn.key_seen, conn.key_digest, conn.key_by = key, d, self
-        ident = self._local_get(d, monotonic())
+                conn.key, conn.digest, conn.by = key, d, self
+        ident = self._peek(d)
         if ident is MISS:
             return d
-        if ident is None:
-            return _REFUSED_INVALID
-        if ident.expires_at is not None and time.time() >= ident.expires_at:
-            return _expired(ident)
-        if not ident.member or (scopes and not scopes.issubset(ident.scopes)):
-            return INSUFFICIENT_SCOPE, ident
-        return ident
-
-    def known_valid(self, key: str | None) -> bool:
-        """True when the in-process tier already holds ``key`` as a key that may pass (its
-        project's grant aside): no lookup, no await."""
-        known = self.check(key)
-        return isinstance(known, IdentityRecord) or (
-            isinstance(known, tuple) and known[0] == INSUFFICIENT_SCOPE
-        )
-
-    async def identify(self, key: str | None) -> tuple[str, IdentityRecord | None]:
-        """(outcome, identity), scopes not checked. Never raises: a failed lookup is
-        ``UNAVAILABLE``, never "unknown"."""
-        known = self.check(key)
-        if isinstance(known, bytes):
-            known = await self.resolve(known)
-        if isinstance(known, IdentityRecord):
-            return OK, known
-        if known[0] == INSUFFICIENT_SCOPE:  # a known key outside its project: still a valid key
-            return OK, known[1]
-        return known
+        return decide(ident, scopes, self._now())
 
     async def resolve(self, d: KeyDigest, scopes: frozenset[str] = frozenset()) -> Decision:
-        """The decision for a digest the in-process tier did not answer."""
+        """The decision for a digest the in-process tier did not answer. Never raises: a failed
+        lookup is ``UNAVAILABLE``, never "unknown"."""
         try:
             ident = await self.cache.resolve(d)
         except Exception:
-            return UNAVAILABLE, None
-        return decide(ident, scopes)
+            return REFUSED_UNAVAILABLE
+        return decide(ident, scopes, self._now())
 
+    async def decision(self, key: str | None, scopes: frozenset[str] = frozenset()) -> Decision:
+        """The decision for ``key`` on a route needing ``scopes``, through every tier."""
+        known = self.check(key, scopes)
+        if isinstance(known, bytes):
+            return await self.resolve(known, scopes)
+        return known
 
-# A key may pass (its identity), or is refused (outcome, identity if the key is known).
-Decision = IdentityRecord | tuple[str, IdentityRecord | None]
-_REFUSED_MISSING: Final = (MISSING, None)
-_REFUSED_INVALID: Final = (INVALID, None)
+    async def verify(self, key: str | None, scopes: Iterable[str]) -> Outcome:
+        """The proxy's decision for a route needing ``scopes``, as ``(outcome, identity)``: ``OK``
+        when the key may pass (the admin API's verify)."""
+        return outcome(await self.decision(key, frozenset(scopes)))
 
+    async def identify(self, key: str | None) -> Outcome:
+        """Whether the key is valid, as ``(outcome, identity)``, its grant and scopes aside
+        (whoami)."""
+        return validity(await self.decision(key))
 
-def decide(ident: object, scopes: frozenset[str] = frozenset()) -> Decision:
-    """The decision for what a tier answered: unknown, expired, outside the scopes, or valid."""
-    if ident is None:
-        return INVALID, None
-    assert isinstance(ident, IdentityRecord)
-    if ident.expires_at is not None and time.time() >= ident.expires_at:
-        return _expired(ident)
-    if not ident.member or (scopes and not scopes.issubset(ident.scopes)):
-        return INSUFFICIENT_SCOPE, ident
-    return ident
-
-
-def _expired(ident: IdentityRecord) -> Decision:
-    """A key past its expiry is told so, but a rotated-out secret past its grace is refused like
-    an unknown key: "expired" would confirm that it once was a real secret."""
-    if ident.grace_until is not None and time.time() >= ident.grace_until:
-        return _REFUSED_INVALID
-    return EXPIRED, ident
-
-
-def permits_scopes(ident: IdentityRecord, required: Iterable[str]) -> bool:
-    """A key needs a grant in its project and every required scope (403 otherwise)."""
-    return ident.member and set(required).issubset(ident.scopes)
+    def known_valid(self, key: str | None) -> bool:
+        """True when the in-process tier already holds ``key`` as a valid key (its grant and
+        scopes aside): no lookup, no await."""
+        known = self.check(key)
+        return not isinstance(known, bytes) and validity(known)[0] == OK

@@ -17,8 +17,9 @@ import msgspec
 from aiohttp import HttpVersion10, HttpVersion11, web
 
 from gateway import auth, errors
-from gateway.auth import Authenticator, KeyMemory
+from gateway.auth import Authenticator
 from gateway.config import Config
+from gateway.listener import key_memory
 from gateway.models import IdentityRecord, IdentityView
 from gateway.observability import AccessLog, Metrics
 from gateway.paths import BadPath, parse_target
@@ -150,9 +151,8 @@ class ProxyHandler:
         seen.route = route.name
         ident = None
         if route.auth != "none" and not (route.auth == "optional" and presented.key is None):
-            # No await on an in-process answer. The listener's connections are KeyedConnections.
-            conn: KeyMemory = request.protocol  # type: ignore[assignment]
-            known = self.auth.check(presented.key, route.scopes, conn)
+            # No await on an in-process answer.
+            known = self.auth.check(presented.key, route.scopes, key_memory(request))
             if not isinstance(known, IdentityRecord):
                 # A blocked client gets no lookup and no verdict on its key. A key this process
                 # already holds as valid still passes: it costs nothing, and one client failing

@@ -3,10 +3,11 @@ connection cap, and the proxy connections' remembered key.
 
 Owns: ``FixedErrors``, aiohttp's protocol with its error answers and error logging replaced (both
 listeners); ``KeyedConnection``, the proxy listener's protocol, which adds the head deadline, the
-connection count and the per-connection key slots; ``ProxyServer`` and ``AdminRunner``, which make
-those protocols; ``ListenerStats``, their counters. Must not: decide anything about a key or a
-route. ``auth`` reads and writes the key slots (comparing keys in constant time) and still looks
-the digest up in the cache on every request, so a revocation applies to an open connection at once.
+connection count and one ``auth.KeyMemory`` per connection (``key_memory(request)`` hands it to
+the handler); ``ProxyServer`` and ``AdminRunner``, which make those protocols; ``ListenerStats``,
+their counters. Must not: decide anything about a key or a route, or read the key memory: ``auth``
+reads and writes it (comparing keys in constant time) and still looks the digest up in the cache on
+every request, so a revocation applies to an open connection at once.
 
 **Errors.** aiohttp answers a request its parser refuses with the parser's message, which quotes
 the offending header line (a key, an admin token), and logs it with a traceback. Here every such
@@ -48,6 +49,7 @@ from aiohttp.web_protocol import RequestHandler
 from prometheus_client.core import Metric
 
 from gateway import errors
+from gateway.auth import KeyMemory
 from gateway.observability import counter, gauge
 from gateway.turn import BatchedTransport, turn_writes
 
@@ -173,13 +175,11 @@ class FixedErrors(RequestHandler):
 class KeyedConnection(FixedErrors):
     """One client connection to the proxy listener (aiohttp's protocol) plus the remembered key."""
 
-    __slots__ = ("_counted", "_head_since", "_head_timer", "_server", "key_by", "key_digest", "key_seen")
+    __slots__ = ("_counted", "_head_since", "_head_timer", "_server", "key_memory")
 
     def __init__(self, manager: ProxyServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
-        self.key_seen = ""  # the last well-formed key presented here
-        self.key_digest = b""  # its digest
-        self.key_by: object = None  # the Authenticator that checked it (a reload builds a new one)
+        self.key_memory = KeyMemory()  # the last well-formed key presented here (auth's)
         self._server = manager  # aiohttp forgets its manager when the connection is lost
         self._counted = False
         # When the head being read started (loop time); below the current wait's start when no
@@ -249,6 +249,12 @@ class KeyedConnection(FixedErrors):
             self._head_timer.cancel()
             self._head_timer = None
         super().connection_lost(exc)
+
+
+def key_memory(request: web.BaseRequest) -> KeyMemory | None:
+    """The key memory of the proxy connection ``request`` arrived on (None on any other)."""
+    conn = request.protocol
+    return conn.key_memory if type(conn) is KeyedConnection else None
 
 
 class ProxyServer(web.Server):

@@ -589,10 +589,8 @@ async def _verify_key(call: Call) -> Result:
     body: s.VerifyRequest = call.body
     check_scopes(body.scopes, "scopes")  # the document's rule for scopes, as everywhere
     gw = call.gateway
-    outcome, ident = await gw.authenticator.identify(body.key)
-    # The proxy's rule for a route needing ``body.scopes``.
-    if outcome == auth.OK and ident is not None and not auth.permits_scopes(ident, body.scopes):
-        outcome = auth.INSUFFICIENT_SCOPE
+    # The proxy's decision for a route needing ``body.scopes``.
+    outcome, ident = await gw.authenticator.verify(body.key, body.scopes)
     identity = None
     if outcome == auth.OK and ident is not None:
         # Like whoami: the last use before this one.

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Final
 
+from gateway.clock import SYSTEM, Clock
 from gateway.keys import KeyDigest
 from gateway.models import IdentityRecord
 
@@ -79,6 +79,9 @@ class LocalTier:
     positive hit stays one dict lookup; only a positive miss also looks at the negative map. The
     negative space is first in, first out, with no reordering on a hit: its entries all live the
     same short ``negative_ttl``, so the oldest is also the closest to expiring.
+
+    Deadlines are monotonic time from ``clock`` (``now``); ``get`` and ``put`` take an explicit
+    ``now`` where the caller has one.
     """
 
     def __init__(
@@ -88,7 +91,9 @@ class LocalTier:
         max_entries: int,
         synced_ttl: float = 0.0,
         negative_max_entries: int = 10_000,
+        clock: Clock = SYSTEM,
     ) -> None:
+        self.now = clock.monotonic
         self.ttl = ttl
         self.negative_ttl = negative_ttl
         self.max_entries = max_entries
@@ -103,7 +108,10 @@ class LocalTier:
         self.negative_hits = 0
         self.misses = 0
 
-    def get(self, digest: KeyDigest, now: float) -> IdentityRecord | _Miss | None:
+    def get(self, digest: KeyDigest, now: float | None = None) -> IdentityRecord | _Miss | None:
+        """What the tier holds for ``digest`` at ``now`` (the tier's clock when None)."""
+        if now is None:
+            now = self.now()
         entry = self._data.get(digest)
         if entry is None:
             return self._get_negative(digest, now)
@@ -171,9 +179,19 @@ class LocalTier:
         return len(self._negative)
 
 
+# The in-process answer for a digest: an identity, None (known unknown) or MISS.
+Peek = Callable[[KeyDigest], IdentityRecord | _Miss | None]
+
+
 class IdentityCache:
+    """The front: ``peek`` (in-process only), ``resolve`` (past it), ``lookup`` (both), and
+    invalidation. Callers (``gateway.auth``) talk to this object only, never to its tiers."""
+
     def __init__(self, local: LocalTier, loader: Loader, max_loads: int = MAX_CONCURRENT_LOADS) -> None:
         self.local = local
+        # The in-process answer, if any: no I/O, no await. The local tier's own ``get`` (which
+        # reads the tier's clock), bound here so that a hit costs one call and nothing else.
+        self.peek: Peek = local.get
         self._loader = loader
         self._max_loads = max_loads
         self._generation = 0
@@ -185,10 +203,6 @@ class IdentityCache:
         self.loads = 0
         self.load_errors = 0
         self.invalidations = 0
-
-    def peek(self, digest: KeyDigest) -> IdentityRecord | _Miss | None:
-        """The in-process answer, if any: no I/O, no await."""
-        return self.local.get(digest, time.monotonic())
 
     async def resolve(self, digest: KeyDigest) -> IdentityRecord | None:
         """Go past the local tier. Raises what the loader raises (e.g. StoreUnavailable).
@@ -269,7 +283,7 @@ class IdentityCache:
                 raise
             return
         fill = generation == self._generation
-        now = time.monotonic()
+        now = self.local.now()
         for d in batch:
             waiters = self._inflight.pop(d)
             if d not in found:

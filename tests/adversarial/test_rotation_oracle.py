@@ -81,11 +81,11 @@ def test_the_decision_for_a_cached_old_secret_is_invalid_once_the_grace_ends() -
         scopes=("read",), env="live",
     )  # fmt: skip
     graced = IdentityRecord(digest=b"old", expires_at=now - 1, grace_until=now - 1, **base)
-    assert auth.decide(graced) == (auth.INVALID, None)
+    assert auth.decide(graced, frozenset(), now) == (auth.INVALID, None)
     within = IdentityRecord(digest=b"old", expires_at=now + 60, grace_until=now + 60, **base)
-    assert auth.decide(within) is within
+    assert auth.decide(within, frozenset(), now) is within
     # The key itself expired during the grace: the old secret, still a real one, is told so.
     key_expired = IdentityRecord(digest=b"old", expires_at=now - 1, grace_until=now + 60, **base)
-    assert auth.decide(key_expired) == (auth.EXPIRED, key_expired)
+    assert auth.decide(key_expired, frozenset(), now) == (auth.EXPIRED, key_expired)
     plain = IdentityRecord(digest=b"cur", expires_at=now - 1, **base)
-    assert auth.decide(plain) == (auth.EXPIRED, plain)
+    assert auth.decide(plain, frozenset(), now) == (auth.EXPIRED, plain)
