@@ -1,26 +1,58 @@
-"""Error responses the proxy listener sends itself, serialized once.
+"""The answers the proxy listener builds itself: every error response, and its JSON answers.
 
-Owns: the error codes, their status, their fixed JSON bodies and header blocks. Must not: import
-the store, the cache or the proxy. A body never contains a key, a digest or request input.
+Owns: the error codes, their status, their JSON bodies and header blocks, and the one way such an
+answer is built: ``ErrorSpec`` for a fixed error (serialized once, at import or first use),
+``error_response`` for an error whose message is made per request, ``json_answer`` for any other
+JSON the listener answers itself (whoami). Must not: import the store, the cache or the proxy. A
+body never contains a key, a digest or request input that could carry one.
 
 A rejection is the cheapest answer the gateway gives and the one an attacker can ask for at will,
-so ``ErrorSpec.response()`` builds no aiohttp ``Response``: its status line and headers are
-serialized at import and written by ``gateway.wire``, which adds ``Date`` and ``Connection``.
+so none of these builds an aiohttp ``Response``: the status line and headers are serialized here
+and written by ``gateway.wire``, which adds ``Date`` and ``Connection``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Final
 
 import msgspec
-from aiohttp import web
 
 from gateway.wire import ClosingResponse, RawResponse, status_tail
 
 _enc = msgspec.json.Encoder()
 
 
+def json_block(body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
+    """The header block of a JSON answer: its type, ``Cache-Control: no-store`` (answers about a
+    key are never cached), ``headers``, its length. Raises ValueError on CR, LF or NUL."""
+    fields = {
+        "Content-Type": "application/json",
+        "Cache-Control": "no-store",
+        **(headers or {}),
+        "Content-Length": str(len(body)),
+    }
+    block = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
+    if any(c in block.replace("\r\n", "") for c in "\r\n\x00"):
+        raise ValueError("CR, LF or NUL in a header")
+    return block.encode("latin-1")
+
+
+# Status line tails of the JSON answers made per request (a handful of statuses).
+_TAILS: dict[int, bytes] = {}
+
+
+def json_answer(status: int, body: bytes, headers: Mapping[str, str] | None = None) -> RawResponse:
+    """A JSON answer made per request (``body`` already encoded)."""
+    tail = _TAILS.get(status)
+    if tail is None:
+        tail = _TAILS[status] = status_tail(status)  # status codes are few: bounded
+    return RawResponse(status, tail, json_block(body, headers), body)
+
+
 class ErrorSpec:
+    """A fixed error answer: status, code, message and extra headers, serialized once."""
+
     __slots__ = ("_block", "_tail", "body", "code", "extra_headers", "status")
 
     def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None) -> None:
@@ -28,16 +60,10 @@ class ErrorSpec:
         self.code = code
         self.body = _enc.encode({"error": code, "message": message})
         self.extra_headers = headers or {}
-        fields = {
-            "Content-Type": "application/json",
-            "Cache-Control": "no-store",
-            **self.extra_headers,
-            "Content-Length": str(len(self.body)),
-        }
-        block = "".join(f"{k}: {v}\r\n" for k, v in fields.items())
-        if any(c in block.replace("\r\n", "") for c in "\r\n\x00"):
-            raise ValueError(f"error {code}: CR, LF or NUL in a header")
-        self._block = block.encode("latin-1")
+        try:
+            self._block = json_block(self.body, self.extra_headers)
+        except ValueError:
+            raise ValueError(f"error {code}: CR, LF or NUL in a header") from None
         self._tail = status_tail(status)
 
     def response(self) -> RawResponse:
@@ -50,11 +76,9 @@ class ErrorSpec:
 
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    """A one-off error whose message is built per request (never from secrets)."""
-    spec = ErrorSpec(status, code, message, headers)
-    all_headers = {"Content-Type": "application/json", "Cache-Control": "no-store", **spec.extra_headers}
-    return web.Response(status=status, body=spec.body, headers=all_headers)
+) -> RawResponse:
+    """An error whose message is made per request (never from secrets): built like a fixed one."""
+    return ErrorSpec(status, code, message, headers).response()
 
 
 _CHALLENGE = 'Bearer realm="keystile"'
@@ -136,3 +160,12 @@ def throttled(retry_after: int) -> ErrorSpec:
         if len(_THROTTLED) < _THROTTLED_MAX:
             _THROTTLED[retry_after] = spec
     return spec
+
+
+# A request with two Host headers (RFC 9112 §3.2: a server must answer 400).
+MULTIPLE_HOSTS: Final = ErrorSpec(400, "bad_request", "more than one Host header")
+# Defence in depth: a header Keystile would send upstream carries CR, LF or NUL (the client's own
+# headers were refused by the listener's parser, so the value came from Keystile's side).
+UNSAFE_UPSTREAM_HEADER: Final = ErrorSpec(
+    500, "unsafe_upstream_header", "A header for the upstream contains a forbidden character."
+)

@@ -47,7 +47,6 @@ _THROTTLE_COUNTS: Final = frozenset((auth.INVALID, auth.EXPIRED))
 THROTTLED: Final = "throttled"
 
 _whoami_enc = msgspec.json.Encoder()
-_JSON_NO_STORE: Final = {"Content-Type": "application/json", "Cache-Control": "no-store"}
 # The last use of a key: unflushed in memory, else stored (None when unknown or unavailable).
 LastUsed = Callable[[str], Awaitable[float | None]]
 
@@ -63,10 +62,6 @@ class _Seen:
         self.ident: IdentityRecord | None = None
         self.upstream_status: int | None = None
         self.upstream_ms: float | None = None
-
-
-def bad_request(message: str) -> web.Response:
-    return errors.error_response(400, "bad_request", message)
 
 
 class ProxyHandler:
@@ -123,11 +118,11 @@ class ProxyHandler:
             return errors.VERSION_NOT_SUPPORTED.closing()
         hosts = request.headers.getall("Host", ())
         if len(hosts) > 1:
-            return bad_request("more than one Host header")
+            return errors.MULTIPLE_HOSTS.response()
         try:
             target = parse_target(request.raw_path, self._path_params)
         except BadPath as e:
-            return bad_request(str(e))
+            return errors.error_response(400, "bad_request", str(e))
         presented = self.auth.presented(request.headers, request.query if self._query_keys else None)
         if presented is auth.AMBIGUOUS:
             return errors.AMBIGUOUS_CREDENTIALS.response()
@@ -196,12 +191,9 @@ class ProxyHandler:
         seen.outcome = THROTTLED
         return errors.throttled(wait).response()
 
-    async def _whoami_response(self, ident: IdentityRecord) -> web.Response:
+    async def _whoami_response(self, ident: IdentityRecord) -> Answer:
         last = None if self._last_used is None else await self._last_used(ident.key_id)
-        body = _whoami_enc.encode(IdentityView.of(ident, last))
-        return web.Response(
-            body=body, headers={"Content-Type": "application/json", "Cache-Control": "no-store"}
-        )
+        return errors.json_answer(200, _whoami_enc.encode(IdentityView.of(ident, last)))
 
     def _access(self, request: web.BaseRequest, status: int, started: float, seen: _Seen) -> None:
         ident, upstream_ms = seen.ident, seen.upstream_ms
