@@ -245,6 +245,29 @@ async def test_rejections_are_framed_like_any_response(keystile) -> None:
     assert length == len(json.dumps(INVALID, separators=(",", ":")).encode())
 
 
+async def test_whoami_and_per_request_refusals_are_framed_like_the_fixed_ones(keystile) -> None:
+    """whoami's JSON and a 400 whose message is made per request are built the one way the fixed
+    refusals are: JSON, no-store, their length, a Date; keep-alive kept, no body for HEAD."""
+    gw = await keystile()
+    key = await gw.key()
+    whoami = f"GET /_keystile/whoami HTTP/1.1\r\nHost: t\r\nX-API-Key: {key}\r\n\r\n".encode()
+    bad_path = b"GET /a%00b HTTP/1.1\r\nHost: t\r\n\r\n"
+    replies, closed = await exchange(gw.port, whoami + bad_path + whoami, 3)
+    assert not closed
+    for raw, status in zip(replies, (b"200 OK", b"400 Bad Request", b"200 OK"), strict=True):
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 " + status + b"\r\n")
+        fields = dict(line.split(b": ", 1) for line in head.split(b"\r\n")[1:])
+        assert fields[b"Content-Type"] == b"application/json" and fields[b"Cache-Control"] == b"no-store"
+        assert int(fields[b"Content-Length"]) == len(body) and b"Date" in fields
+        assert key.encode() not in raw
+    assert json.loads(replies[0].partition(b"\r\n\r\n")[2])["principal"] == "alice"
+    assert json.loads(replies[1].partition(b"\r\n\r\n")[2])["error"] == "bad_request"
+    head_req = whoami.replace(b"GET", b"HEAD", 1)
+    replies, closed = await exchange(gw.port, head_req * 2, 2)
+    assert all(r.startswith(b"HTTP/1.1 200 OK\r\n") and r.endswith(b"\r\n\r\n") for r in replies) and not closed
+
+
 class OneConnection:
     """Requests one after another on a single keep-alive connection to the proxy listener, where
     the connection remembers the last well-formed key it presented (``gateway.listener``)."""
