@@ -28,17 +28,41 @@ from multidict import CIMultiDictProxy, MultiMapping
 from gateway.cache import MISS, IdentityCache
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Config
-from gateway.decision import EXPIRED as EXPIRED
-from gateway.decision import INSUFFICIENT_SCOPE as INSUFFICIENT_SCOPE
-from gateway.decision import INVALID as INVALID
-from gateway.decision import MISSING as MISSING
-from gateway.decision import OK as OK
-from gateway.decision import REFUSED_INVALID, REFUSED_MISSING, REFUSED_UNAVAILABLE, outcome, validity
-from gateway.decision import UNAVAILABLE as UNAVAILABLE
-from gateway.decision import Decision as Decision
-from gateway.decision import Outcome as Outcome
-from gateway.decision import decide as decide
+from gateway.decision import (
+    EXPIRED,
+    INSUFFICIENT_SCOPE,
+    INVALID,
+    MISSING,
+    OK,
+    REFUSED_INVALID,
+    REFUSED_MISSING,
+    REFUSED_UNAVAILABLE,
+    UNAVAILABLE,
+    Decision,
+    Outcome,
+    decide,
+    outcome,
+    validity,
+)
 from gateway.keys import Digester, KeyDigest, KeyFormat
+
+# The outcomes and the decision are gateway.decision's; they are named here too, where the
+# callers of authentication (the handler, the admin API) look for them.
+__all__ = [
+    "AMBIGUOUS",
+    "EXPIRED",
+    "INSUFFICIENT_SCOPE",
+    "INVALID",
+    "MISSING",
+    "OK",
+    "UNAVAILABLE",
+    "Authenticator",
+    "Decision",
+    "KeyMemory",
+    "Outcome",
+    "Presented",
+    "decide",
+]
 
 
 class Presented:
