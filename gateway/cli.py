@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 
 from gateway import config as config_mod
+from gateway.admin import operations as ops
 from gateway.admin import schemas
 from gateway.config import Config, ConfigError, Secrets
 from gateway.keys import ENVIRONMENTS
@@ -310,8 +311,8 @@ def _admin(args: argparse.Namespace, fn: Callable[[Admin], Awaitable[T]], *, nee
     """
     import aiohttp
 
-    from gateway.admin.api import Operations
     from gateway.admin.client import AdminClient, AdminError, StoreAdmin
+    from gateway.admin.operations import Context
 
     target = _admin_target(args)
     loaded = None if target is not None else _load(args, need_secret=need_secret)
@@ -330,7 +331,7 @@ def _admin(args: argparse.Namespace, fn: Callable[[Admin], Awaitable[T]], *, nee
             lifecycle = Lifecycle(
                 cfg, secrets.hash_secret, store, invalidate=publish if cfg.redis.url else None
             )
-            return await fn(StoreAdmin(Operations(lifecycle, "cli")))
+            return await fn(StoreAdmin(Context(lifecycle, "cli")))
 
         return await _with_store(cfg, on_store)
 
@@ -508,13 +509,13 @@ def cmd_principals_create(args: argparse.Namespace) -> int:
         grants=_grants(args.grant) or {},
         metadata=_pairs(args.metadata, "--metadata") or {},
     )
-    _show_principal(args, _admin(args, lambda admin: admin.create_principal(body)))
+    _show_principal(args, _admin(args, lambda admin: admin.call(ops.create_principal, body=body)))
     return 0
 
 
 def cmd_principals_list(args: argparse.Namespace) -> int:
     query = _build(schemas.PrincipalQuery, limit=args.limit, cursor=args.cursor)
-    page = _admin(args, lambda admin: admin.list_principals(query))
+    page = _admin(args, lambda admin: admin.call(ops.list_principals, query=query))
     if args.json:
         _print_json(page)
         return 0
@@ -535,7 +536,7 @@ def cmd_principals_list(args: argparse.Namespace) -> int:
 
 
 def cmd_principals_show(args: argparse.Namespace) -> int:
-    _show_principal(args, _admin(args, lambda admin: admin.get_principal(args.principal)))
+    _show_principal(args, _admin(args, lambda admin: admin.call(ops.get_principal, principal=args.principal)))
     return 0
 
 
@@ -549,27 +550,34 @@ def cmd_principals_update(args: argparse.Namespace) -> int:
         grants=msgspec.UNSET if grants is None else grants,
         metadata=msgspec.UNSET if metadata is None else metadata,
     )
-    _show_principal(args, _admin(args, lambda admin: admin.update_principal(args.principal, body)))
+    _show_principal(
+        args,
+        _admin(args, lambda admin: admin.call(ops.update_principal, body=body, principal=args.principal)),
+    )
     return 0
 
 
 def cmd_principals_disable(args: argparse.Namespace) -> int:
-    _show_principal(args, _admin(args, lambda admin: admin.set_disabled(args.principal, True)))
+    _show_principal(
+        args, _admin(args, lambda admin: admin.call(ops.disable_principal, principal=args.principal))
+    )
     return 0
 
 
 def cmd_principals_enable(args: argparse.Namespace) -> int:
-    _show_principal(args, _admin(args, lambda admin: admin.set_disabled(args.principal, False)))
+    _show_principal(
+        args, _admin(args, lambda admin: admin.call(ops.enable_principal, principal=args.principal))
+    )
     return 0
 
 
 def cmd_principals_delete(args: argparse.Namespace) -> int:
     query = _build(schemas.PrincipalDeleteQuery, with_keys=args.with_keys)
     if not args.yes:
-        p = _admin(args, lambda admin: admin.get_principal(args.principal))
+        p = _admin(args, lambda admin: admin.call(ops.get_principal, principal=args.principal))
         what = f"principal {shown(p.name)} ({p.id})" + (" and all of its keys" if args.with_keys else "")
         _confirm(args, p.name, what)
-    _admin(args, lambda admin: admin.delete_principal(args.principal, query))
+    _admin(args, lambda admin: admin.call(ops.delete_principal, query=query, principal=args.principal))
     print(f"deleted principal {args.principal}", file=sys.stderr)
     return 0
 
@@ -582,13 +590,12 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
 
         notes = []
         try:
-            principal = await admin.get_principal(args.owner)
+            principal = await admin.call(ops.get_principal, principal=args.owner)
         except AdminError as e:
             if e.status != 404:
                 raise
-            principal = await admin.create_principal(
-                _build(schemas.PrincipalCreate, name=args.owner, grants={args.project: scopes or []})
-            )
+            grant = _build(schemas.PrincipalCreate, name=args.owner, grants={args.project: scopes or []})
+            principal = await admin.call(ops.create_principal, body=grant)
             shown = ",".join(scopes or []) or "(no scopes)"
             notes.append(f"created principal {principal.name} with grant {args.project}: {shown}")
         granted = principal.grants.get(args.project)
@@ -613,7 +620,7 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             expires_in=parse_expiry(args.expires_in),
             env=args.env,
         )
-        return await admin.create_key(body), notes
+        return await admin.call(ops.create_key, body=body), notes
 
     created, notes = _admin(args, main, need_secret=True)
     for n in notes:
@@ -638,7 +645,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
         limit=args.limit,
         cursor=args.cursor,
     )
-    page = _admin(args, lambda admin: admin.list_keys(query))
+    page = _admin(args, lambda admin: admin.call(ops.list_keys, query=query))
     if args.json:
         _print_json(page)
         return 0
@@ -664,7 +671,7 @@ def cmd_keys_list(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_show(args: argparse.Namespace) -> int:
-    _show_key(args, _admin(args, lambda admin: admin.get_key(args.key_id)))
+    _show_key(args, _admin(args, lambda admin: admin.call(ops.get_key, key_id=args.key_id)))
     return 0
 
 
@@ -685,12 +692,12 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
     if not changes:
         raise Fail("keystile: nothing to change: give --name, --expires-in, --no-expiry, --scopes, ...", 2)
     body = _build(schemas.KeyUpdate, **changes)
-    _show_key(args, _admin(args, lambda admin: admin.update_key(args.key_id, body)))
+    _show_key(args, _admin(args, lambda admin: admin.call(ops.update_key, body=body, key_id=args.key_id)))
     return 0
 
 
 def cmd_keys_revoke(args: argparse.Namespace) -> int:
-    key = _admin(args, lambda admin: admin.revoke_key(args.key_id))
+    key = _admin(args, lambda admin: admin.call(ops.revoke_key, key_id=args.key_id))
     if args.json:
         _print_json(key)
     else:
@@ -700,7 +707,9 @@ def cmd_keys_revoke(args: argparse.Namespace) -> int:
 
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     body = _build(schemas.KeyRotate, grace_seconds=_duration(args.grace, "--grace") or 0)
-    created = _admin(args, lambda admin: admin.rotate_key(args.key_id, body), need_secret=True)
+    created = _admin(
+        args, lambda admin: admin.call(ops.rotate_key, body=body, key_id=args.key_id), need_secret=True
+    )
     if args.json:
         _print_json(created)
         return 0
@@ -719,9 +728,9 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 def cmd_keys_delete(args: argparse.Namespace) -> int:
     if not args.yes:
-        k = _admin(args, lambda admin: admin.get_key(args.key_id))
+        k = _admin(args, lambda admin: admin.call(ops.get_key, key_id=args.key_id))
         _confirm(args, k.id, shown(f"key {k.id} ({k.name}, {k.principal}/{k.project})"))
-    _admin(args, lambda admin: admin.delete_key(args.key_id))
+    _admin(args, lambda admin: admin.call(ops.delete_key, key_id=args.key_id))
     print(f"deleted key {args.key_id}", file=sys.stderr)
     return 0
 
@@ -736,7 +745,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         limit=args.limit,
         cursor=args.cursor,
     )
-    page = _admin(args, lambda admin: admin.list_audit(query))
+    page = _admin(args, lambda admin: admin.call(ops.list_audit, query=query))
     if args.json:
         _print_json(page)
         return 0
