@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
 
 import msgspec
 
@@ -152,14 +152,7 @@ async def create_key(ctx: Context, body: s.KeyCreate) -> s.IssuedKey:
 
 
 async def list_keys(ctx: Context, query: s.KeyQuery) -> s.KeyPage:
-    flt = KeyFilter(
-        principal_id=query.owner,
-        project=query.project,
-        status=query.status,
-        q=query.q,
-        limit=query.limit,
-        cursor=query.cursor,
-    )
+    flt = KeyFilter(principal_id=query.owner, **_shared_fields(query, KeyFilter))
     now = time.time()
     page = await _paged(ctx.store.list_keys(flt, now))
     return s.KeyPage(items=[s.key_view(k, now) for k in page.items], next_cursor=page.next_cursor)
@@ -233,16 +226,14 @@ async def list_audit(ctx: Context, query: s.AuditQuery) -> s.AuditPage:
             principal_id = (await ctx.store.get_principal(principal_id)).id
         except NotFound:
             pass  # a deleted principal's rows still carry its id
-    flt = AuditFilter(
-        key_id=query.key_id,
-        principal_id=principal_id,
-        since=query.since,
-        until=query.until,
-        limit=query.limit,
-        cursor=query.cursor,
-    )
+    flt = AuditFilter(principal_id=principal_id, **_shared_fields(query, AuditFilter))
     page = await _paged(ctx.store.list_audit(flt))
     return s.AuditPage(items=[s.audit_view(e) for e in page.items], next_cursor=page.next_cursor)
+
+
+def _shared_fields(query: msgspec.Struct, typ: type[msgspec.Struct]) -> dict[str, Any]:
+    """The fields of ``query`` that the store's filter ``typ`` has too (same name, same meaning)."""
+    return {f: getattr(query, f) for f in typ.__struct_fields__ if f in query.__struct_fields__}
 
 
 async def _paged(call: Awaitable[T]) -> T:
