@@ -1,25 +1,31 @@
 """The two ways the CLI reaches the admin operations: over HTTP, or straight to the store.
 
-Owns: ``AdminClient`` (the ``/v1`` API over one aiohttp ``ClientSession``, driven by the same route
-table and Structs as the server), ``StoreAdmin`` (``gateway.admin.api.Operations`` on the store,
-refusing exactly as the API would) and ``AdminError`` (a refusal from either, in the API's error
-shape); both satisfy ``Admin``. Must not: print, parse arguments or read the environment.
+Owns: ``Admin`` (the one interface: ``call(operation, **path params, body=, query=)`` with an
+operation function of ``gateway.admin.operations``), its two implementations, both driven by the
+route table (``gateway.admin.api``): ``AdminClient`` (the entry's route over one aiohttp
+``ClientSession``) and ``StoreAdmin`` (the entry's operation on a store-backed ``Context``,
+refusing exactly as the API would); and ``AdminError`` (a refusal from either, in the API's error
+shape). Must not: print, parse arguments or read the environment.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Mapping
-from typing import Any, Final, Protocol, TypeVar
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar, cast
 from urllib.parse import quote
 
 import aiohttp
 import msgspec
 
 from gateway.admin import schemas as s
-from gateway.admin.api import ENDPOINTS, Endpoint, Operations, problem
+from gateway.admin.api import BY_OPERATION, Endpoint, invoke
+from gateway.admin.operations import Context
+from gateway.admin.problems import problem
 
-T = TypeVar("T")
-_BY_ID: Final = {ep.operation_id: ep for ep in ENDPOINTS}
+R = TypeVar("R")
+Operation = Callable[..., Awaitable[R]]
+Input = msgspec.Struct | None  # a request body or query (None: the empty one)
 _error_dec = msgspec.json.Decoder(s.ErrorBody)
 
 
@@ -39,24 +45,32 @@ class AdminError(Exception):
         return None if mapped is None else cls(mapped[0], mapped[1])
 
 
-class Admin(Protocol):
-    async def create_principal(self, body: s.PrincipalCreate) -> s.PrincipalView: ...
-    async def list_principals(self, query: s.PrincipalQuery) -> s.PrincipalPage: ...
-    async def get_principal(self, ref: str) -> s.PrincipalView: ...
-    async def update_principal(self, ref: str, body: s.PrincipalUpdate) -> s.PrincipalView: ...
-    async def set_disabled(self, ref: str, disabled: bool) -> s.PrincipalView: ...
-    async def delete_principal(self, ref: str, query: s.PrincipalDeleteQuery) -> None: ...
-    async def create_key(self, body: s.KeyCreate) -> s.IssuedKey: ...
-    async def list_keys(self, query: s.KeyQuery) -> s.KeyPage: ...
-    async def get_key(self, key_id: str) -> s.KeyView: ...
-    async def update_key(self, key_id: str, body: s.KeyUpdate) -> s.KeyView: ...
-    async def revoke_key(self, key_id: str) -> s.KeyView: ...
-    async def delete_key(self, key_id: str) -> None: ...
-    async def rotate_key(self, key_id: str, body: s.KeyRotate) -> s.IssuedKey: ...
-    async def list_audit(self, query: s.AuditQuery) -> s.AuditPage: ...
+class Admin(ABC):
+    """The admin operations, run over HTTP (``AdminClient``) or on the store (``StoreAdmin``)."""
+
+    async def call(
+        self,
+        operation: Operation[R],
+        /,
+        *,
+        body: Input = None,
+        query: Input = None,
+        **params: str,
+    ) -> R:
+        """Run ``operation`` (e.g. ``operations.get_principal``, ``principal="alice"``) and return
+        its answer; a refusal raises ``AdminError``. A body or query left out is the one the API
+        reads from an empty request: every field at its default."""
+        ep: Endpoint[R] = BY_OPERATION[operation]
+        assert body is None or (ep.body is not None and isinstance(body, ep.body)), ep.operation_id
+        assert query is None or (ep.query is not None and isinstance(query, ep.query)), ep.operation_id
+        return await self._run(ep, params, body, query)
+
+    @abstractmethod
+    async def _run(self, ep: Endpoint[R], params: Mapping[str, str], body: Input, query: Input) -> R:
+        """Run ``ep`` with these path parameters, body and query."""
 
 
-def _query_params(query: msgspec.Struct | None) -> dict[str, str]:
+def _query_params(query: Input) -> dict[str, str]:
     if query is None:
         return {}
     out: dict[str, str] = {}
@@ -67,7 +81,7 @@ def _query_params(query: msgspec.Struct | None) -> dict[str, str]:
     return out
 
 
-class AdminClient:
+class AdminClient(Admin):
     """The admin API over HTTP; use as ``async with AdminClient(url, token) as admin``."""
 
     def __init__(self, base_url: str, token: str, *, timeout: float = 30.0) -> None:
@@ -86,18 +100,9 @@ class AdminClient:
         if self._session is not None:
             await self._session.close()
 
-    async def call(
-        self,
-        operation_id: str,
-        params: Mapping[str, str] | None = None,
-        *,
-        body: msgspec.Struct | None = None,
-        query: msgspec.Struct | None = None,
-    ) -> Any:
-        """Call one route of the table; returns its decoded answer (None for 204)."""
+    async def _run(self, ep: Endpoint[R], params: Mapping[str, str], body: Input, query: Input) -> R:
         assert self._session is not None, "use AdminClient in 'async with'"
-        ep: Endpoint = _BY_ID[operation_id]
-        path = ep.path.format(**{k: quote(v, safe="") for k, v in (params or {}).items()})
+        path = ep.path.format(**{k: quote(v, safe="") for k, v in params.items()})
         data = None if body is None else msgspec.json.encode(body)
         headers = {} if data is None else {"Content-Type": "application/json"}
         async with self._session.request(
@@ -108,123 +113,31 @@ class AdminClient:
         if status == ep.status or status in ep.extra:
             typ = ep.extra.get(status, ep.response)
             if not isinstance(typ, type) or not raw:
-                return None
-            return msgspec.json.decode(raw, type=typ)
+                return cast(R, None)
+            return cast(R, msgspec.json.decode(raw, type=typ))
         try:
             err = _error_dec.decode(raw)
         except msgspec.DecodeError:
             err = s.ErrorBody(error="http_error", message=f"HTTP {status} from {self.base_url}")
         raise AdminError(status, err)
 
-    async def create_principal(self, body: s.PrincipalCreate) -> s.PrincipalView:
-        result: s.PrincipalView = await self.call("createPrincipal", body=body)
-        return result
 
-    async def list_principals(self, query: s.PrincipalQuery) -> s.PrincipalPage:
-        result: s.PrincipalPage = await self.call("listPrincipals", query=query)
-        return result
+class StoreAdmin(Admin):
+    """The operations straight on the store (``ctx``), refusing exactly as the API would."""
 
-    async def get_principal(self, ref: str) -> s.PrincipalView:
-        result: s.PrincipalView = await self.call("getPrincipal", {"principal": ref})
-        return result
+    def __init__(self, ctx: Context) -> None:
+        self._ctx = ctx
 
-    async def update_principal(self, ref: str, body: s.PrincipalUpdate) -> s.PrincipalView:
-        result: s.PrincipalView = await self.call("updatePrincipal", {"principal": ref}, body=body)
-        return result
-
-    async def set_disabled(self, ref: str, disabled: bool) -> s.PrincipalView:
-        op = "disablePrincipal" if disabled else "enablePrincipal"
-        result: s.PrincipalView = await self.call(op, {"principal": ref})
-        return result
-
-    async def delete_principal(self, ref: str, query: s.PrincipalDeleteQuery) -> None:
-        await self.call("deletePrincipal", {"principal": ref}, query=query)
-
-    async def create_key(self, body: s.KeyCreate) -> s.IssuedKey:
-        result: s.IssuedKey = await self.call("createKey", body=body)
-        return result
-
-    async def list_keys(self, query: s.KeyQuery) -> s.KeyPage:
-        result: s.KeyPage = await self.call("listKeys", query=query)
-        return result
-
-    async def get_key(self, key_id: str) -> s.KeyView:
-        result: s.KeyView = await self.call("getKey", {"key_id": key_id})
-        return result
-
-    async def update_key(self, key_id: str, body: s.KeyUpdate) -> s.KeyView:
-        result: s.KeyView = await self.call("updateKey", {"key_id": key_id}, body=body)
-        return result
-
-    async def revoke_key(self, key_id: str) -> s.KeyView:
-        result: s.KeyView = await self.call("revokeKey", {"key_id": key_id})
-        return result
-
-    async def delete_key(self, key_id: str) -> None:
-        await self.call("deleteKey", {"key_id": key_id})
-
-    async def rotate_key(self, key_id: str, body: s.KeyRotate) -> s.IssuedKey:
-        result: s.IssuedKey = await self.call("rotateKey", {"key_id": key_id}, body=body)
-        return result
-
-    async def list_audit(self, query: s.AuditQuery) -> s.AuditPage:
-        result: s.AuditPage = await self.call("listAudit", query=query)
-        return result
-
-
-class StoreAdmin:
-    """``Operations`` straight on the store, refusing exactly as the API would (``AdminError``)."""
-
-    def __init__(self, ops: Operations) -> None:
-        self._ops = ops
-
-    async def _do(self, call: Awaitable[T]) -> T:
+    async def _run(self, ep: Endpoint[R], params: Mapping[str, str], body: Input, query: Input) -> R:
         try:
-            return await call
+            return await invoke(ep, self._ctx, params, _or_empty(ep.body, body), _or_empty(ep.query, query))
         except Exception as e:
             err = AdminError.from_exception(e)
             if err is None:
                 raise
             raise err from None
 
-    async def create_principal(self, body: s.PrincipalCreate) -> s.PrincipalView:
-        return await self._do(self._ops.create_principal(body))
 
-    async def list_principals(self, query: s.PrincipalQuery) -> s.PrincipalPage:
-        return await self._do(self._ops.list_principals(query))
-
-    async def get_principal(self, ref: str) -> s.PrincipalView:
-        return await self._do(self._ops.get_principal(ref))
-
-    async def update_principal(self, ref: str, body: s.PrincipalUpdate) -> s.PrincipalView:
-        return await self._do(self._ops.update_principal(ref, body))
-
-    async def set_disabled(self, ref: str, disabled: bool) -> s.PrincipalView:
-        return await self._do(self._ops.set_disabled(ref, disabled))
-
-    async def delete_principal(self, ref: str, query: s.PrincipalDeleteQuery) -> None:
-        await self._do(self._ops.delete_principal(ref, query))
-
-    async def create_key(self, body: s.KeyCreate) -> s.IssuedKey:
-        return await self._do(self._ops.create_key(body))
-
-    async def list_keys(self, query: s.KeyQuery) -> s.KeyPage:
-        return await self._do(self._ops.list_keys(query))
-
-    async def get_key(self, key_id: str) -> s.KeyView:
-        return await self._do(self._ops.get_key(key_id))
-
-    async def update_key(self, key_id: str, body: s.KeyUpdate) -> s.KeyView:
-        return await self._do(self._ops.update_key(key_id, body))
-
-    async def revoke_key(self, key_id: str) -> s.KeyView:
-        return await self._do(self._ops.revoke_key(key_id))
-
-    async def delete_key(self, key_id: str) -> None:
-        await self._do(self._ops.delete_key(key_id))
-
-    async def rotate_key(self, key_id: str, body: s.KeyRotate) -> s.IssuedKey:
-        return await self._do(self._ops.rotate_key(key_id, body))
-
-    async def list_audit(self, query: s.AuditQuery) -> s.AuditPage:
-        return await self._do(self._ops.list_audit(query))
+def _or_empty(typ: type[msgspec.Struct] | None, value: Input) -> Any:
+    """``value``, or what the API decodes from an empty body or query string."""
+    return value if value is not None or typ is None else msgspec.convert({}, typ)

@@ -1,8 +1,9 @@
 """The admin API's OpenAPI 3.1 document, generated from the route table and its msgspec Structs.
 
-Owns: turning ``gateway.admin.api.ENDPOINTS`` into ``/v1/openapi.json`` (built once, served as
-bytes). Must not: describe anything by hand that a Struct or an ``Endpoint`` already says; a test
-calls every route and checks each answer against this document.
+Owns: turning the route table (``gateway.admin.api.ENDPOINTS``) into ``/v1/openapi.json`` (built
+once, served as bytes) and that route's own entry (``ENDPOINT``). Must not: describe anything by
+hand that a Struct or an ``Endpoint`` already says; a test calls every route and checks each answer
+against this document.
 """
 
 from __future__ import annotations
@@ -12,11 +13,11 @@ import re
 from typing import Any, Final
 
 import msgspec
-from aiohttp import web
 
 from gateway import __version__, text
 from gateway.admin import schemas as s
-from gateway.admin.api import ENDPOINTS, Call, Endpoint
+from gateway.admin.api import ENDPOINTS, Endpoint
+from gateway.admin.operations import Context
 
 REF: Final = "#/components/schemas/{name}"
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
@@ -44,10 +45,8 @@ seconds (UTC). Request bodies reject unknown fields. Every error is
 by name) and page with `limit` and `next_cursor`."""
 
 
-async def _serve(call: Call) -> web.Response:
-    return web.Response(
-        body=document(), content_type="application/json", headers={"Cache-Control": "no-cache"}
-    )
+async def _serve(ctx: Context) -> msgspec.Raw:
+    return msgspec.Raw(document())  # the very bytes built once, encoded as they are
 
 
 ENDPOINT: Final = Endpoint(
@@ -59,8 +58,9 @@ ENDPOINT: Final = Endpoint(
     _serve,
     response={"type": "object", "description": "an OpenAPI 3.1 document"},
     public=True,
+    cache_control="no-cache",
 )
-ALL_ENDPOINTS: Final = (*ENDPOINTS, ENDPOINT)
+ALL_ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (*ENDPOINTS, ENDPOINT)
 
 
 def _json(ref: str | dict[str, Any]) -> dict[str, Any]:
@@ -80,7 +80,7 @@ def _query_schema(prop: dict[str, Any]) -> dict[str, Any]:
     return prop
 
 
-def _operation(ep: Endpoint, components: dict[str, Any]) -> dict[str, Any]:
+def _operation(ep: Endpoint[Any], components: dict[str, Any]) -> dict[str, Any]:
     op: dict[str, Any] = {"operationId": ep.operation_id, "tags": [ep.tag], "summary": ep.summary}
     if ep.description:
         op["description"] = ep.description
@@ -126,7 +126,7 @@ def _operation(ep: Endpoint, components: dict[str, Any]) -> dict[str, Any]:
     return op
 
 
-def build(endpoints: tuple[Endpoint, ...]) -> dict[str, Any]:
+def build(endpoints: tuple[Endpoint[Any], ...]) -> dict[str, Any]:
     """The OpenAPI 3.1 document for ``endpoints``."""
     types: list[type[msgspec.Struct]] = [s.ErrorBody]
     for ep in endpoints:

@@ -1,0 +1,178 @@
+"""The ``keystile`` argument parser: every command, its flags and its help.
+
+Owns: ``build_parser`` (each subcommand set to the function that runs it, ``fn``). Must not: run
+anything or read the environment (defaults that come from it are resolved by the commands).
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+from gateway import config as config_mod
+from gateway.cli import flags
+from gateway.cli.admin_commands import (
+    ADMIN_MODES,
+    cmd_audit,
+    cmd_keys_create,
+    cmd_keys_delete,
+    cmd_keys_list,
+    cmd_keys_revoke,
+    cmd_keys_rotate,
+    cmd_keys_show,
+    cmd_keys_update,
+    cmd_principals_create,
+    cmd_principals_delete,
+    cmd_principals_disable,
+    cmd_principals_enable,
+    cmd_principals_list,
+    cmd_principals_show,
+    cmd_principals_update,
+)
+from gateway.cli.server_commands import (
+    cmd_config_check,
+    cmd_demo,
+    cmd_migrate,
+    cmd_reload,
+    cmd_secret,
+    cmd_serve,
+)
+from gateway.keys import ENVIRONMENTS
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="keystile", description="API-key authentication gateway")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "--config", "-c", help="TOML config file (default: $KEYSTILE_CONFIG, else built-in defaults)"
+        )
+        return sp
+
+    s = with_config(sub.add_parser("serve", help="run the gateway"))
+    s.add_argument("--pid-file", help="write the process id here (the supervisor's with --workers)")
+    s.add_argument(
+        "--workers",
+        type=flags.workers,
+        default=1,
+        help="worker processes sharing the ports (SO_REUSEPORT); 'auto': one per usable CPU",
+    )
+    s.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--worker-of", type=int, help=argparse.SUPPRESS)
+    s.add_argument("--metrics-dir", help=argparse.SUPPRESS)
+    s.add_argument("--runtime-dir", help=argparse.SUPPRESS)  # a worker: the supervisor's directory
+    s.set_defaults(fn=cmd_serve)
+
+    c = sub.add_parser("config", help="configuration tools").add_subparsers(dest="sub", required=True)
+    cc = c.add_parser("check", help="validate a config file and print the effective config")
+    cc.add_argument("file")
+    cc.add_argument("--quiet", "-q", action="store_true")
+    cc.set_defaults(fn=cmd_config_check)
+
+    with_config(sub.add_parser("migrate", help="apply database migrations")).set_defaults(fn=cmd_migrate)
+    rl = sub.add_parser("reload", help="make a running server re-read its config (SIGHUP)")
+    rl.add_argument("--pid-file", required=True, help="the file given to serve --pid-file")
+    rl.set_defaults(fn=cmd_reload)
+    sub.add_parser("secret", help="print a new random secret (for KEYSTILE_KEY_HASH_SECRET)").set_defaults(
+        fn=cmd_secret
+    )
+
+    d = sub.add_parser("demo", help="run Keystile in front of a built-in echo upstream")
+    d.add_argument("--port", type=int, default=8080)
+    d.add_argument("--admin-port", type=int, default=8081)
+    d.set_defaults(fn=cmd_demo)
+
+    def admin_command(
+        parent: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        sp: argparse.ArgumentParser = with_config(parent.add_parser(name, help=help))
+        sp.add_argument(
+            "--admin-url",
+            help=f"a running admin API, e.g. http://127.0.0.1:8081 (${config_mod.ADMIN_URL_ENV})",
+        )
+        sp.add_argument("--token", help=f"admin token for --admin-url (${config_mod.ADMIN_TOKEN_ENV})")
+        sp.add_argument("--json", action="store_true", help="print JSON for scripts")
+        sp.set_defaults(fn=fn)
+        return sp
+
+    pr = sub.add_parser(
+        "principals",
+        help="manage principals (users, service accounts) and their grants",
+        description=ADMIN_MODES,
+    ).add_subparsers(dest="sub", required=True)
+    pc = admin_command(pr, "create", cmd_principals_create, "create a principal")
+    pc.add_argument("name")
+    pc.add_argument("--kind", choices=["user", "service"], default="user")
+    pc.add_argument("--grant", action="append", metavar="PROJECT=SCOPES", help="repeatable; SCOPES a,b,c")
+    pc.add_argument("--metadata", action="append", metavar="NAME=VALUE")
+    pl = admin_command(pr, "list", cmd_principals_list, "list principals by name")
+    pl.add_argument("--limit", type=int, default=100)
+    pl.add_argument("--cursor")
+    admin_command(pr, "show", cmd_principals_show, "show a principal").add_argument("principal")
+    pu = admin_command(pr, "update", cmd_principals_update, "replace a principal's grants or metadata")
+    pu.add_argument("principal", help="id or name")
+    pu.add_argument(
+        "--grant",
+        action="append",
+        metavar="PROJECT=SCOPES",
+        help="repeatable; the grants given replace all others, for every key at once",
+    )
+    pu.add_argument("--no-grants", action="store_true", help="remove every grant")
+    pu.add_argument("--metadata", action="append", metavar="NAME=VALUE", help="replaces all metadata")
+    admin_command(pr, "disable", cmd_principals_disable, "disable: all its keys stop working").add_argument(
+        "principal"
+    )
+    admin_command(pr, "enable", cmd_principals_enable, "enable again: its keys work again").add_argument(
+        "principal"
+    )
+    pd = admin_command(pr, "delete", cmd_principals_delete, "delete a principal (asks to confirm)")
+    pd.add_argument("principal", help="id or name")
+    pd.add_argument("--with-keys", action="store_true", help="also delete its keys (else refused if any)")
+    pd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+    k = sub.add_parser("keys", help="manage API keys", description=ADMIN_MODES).add_subparsers(
+        dest="sub", required=True
+    )
+    kc = admin_command(k, "create", cmd_keys_create, "create a key (printed once)")
+    kc.add_argument("--owner", required=True, help="principal name or id (created if missing)")
+    kc.add_argument("--project", required=True)
+    kc.add_argument("--name")
+    kc.add_argument("--scopes", help="comma-separated; narrows the owner's grant")
+    kc.add_argument("--expires-in", help="e.g. 30d, 12h")
+    kc.add_argument("--env", choices=ENVIRONMENTS)
+    kl = admin_command(k, "list", cmd_keys_list, "list keys, newest first")
+    kl.add_argument("--owner")
+    kl.add_argument("--project")
+    kl.add_argument("--status", choices=["active", "expired", "revoked"])
+    kl.add_argument("--q", help="name contains (case-insensitive)")
+    kl.add_argument("--limit", type=int, default=100)
+    kl.add_argument("--cursor")
+    admin_command(k, "show", cmd_keys_show, "show a key").add_argument("key_id")
+    ku = admin_command(k, "update", cmd_keys_update, "change a key's name, expiry, scopes or metadata")
+    ku.add_argument("key_id")
+    ku.add_argument("--name")
+    ku.add_argument("--expires-in", help="new expiry from now, e.g. 30d")
+    ku.add_argument("--no-expiry", action="store_true", help="remove the expiry")
+    ku.add_argument("--scopes", help="comma-separated; narrows the owner's grant")
+    ku.add_argument("--all-scopes", action="store_true", help="remove the narrowing")
+    ku.add_argument("--metadata", action="append", metavar="NAME=VALUE", help="replaces all metadata")
+    admin_command(k, "revoke", cmd_keys_revoke, "revoke a key (kept, listed as revoked)").add_argument(
+        "key_id"
+    )
+    kr = admin_command(k, "rotate", cmd_keys_rotate, "new secret, same settings (printed once)")
+    kr.add_argument("key_id")
+    kr.add_argument("--grace", help="the old secret keeps working this long, e.g. 1h (at most 24h)")
+    kd = admin_command(k, "delete", cmd_keys_delete, "delete a key for good (asks to confirm)")
+    kd.add_argument("key_id")
+    kd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+    au = admin_command(sub, "audit", cmd_audit, "list lifecycle changes, newest first")
+    au.add_argument("--key", help="key id")
+    au.add_argument("--principal", help="principal id or name")
+    au.add_argument("--since", help="UNIX seconds, ISO 8601 time, or a duration ago (2h)")
+    au.add_argument("--until", help="UNIX seconds, ISO 8601 time, or a duration ago")
+    au.add_argument("--limit", type=int, default=100)
+    au.add_argument("--cursor")
+    return p
