@@ -1,0 +1,111 @@
+"""The rules a decoded config must also satisfy (listen addresses, header names, URLs, routes).
+
+Owns: cross-field and semantic checks, each returned as a ``field: problem`` line so every problem
+is reported at once. Must not: read files or the environment, open connections.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from urllib.parse import parse_qsl, urlsplit
+
+from gateway.config.schema import Config, parse_duration, parse_listen
+from gateway.keys import valid_prefix
+
+_HEADER_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+# Query options of redis.url that every Redis client of Keystile honours; timeouts have their own
+# settings. Anything else would be applied by one client and ignored by the other.
+REDIS_URL_OPTIONS = (
+    "db",
+    "ssl_cert_reqs",
+    "ssl_ca_certs",
+    "ssl_certfile",
+    "ssl_keyfile",
+    "ssl_check_hostname",
+)
+
+
+def _redis_url_problems(url: str) -> list[str]:
+    """Problems with redis.url, never echoing it: it may carry a password."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        return [f"redis.url: unsupported scheme {parts.scheme!r} (use redis://, rediss:// or unix://)"]
+    out = []
+    for name in sorted({n for n, _ in parse_qsl(parts.query, keep_blank_values=True)}):
+        if name in ("socket_timeout", "socket_connect_timeout"):
+            out.append(f"redis.url: option {name!r}: use redis.socket_timeout / redis.connect_timeout")
+        elif name not in REDIS_URL_OPTIONS:
+            out.append(f"redis.url: unsupported option {name!r} (supported: {', '.join(REDIS_URL_OPTIONS)})")
+    return out
+
+
+def check_semantics(cfg: Config) -> list[str]:
+    out: list[str] = []
+    for field, value in (("proxy.listen", cfg.proxy.listen), ("admin.listen", cfg.admin.listen)):
+        try:
+            parse_listen(value)
+        except ValueError as e:
+            out.append(f"{field}: {e}")
+    if cfg.proxy.listen == cfg.admin.listen and not cfg.proxy.listen.endswith(":0"):
+        out.append("admin.listen: must differ from proxy.listen")
+    for i, h in enumerate(cfg.proxy.key_headers):
+        if not _HEADER_TOKEN.match(h):
+            out.append(f"proxy.key_headers[{i}]: {h!r} is not a valid header name")
+        elif h.lower() == "authorization":
+            out.append(f"proxy.key_headers[{i}]: use proxy.bearer for the Authorization header")
+    if not cfg.proxy.key_headers and not cfg.proxy.bearer and not cfg.proxy.query_param:
+        out.append("proxy: no key source enabled (key_headers, bearer and query_param are all off)")
+    pfx = cfg.proxy.identity_header_prefix
+    if not _HEADER_TOKEN.match(pfx) or len(pfx) < 3:
+        out.append(f"proxy.identity_header_prefix: {pfx!r} is not a usable header prefix")
+    for i, cidr in enumerate(cfg.proxy.trusted_proxies):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            out.append(f"proxy.trusted_proxies[{i}]: {cidr!r} is not an address or CIDR")
+    if not cfg.proxy.whoami_path.startswith("/"):
+        out.append("proxy.whoami_path: must start with /")
+    if not valid_prefix(cfg.keys.prefix):
+        out.append(f"keys.prefix: {cfg.keys.prefix!r} must be 1-16 lowercase letters or digits")
+    scheme = urlsplit(cfg.store.url).scheme
+    if scheme not in ("sqlite", "postgresql", "postgres"):
+        out.append(f"store.url: unsupported scheme {scheme!r} (use sqlite:///path or postgresql://...)")
+    if cfg.store.pool_min > cfg.store.pool_max:
+        out.append("store.pool_min: must not exceed store.pool_max")
+    if cfg.redis.url:
+        out.extend(_redis_url_problems(cfg.redis.url))
+    durations = {}
+    for field in ("default_lifetime", "max_lifetime", "max_rotation_grace"):
+        value = getattr(cfg.policy, field)
+        if value:
+            try:
+                durations[field] = parse_duration(value)
+            except ValueError as e:
+                out.append(f"policy.{field}: {e}")
+    if "default_lifetime" in durations and "max_lifetime" in durations:
+        if durations["default_lifetime"] > durations["max_lifetime"]:
+            out.append("policy.default_lifetime: longer than policy.max_lifetime")
+    if durations.get("max_rotation_grace", 0) > 86400:
+        out.append("policy.max_rotation_grace: at most 24h")
+    for field in ("window", "block"):
+        if getattr(cfg.throttle, field) > 86400:
+            out.append(f"throttle.{field}: at most 86400 seconds")
+    for i, r in enumerate(cfg.routes):
+        where = f"routes[{i}]"
+        if not r.prefix.startswith("/"):
+            out.append(f"{where}.prefix: must start with /")
+        elif "//" in r.prefix or "/./" in r.prefix or "/../" in r.prefix or "%" in r.prefix:
+            out.append(f"{where}.prefix: must be a normalized path without encoding")
+        u = urlsplit(r.upstream)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            out.append(f"{where}.upstream: expected an http(s)://host[:port][/path] URL")
+        elif u.query or u.fragment or u.username:
+            out.append(f"{where}.upstream: must not carry a query, fragment or credentials")
+        for j, m in enumerate(r.methods):
+            if not m.isalpha() or not m.isupper():
+                out.append(f"{where}.methods[{j}]: {m!r} is not an upper-case method")
+        if r.auth != "required" and r.scopes:
+            out.append(f'{where}.scopes: scopes need auth = "required"')
+    return out

@@ -1,0 +1,58 @@
+"""The secrets a running Keystile needs: the key-hashing secret and the admin tokens.
+
+Owns: reading them from the environment or the files the config names. Must not: put them in a
+repr, an error or the effective config (``Secrets.__repr__`` shows sizes only).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import msgspec
+
+from gateway.config.schema import ADMIN_TOKENS_ENV, HASH_SECRET_ENV, MIN_SECRET_BYTES, Config, ConfigError
+
+
+class Secrets(msgspec.Struct, frozen=True):
+    hash_secret: bytes
+    admin_tokens: tuple[bytes, ...]
+
+    def __repr__(self) -> str:
+        return (
+            f"Secrets(hash_secret=<{len(self.hash_secret)} bytes>, admin_tokens=<{len(self.admin_tokens)}>)"
+        )
+
+
+def load_secrets(
+    cfg: Config, env: Mapping[str, str] | None = None, *, require_hash_secret: bool = True
+) -> Secrets:
+    """Read the key-hashing secret and admin tokens from the environment or the named files."""
+    environ = os.environ if env is None else env
+    problems: list[str] = []
+    secret = environ.get(HASH_SECRET_ENV, "").encode()
+    if not secret and cfg.security.hash_secret_file:
+        secret = _read_secret_file(cfg.security.hash_secret_file, "security.hash_secret_file", problems)
+    if require_hash_secret and len(secret) < MIN_SECRET_BYTES and not problems:
+        what = "is not set" if not secret else f"is shorter than {MIN_SECRET_BYTES} bytes"
+        problems.append(f"{HASH_SECRET_ENV}: {what} (generate one with: keystile secret)")
+    tokens = [t.strip() for t in environ.get(ADMIN_TOKENS_ENV, "").split(",") if t.strip()]
+    if cfg.admin.tokens_file:
+        text = _read_secret_file(cfg.admin.tokens_file, "admin.tokens_file", problems).decode()
+        tokens += [t.strip() for t in text.splitlines() if t.strip() and not t.startswith("#")]
+    for t in tokens:
+        if len(t) < 16:
+            problems.append("admin token: shorter than 16 characters")
+            break
+    if problems:
+        raise ConfigError(problems)
+    return Secrets(secret, tuple(t.encode() for t in tokens))
+
+
+def _read_secret_file(path: str, field: str, problems: list[str]) -> bytes:
+    try:
+        return Path(path).read_bytes().strip()
+    except OSError as e:
+        problems.append(f"{field}: cannot read {path}: {e.strerror}")
+        return b""

@@ -1,0 +1,222 @@
+"""The configuration schema: every section as a frozen msgspec Struct, and the small value parsers.
+
+Owns: field names, types, bounds and defaults (each documented in ``config/reference.toml``), the
+environment variable names, ``ConfigError``. Must not: read files or the environment.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta
+
+ENV_PREFIX = "KEYSTILE_"
+HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET"  # noqa: S105 - a variable name
+ADMIN_TOKENS_ENV = "KEYSTILE_ADMIN_TOKENS"
+CONFIG_ENV = "KEYSTILE_CONFIG"
+# Where the CLI finds a running admin API, and the admin token it presents there.
+ADMIN_URL_ENV = "KEYSTILE_ADMIN_URL"
+ADMIN_TOKEN_ENV = "KEYSTILE_ADMIN_TOKEN"  # noqa: S105 - a variable name
+MIN_SECRET_BYTES = 32
+
+Seconds = Annotated[float, Meta(gt=0)]
+Count = Annotated[int, Meta(gt=0)]
+AuthMode = Literal["required", "optional", "none"]
+
+
+class ConfigError(Exception):
+    """Raised with every problem found; ``problems`` are ready-to-print lines."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ProxyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    listen: str = "127.0.0.1:8080"
+    # Header names a key may arrive in (besides ``Authorization: Bearer``).
+    key_headers: tuple[str, ...] = ("X-API-Key",)
+    bearer: bool = True
+    # Query-string parameter carrying a key; empty disables it (keys in URLs end up in logs).
+    query_param: str = ""
+    identity_header_prefix: str = "X-Keystile-"
+    # Peers whose X-Forwarded-* chain is believed; CIDRs or addresses.
+    trusted_proxies: tuple[str, ...] = ()
+    whoami_path: str = "/_keystile/whoami"
+    # Seconds an idle client keep-alive connection is held.
+    keepalive_timeout: Seconds = 75.0
+    # Seconds SIGTERM waits for in-flight requests before closing them.
+    shutdown_timeout: Seconds = 30.0
+    # Seconds a client has to send a complete request head: from opening the connection, and on
+    # a keep-alive connection from the first byte of the next head (idle time before it is
+    # keepalive_timeout's). A connection that misses it is closed.
+    header_timeout: Seconds = 10.0
+    # Open client connections per process; a new connection past it is closed at once.
+    max_connections: Count = 10_000
+    # Accept ";" path parameters (matrix parameters): routes match the segment before ";" and
+    # "..;x" counts as "..". Off: any ";" in a path segment, raw or %3B, is refused with 400.
+    allow_path_parameters: bool = False
+    # Match route prefixes regardless of case, for upstreams that read paths case-insensitively.
+    case_insensitive_routes: bool = False
+    # Forward X-HTTP-Method-Override, X-Original-URL and the like (dropped by default).
+    pass_override_headers: bool = False
+
+
+class AdminConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    listen: str = "127.0.0.1:8081"
+    tokens_file: str = ""
+
+
+class KeysConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    prefix: str = "ks"
+    default_env: Literal["live", "test"] = "live"
+
+
+class SecurityConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    hash_secret_file: str = ""
+
+
+class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    url: str = "sqlite:///keystile.db"
+    # PostgreSQL pool bounds.
+    pool_min: Count = 2
+    pool_max: Count = 10
+    # Seconds one store operation may take before it counts as unavailable.
+    timeout: Seconds = 5.0
+
+
+class UpstreamConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    connect_timeout: Seconds = 5.0
+    # Seconds without a byte from the upstream before the request fails with 504.
+    read_timeout: Seconds = 60.0
+    # Open connections per upstream host, 0 for no limit.
+    pool_size: Annotated[int, Meta(ge=0)] = 256
+    # Seconds an idle upstream connection is kept for reuse.
+    keepalive_timeout: Seconds = 30.0
+    # Seconds a connection must stay silent after a response before it carries another request;
+    # 0 reuses it at once.
+    reuse_delay: Annotated[float, Meta(ge=0, le=1)] = 0.003
+
+
+class CacheConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # In-process tier. An entry lives local_ttl seconds, or local_ttl_synced while this instance
+    # can confirm (every sync_interval, by reading the store's invalidation outbox) that it has
+    # received every invalidation. local_ttl = 0 turns the tier off.
+    local_ttl: Annotated[float, Meta(ge=0)] = 10.0
+    local_ttl_synced: Annotated[float, Meta(ge=0)] = 300.0
+    sync_interval: Seconds = 1.0
+    local_max_entries: Count = 100_000
+    # Unknown digests are remembered this long, so random keys do not reach the store.
+    negative_ttl: Annotated[float, Meta(ge=0)] = 2.0
+    redis_ttl: Seconds = 300.0
+    # Unknown digests held in-process, in a space of their own: they never evict valid keys.
+    negative_max_entries: Count = 10_000
+
+
+class RedisConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    url: str = ""  # empty: no Redis tier
+    socket_timeout: Seconds = 0.25
+    connect_timeout: Seconds = 0.25
+    breaker_failures: Count = 3
+    breaker_reset: Seconds = 2.0
+    channel: str = "keystile:invalidate"
+
+
+class PolicyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    max_active_keys: Count = 10
+    # Lifetimes as durations ("30d", "12h", "90m", "45s"); empty: no default / no maximum.
+    default_lifetime: str = ""
+    max_lifetime: str = ""
+    max_rotation_grace: str = "24h"
+
+
+class UsageConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    flush_interval: Seconds = 5.0
+    max_pending: Count = 100_000
+
+
+class LoggingConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access_log: bool = True
+    # Fraction of successful requests written to the access log; errors are always written.
+    access_sample: Annotated[float, Meta(ge=0, le=1)] = 1.0
+
+
+class ThrottleConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # After this many refused keys (invalid or expired) from one client address within ``window``
+    # seconds, that address gets 429 for ``block`` seconds before any lookup. 0 turns it off.
+    failures: Annotated[int, Meta(ge=0)] = 20
+    window: Seconds = 60.0
+    block: Seconds = 60.0
+    # IPv6 clients are judged by this prefix (one host usually holds a whole /64).
+    ipv6_prefix: Annotated[int, Meta(ge=1, le=128)] = 64
+    # Client addresses remembered (counting and blocked, each); bounds the throttle's memory.
+    max_clients: Count = 100_000
+
+
+class RouteConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    prefix: str
+    upstream: str
+    methods: tuple[str, ...] = ()
+    host: str = ""
+    auth: AuthMode = "required"
+    scopes: tuple[str, ...] = ()
+    strip_prefix: bool = False
+    preserve_host: bool = False
+
+
+class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    proxy: ProxyConfig = ProxyConfig()
+    admin: AdminConfig = AdminConfig()
+    keys: KeysConfig = KeysConfig()
+    security: SecurityConfig = SecurityConfig()
+    store: StoreConfig = StoreConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    cache: CacheConfig = CacheConfig()
+    redis: RedisConfig = RedisConfig()
+    policy: PolicyConfig = PolicyConfig()
+    usage: UsageConfig = UsageConfig()
+    logging: LoggingConfig = LoggingConfig()
+    routes: tuple[RouteConfig, ...] = ()
+    throttle: ThrottleConfig = ThrottleConfig()
+
+
+_SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
+    "proxy": ProxyConfig,
+    "admin": AdminConfig,
+    "keys": KeysConfig,
+    "security": SecurityConfig,
+    "store": StoreConfig,
+    "upstream": UpstreamConfig,
+    "cache": CacheConfig,
+    "redis": RedisConfig,
+    "policy": PolicyConfig,
+    "usage": UsageConfig,
+    "logging": LoggingConfig,
+    "throttle": ThrottleConfig,
+}
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> float:
+    """``"30d"`` -> seconds. Raises ValueError naming the accepted forms."""
+    m = _DURATION.match(text)
+    if not m:
+        raise ValueError(f"invalid duration {text!r} (use a number with s, m, h or d, e.g. 30d)")
+    return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected host:port, got {text!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)  # noqa: S104 - explicit ":port" means all
