@@ -11,7 +11,7 @@ import asyncpg  # type: ignore[import-untyped, unused-ignore]
 import pytest
 
 from gateway.models import Invalidation
-from gateway.store import HasKeys, KeyChanges, KeyNotActive, PrincipalChanges, Store, sql
+from gateway.store import HasKeys, KeyChanges, KeyNotActive, PrincipalChanges, Store, sql_base
 from tests.store.conftest import execute_sql
 from tests.store.test_store import MANY, T0, make_key, make_principal, new_secret
 
@@ -70,7 +70,7 @@ async def test_a_refused_change_records_nothing(store: Store) -> None:
 async def test_a_change_too_large_to_list_invalidates_every_key(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(sql, "MAX_INVALIDATION_DIGESTS", 1)
+    monkeypatch.setattr(sql_base, "MAX_INVALIDATION_DIGESTS", 1)
     p = await make_principal(store)
     await make_key(store, p)
     await make_key(store, p, "other")
