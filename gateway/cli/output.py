@@ -113,12 +113,12 @@ def key_row(k: schemas.KeyView) -> list[str]:
 
 
 def audit_row(e: schemas.AuditEventView) -> list[str]:
-    return [fmt_time(e.at), e.actor, e.action, e.target_id]
+    return [fmt_time(e.at), e.actor, e.source, e.action, e.target_id]
 
 
 PRINCIPAL_COLUMNS = ("name", "id", "kind", "status", "created", "grants")
 KEY_COLUMNS = ("id", "name", "start", "owner", "project", "created", "expires", "last used", "status")
-AUDIT_COLUMNS = ("time", "actor", "action", "target")
+AUDIT_COLUMNS = ("time", "actor", "source", "action", "target")
 
 
 def show(view: V, as_json: bool, fields: Callable[[V], list[tuple[str, str]]]) -> None:
@@ -138,6 +138,8 @@ def principal_fields(p: schemas.PrincipalView) -> list[tuple[str, str]]:
         ("created", fmt_time(p.created_at)),
         ("grants", grants_text(p.grants)),
     ]
+    if p.roles:
+        pairs.append(("roles", "; ".join(f"{proj}: {','.join(r)}" for proj, r in p.roles.items())))
     return pairs + [(f"metadata.{k}", v) for k, v in p.metadata.items()]
 
 

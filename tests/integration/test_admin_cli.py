@@ -142,9 +142,10 @@ async def test_principals_and_keys_over_the_admin_api(keystile, admin, upstream:
     assert actions[0] == "principal.delete" and actions[-1] == "principal.create"
     assert "key.rotate" in actions and "principal.disable" in actions
     assert {e["actor"] for e in trail["items"]} == {ACTOR}
+    assert {e["source"] for e in trail["items"]} == {"cli"}  # the CLI said so over the API
     audit_table = (await ok("audit", "--key", key_id, "--since", "1h")).splitlines()
-    assert audit_table[0].split() == ["TIME", "ACTOR", "ACTION", "TARGET"]
-    assert [line.split()[3] for line in audit_table[1:]] == [
+    assert audit_table[0].split() == ["TIME", "ACTOR", "SOURCE", "ACTION", "TARGET"]
+    assert [line.split()[4] for line in audit_table[1:]] == [
         "key.delete",
         "key.revoke",
         "key.rotate",
