@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from gateway import keys, text
-from gateway.config import Config, durations
+from gateway.config import Config
 from gateway.models import (
     Invalidation,
     KeyRecord,
@@ -159,7 +159,6 @@ class Lifecycle:
         self._secret = secret
         self.store = store
         self._invalidate = invalidate
-        self.default_lifetime, self.max_lifetime, self.max_grace = durations(cfg.policy)
 
     async def _changed(self, change: Invalidation) -> None:
         """After a committed write: tell every instance at once (awaited, bounded by the Redis

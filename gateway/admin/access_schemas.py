@@ -44,7 +44,8 @@ class ProjectPolicyPut(_Request):
     to the config (``[policy.projects.<project>]``, then ``[policy]``); ``null`` lifetimes mean no
     default / no maximum in this project."""
 
-    max_active_keys: Annotated[int, Meta(ge=1, le=1_000_000)] | UnsetType = UNSET
+    # A number with no fraction (JSON Schema's integer: 2.0 is one too), at least 1.
+    max_active_keys: Annotated[float, Meta(ge=1, le=1_000_000, multiple_of=1)] | UnsetType = UNSET
     default_lifetime: Lifetime | UnsetType | None = UNSET
     max_lifetime: Lifetime | UnsetType | None = UNSET
     max_rotation_grace: (
@@ -53,7 +54,10 @@ class ProjectPolicyPut(_Request):
     ) = UNSET
 
     def values(self) -> ProjectPolicy:
-        return ProjectPolicy(**msgspec.structs.asdict(self))
+        fields = msgspec.structs.asdict(self)
+        if isinstance(self.max_active_keys, float):
+            fields["max_active_keys"] = int(self.max_active_keys)
+        return ProjectPolicy(**fields)
 
 
 class PolicyView(_Response):

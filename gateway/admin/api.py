@@ -8,7 +8,9 @@ operation is one function in ``operations`` and one entry here. Must not: import
 what an operation does.
 
 Routes: ``/healthz``, ``/readyz`` and ``/v1/openapi.json`` (``openapi.ENDPOINT``) are public;
-every other ``/v1`` route needs an admin bearer token (``server``).
+every other ``/v1`` route needs an admin bearer token (``server``). Changes are audited with the
+token's id and the source ``api``, or ``cli`` when the request says ``X-Keystile-Source: cli``
+(the CLI does); the roles and policy routes are ``access_operations``'.
 """
 
 from __future__ import annotations
