@@ -42,8 +42,8 @@ from gateway.listener import AdminRunner, ProxyServer
 from gateway.models import IdentityRecord, Invalidation
 from gateway.observability import AccessLog, Metrics
 from gateway.proxy import Forwarder
+from gateway.readiness import readiness
 from gateway.store import Store, open_store
-from gateway.store.migrations import latest_version
 from gateway.throttle import FailureThrottle
 from gateway.usage import STOP_WAIT as USAGE_STOP_WAIT
 from gateway.usage import UsageRecorder
@@ -384,39 +384,10 @@ class Gateway:
         return self._gen.handler(request)
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
-        """Ready when the store answers and the schema is migrated. Redis is reported, not
-        required: without it Keystile falls back to the store."""
-        checks: dict[str, str] = {}
-        ready = True
         assert self.store is not None
-        try:
-            version = await asyncio.wait_for(self.store.schema_version(), self.cfg.store.timeout)
-            checks["store"] = "ok"
-            latest = latest_version(self.store.backend)
-            if version < latest:
-                ready = False
-                checks["schema"] = f"version {version}, needs {latest}: run keystile migrate"
-            elif version > latest:
-                # A rolling upgrade migrated ahead of this instance; migrations are additive, so
-                # it keeps serving until it is replaced (a new start would refuse).
-                checks["schema"] = f"version {version}, newer than this instance ({latest})"
-            else:
-                checks["schema"] = f"version {version}"
-        except Exception as e:
-            ready = False
-            # Public: the kind of failure only; its text (hosts, users, SQL) goes to the log.
-            checks["store"] = f"unavailable: {type(e).__name__}"
-            log.warning("readiness: store unavailable: %s: %s", type(e).__name__, e)
-        if self.redis is None:
-            checks["redis"] = "disabled"
-        else:
-            sub = self.subscriber
-            checks["redis"] = f"breaker {self.redis.breaker.state}, subscription " + (
-                "connected" if sub is not None and sub.connected else "down"
-            )
-        for name, note in self.readiness_notes.items():
-            checks[name] = note()
-        return ready, checks
+        return await readiness(
+            self.store, self.cfg.store.timeout, self.redis, self.subscriber, self.readiness_notes
+        )
 
     async def _metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
