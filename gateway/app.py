@@ -427,6 +427,13 @@ class Gateway:
         )
         out.append(
             gauge(
+                "keystile_invalidation_lag_seconds",
+                "Seconds since this process last read the store's invalidation outbox to its end.",
+                poller.lag(),
+            )
+        )
+        out.append(
+            gauge(
                 "keystile_cache_in_sync",
                 "1 while this process can confirm it missed no invalidation.",
                 1 if local.trusted_until > time.monotonic() else 0,
