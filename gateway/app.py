@@ -28,7 +28,7 @@ from gateway.cache.invalidation import OutboxPoller, Publisher, Subscriber, rete
 from gateway.cache.ledger import Ledger, remember_for
 from gateway.cache.redis_tier import RedisTier, tombstone_ttl
 from gateway.cache.tiers import TieredLoader
-from gateway.config import Config, Secrets, parse_listen
+from gateway.config import Config, ConfigError, Secrets, parse_listen
 from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
 from gateway.lifecycle import Lifecycle
@@ -40,6 +40,8 @@ from gateway.routing import RouteTable
 from gateway.store import Store, open_store
 from gateway.store.migrations import latest_version
 from gateway.throttle import FailureThrottle
+from gateway.tls import LISTENERS, ListenerTLS
+from gateway.tls import files as tls_files
 from gateway.usage import STOP_WAIT as USAGE_STOP_WAIT
 from gateway.usage import UsageRecorder
 from gateway.wire import Answer
@@ -107,6 +109,10 @@ class Gateway:
     async def start(self, proxy_sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
         check_runtime()
         cfg = self.cfg
+        try:
+            self.tls = ListenerTLS(cfg)
+        except ConfigError as e:
+            raise StartupError("; ".join(e.problems)) from None
         if self.store is None:
             self.store = await open_store(
                 cfg.store.url,
@@ -193,10 +199,19 @@ class Gateway:
         await proxy_runner.setup()
         self._runners.append(proxy_runner)
         if proxy_sock is not None:
-            site: web.TCPSite | web.SockSite = web.SockSite(proxy_runner, proxy_sock)
+            site: web.TCPSite | web.SockSite = web.SockSite(
+                proxy_runner, proxy_sock, ssl_context=self.tls.context("proxy")
+            )
         else:
             host, port = parse_listen(cfg.proxy.listen)
-            site = web.TCPSite(proxy_runner, host, port, backlog=1024, reuse_port=reuse_port or None)
+            site = web.TCPSite(
+                proxy_runner,
+                host,
+                port,
+                backlog=1024,
+                reuse_port=reuse_port or None,
+                ssl_context=self.tls.context("proxy"),
+            )
         await site.start()
         self._sites.append(site)
         self.proxy_port = _bound_port(proxy_runner)
@@ -211,7 +226,9 @@ class Gateway:
         await admin_runner.setup()
         self._runners.append(admin_runner)
         host, port = parse_listen(cfg.admin.listen)
-        admin_site = web.TCPSite(admin_runner, host, port, reuse_port=reuse_port or None)
+        admin_site = web.TCPSite(
+            admin_runner, host, port, reuse_port=reuse_port or None, ssl_context=self.tls.context("admin")
+        )
         await admin_site.start()
         self._sites.append(admin_site)
         self.admin_port = _bound_port(admin_runner)
@@ -251,6 +268,7 @@ class Gateway:
             if old != new
         ]
         cfg = in_force(self.cfg, cfg)  # what needs a restart stays as it runs
+        self.tls.reload(cfg)  # first: a certificate that cannot be loaded refuses the whole reload
         forwarder = Forwarder(cfg)
         await forwarder.start()
         authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
@@ -557,7 +575,22 @@ def _restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:
         ("cache.sync_interval", a.cache.sync_interval, b.cache.sync_interval),
         ("usage", a.usage, b.usage),
         ("logging.level", a.logging.level, b.logging.level),
+        ("tls.min_version", a.tls.min_version, b.tls.min_version),
+        *_tls_switches(a, b),
     ]
+
+
+def _tls_switches(a: Config, b: Config) -> list[tuple[str, object, object]]:
+    """A listener's TLS files as restart-only settings when TLS is turned on or off for it; new
+    files for a listener that stays on TLS are loaded by the reload (listed as unchanged here)."""
+    out: list[tuple[str, object, object]] = []
+    for name in LISTENERS:
+        switched = (tls_files(a.tls, name) is None) != (tls_files(b.tls, name) is None)
+        for part in ("cert", "key"):
+            field = f"{name}_{part}_file"
+            old = getattr(a.tls, field)
+            out.append((f"tls.{field}", old, getattr(b.tls, field) if switched else old))
+    return out
 
 
 def in_force(running: Config, new: Config) -> Config:
