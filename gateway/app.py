@@ -30,7 +30,7 @@ from gateway.cache.invalidation import OutboxPoller, Publisher, Subscriber, rete
 from gateway.cache.ledger import Ledger, remember_for
 from gateway.cache.redis_tier import RedisTier, tombstone_ttl
 from gateway.cache.tiers import TieredLoader
-from gateway.config import Config, Secrets, parse_listen
+from gateway.config import Config, ConfigError, Secrets, parse_listen
 from gateway.generation import Base, Generation, restart_notes, retune
 from gateway.generation import build as build_generation
 from gateway.generation import in_force as in_force  # the CLI's and workers' way to it
@@ -45,6 +45,7 @@ from gateway.proxy import Forwarder
 from gateway.readiness import readiness
 from gateway.store import Store, open_store
 from gateway.throttle import FailureThrottle
+from gateway.tls import ListenerTLS
 from gateway.usage import STOP_WAIT as USAGE_STOP_WAIT
 from gateway.usage import UsageRecorder
 from gateway.wire import Answer
@@ -163,6 +164,10 @@ class Gateway:
     async def start(self, proxy_sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
         check_runtime()
         cfg = self.cfg
+        try:
+            self.tls = ListenerTLS(cfg)
+        except ConfigError as e:
+            raise StartupError("; ".join(e.problems)) from None
         if self.store is None:
             self.store = await open_store(
                 cfg.store.url,
@@ -292,10 +297,19 @@ class Gateway:
         await runner.setup()
         self._runners.append(runner)
         if sock is not None:
-            site: web.TCPSite | web.SockSite = web.SockSite(runner, sock)
+            site: web.TCPSite | web.SockSite = web.SockSite(
+                runner, sock, ssl_context=self.tls.context("proxy")
+            )
         else:
             host, port = parse_listen(cfg.proxy.listen)
-            site = web.TCPSite(runner, host, port, backlog=1024, reuse_port=reuse_port or None)
+            site = web.TCPSite(
+                runner,
+                host,
+                port,
+                backlog=1024,
+                reuse_port=reuse_port or None,
+                ssl_context=self.tls.context("proxy"),
+            )
         await site.start()
         self.proxy_port = _bound_port(runner)
 
@@ -306,7 +320,8 @@ class Gateway:
         await runner.setup()
         self._runners.append(runner)
         host, port = parse_listen(self.cfg.admin.listen)
-        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None).start()
+        tls = self.tls.context("admin")
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=tls).start()
         self.admin_port = _bound_port(runner)
 
     async def _close_listeners(self) -> None:
@@ -337,6 +352,7 @@ class Gateway:
         """
         notes = restart_notes(self.cfg, cfg)
         cfg = in_force(self.cfg, cfg)  # what needs a restart stays as it runs
+        self.tls.reload(cfg)  # first: a certificate that cannot be loaded refuses the whole reload
         base = self._base()
         generation = await build_generation(cfg, base)
         retune(cfg, base)

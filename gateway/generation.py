@@ -23,6 +23,8 @@ from gateway.proxy import Forwarder
 from gateway.routing import RouteTable
 from gateway.store import Store
 from gateway.throttle import FailureThrottle
+from gateway.tls import LISTENERS
+from gateway.tls import files as tls_files
 from gateway.usage import UsageRecorder
 
 
@@ -109,7 +111,22 @@ def restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:
         ("cache.sync_interval", a.cache.sync_interval, b.cache.sync_interval),
         ("usage", a.usage, b.usage),
         ("logging.level", a.logging.level, b.logging.level),
+        ("tls.min_version", a.tls.min_version, b.tls.min_version),
+        *_tls_switches(a, b),
     ]
+
+
+def _tls_switches(a: Config, b: Config) -> list[tuple[str, object, object]]:
+    """A listener's TLS files as restart-only settings when TLS is turned on or off for it; new
+    files for a listener that stays on TLS are loaded by the reload (listed as unchanged here)."""
+    out: list[tuple[str, object, object]] = []
+    for name in LISTENERS:
+        switched = (tls_files(a.tls, name) is None) != (tls_files(b.tls, name) is None)
+        for part in ("cert", "key"):
+            field = f"{name}_{part}_file"
+            old = getattr(a.tls, field)
+            out.append((f"tls.{field}", old, getattr(b.tls, field) if switched else old))
+    return out
 
 
 def restart_notes(running: Config, new: Config) -> list[str]:

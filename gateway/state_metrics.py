@@ -88,6 +88,7 @@ class PollerCounts(Protocol):
     def failures(self) -> int: ...
     @property
     def delivered(self) -> int: ...
+    def lag(self) -> float: ...
 
 
 class ThrottleCounts(Protocol):
@@ -229,6 +230,13 @@ def invalidation_metrics(src: Sources) -> list[Metric]:
             "keystile_invalidations_from_store",
             "Invalidations first learned from the store's outbox (no message had brought them).",
             [({}, poller.delivered)],
+        )
+    )
+    out.append(
+        gauge(
+            "keystile_invalidation_lag_seconds",
+            "Seconds since this process last read the store's invalidation outbox to its end.",
+            poller.lag(),
         )
     )
     return out

@@ -195,9 +195,9 @@ class KeyQuery(_Request):
     owner: Annotated[Filter, Meta(description="principal id or name")] | None = None
     project: Filter | None = None
     status: KeyStatus | None = None
-    q: (
-        Annotated[Filter, Meta(max_length=MAX_NAME, description="name contains (case-insensitive)")] | None
-    ) = None
+    q: Annotated[Filter, Meta(max_length=MAX_NAME, description="name contains (case-insensitive)")] | None = (
+        None
+    )
     limit: Limit = 50
     cursor: KeyCursor | None = None
 

@@ -103,13 +103,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         async def reload() -> None:
             log = logging.getLogger("keystile")
             try:
-                new = config_mod.load(path)
+                notes = await gw.reload(config_mod.load(path))  # raises for a certificate it cannot load too
             except ConfigError as e:
                 for problem in e.problems:
                     log.error("reload refused: %s", problem)
                 log.error("reload refused; the previous configuration keeps serving")
                 return
-            for note in await gw.reload(new):
+            for note in notes:
                 log.warning(note)
 
         def on_hup() -> None:

@@ -15,7 +15,7 @@ never live in the file: ``KEYSTILE_KEY_HASH_SECRET`` (or ``security.hash_secret_
 """
 
 from gateway.config.checks import REDIS_URL_OPTIONS, check_semantics
-from gateway.config.credentials import Secrets, load_secrets
+from gateway.config.credentials import ADMIN_ROLES, AdminToken, Secrets, admin_token, load_secrets
 from gateway.config.load import admin_endpoint, config_path, decode, durations, load, loads, to_toml_dict
 from gateway.config.schema import (
     _SECTION_TYPES,
@@ -42,6 +42,7 @@ from gateway.config.schema import (
     SecurityConfig,
     StoreConfig,
     ThrottleConfig,
+    TLSConfig,
     UpstreamConfig,
     UsageConfig,
     parse_duration,
@@ -49,6 +50,7 @@ from gateway.config.schema import (
 )
 
 __all__ = [
+    "ADMIN_ROLES",
     "ADMIN_TOKENS_ENV",
     "ADMIN_TOKEN_ENV",
     "ADMIN_URL_ENV",
@@ -59,6 +61,7 @@ __all__ = [
     "REDIS_URL_OPTIONS",
     "_SECTION_TYPES",
     "AdminConfig",
+    "AdminToken",
     "AuthMode",
     "CacheConfig",
     "Config",
@@ -74,10 +77,12 @@ __all__ = [
     "Secrets",
     "SecurityConfig",
     "StoreConfig",
+    "TLSConfig",
     "ThrottleConfig",
     "UpstreamConfig",
     "UsageConfig",
     "admin_endpoint",
+    "admin_token",
     "check_semantics",
     "config_path",
     "decode",

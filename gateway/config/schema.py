@@ -73,6 +73,18 @@ class AdminConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     tokens_file: str = ""
 
 
+class TLSConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # PEM files per listener: the certificate chain and its private key. Empty: plain HTTP.
+    # Re-read on SIGHUP (new connections get the new certificate); turning TLS on or off for a
+    # listener takes a restart.
+    proxy_cert_file: str = ""
+    proxy_key_file: str = ""
+    admin_cert_file: str = ""
+    admin_key_file: str = ""
+    # Oldest protocol accepted: "1.2" (ECDHE with AES-GCM or ChaCha20 only) or "1.3".
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
 class KeysConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: str = "ks"
     default_env: Literal["live", "test"] = "live"
@@ -185,6 +197,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     logging: LoggingConfig = LoggingConfig()
     routes: tuple[RouteConfig, ...] = ()
     throttle: ThrottleConfig = ThrottleConfig()
+    tls: TLSConfig = TLSConfig()
 
 
 _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
@@ -200,6 +213,7 @@ _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
     "usage": UsageConfig,
     "logging": LoggingConfig,
     "throttle": ThrottleConfig,
+    "tls": TLSConfig,
 }
 
 
