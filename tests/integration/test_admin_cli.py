@@ -70,7 +70,7 @@ async def test_principals_and_keys_over_the_admin_api(keystile, admin, upstream:
     assert made["grants"] == {"p1": ["read", "write"]} and made["metadata"] == {"team": "x"}
     await ok("principals", "create", "etl", "--kind", "service")
     table = (await ok("principals", "list")).splitlines()
-    assert table[0].split() == ["NAME", "ID", "KIND", "STATUS", "CREATED", "GRANTS"]
+    assert table[0].split() == ["NAME", "ID", "KIND", "STATUS", "CREATED", "(UTC)", "GRANTS"]
     assert table[1].startswith("alice") and "p1: read,write" in table[1] and table[2].startswith("etl")
     shown = await ok("principals", "show", made["id"])
     assert "name:" in shown and "alice" in shown and "enabled" in shown
