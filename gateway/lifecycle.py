@@ -306,11 +306,12 @@ class Lifecycle:
             seconds = _seconds(expires_in, "expires_in")
             if seconds < 0:
                 raise PolicyError("expires_in", "must not be negative")
-            expires_at, expire_now = now + seconds, seconds == 0  # 0: expire now
+            # 0 expires the key now; any positive time is accepted, however short.
+            expires_at, expire_now = now + seconds, seconds == 0
         if expire_now:
             pass  # at once: neither in the future nor beyond any lifetime
         elif isinstance(expires_at, float | int) and not isinstance(expires_at, bool):
-            if expires_at <= now:
+            if expires_at <= now and field == "expires_at":
                 raise PolicyError(field, "must be in the future")
             if self.max_lifetime is not None:
                 created = (await self.store.get_key(key_id)).created_at

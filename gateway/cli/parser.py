@@ -34,6 +34,7 @@ from gateway.cli.admin_commands import (
 from gateway.cli.server_commands import (
     cmd_config_check,
     cmd_demo,
+    cmd_echo,
     cmd_migrate,
     cmd_reload,
     cmd_secret,
@@ -74,8 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     cc.set_defaults(fn=cmd_config_check)
 
     with_config(sub.add_parser("migrate", help="apply database migrations")).set_defaults(fn=cmd_migrate)
-    rl = sub.add_parser("reload", help="make a running server re-read its config (SIGHUP)")
+    rl = sub.add_parser("reload", help="make a running server re-read its config (SIGHUP) and report")
     rl.add_argument("--pid-file", required=True, help="the file given to serve --pid-file")
+    rl.add_argument(
+        "--timeout", type=float, default=30.0, help="seconds to wait for the server's answer (default 30)"
+    )
     rl.set_defaults(fn=cmd_reload)
     sub.add_parser("secret", help="print a new random secret (for KEYSTILE_KEY_HASH_SECRET)").set_defaults(
         fn=cmd_secret
@@ -85,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--port", type=int, default=8080, help="the proxy's port (default 8080)")
     d.add_argument("--admin-port", type=int, default=8081, help="the admin API's port (default 8081)")
     d.set_defaults(fn=cmd_demo)
+    e = sub.add_parser("echo", help="run a local upstream that answers with what it received (for trials)")
+    e.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    e.add_argument("--port", type=int, default=9000, help="port (default 9000, the quickstart config's)")
+    e.set_defaults(fn=cmd_echo)
 
     def admin_command(
         parent: Any, name: str, fn: Callable[[argparse.Namespace], int], help: str
