@@ -217,16 +217,26 @@ _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
 }
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# One reading of a duration everywhere (config, admin API, CLI): seconds, or a number with a unit.
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*[smhd]?\s*$"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> float:
-    """``"30d"`` -> seconds. Raises ValueError naming the accepted forms."""
+    """``"30d"`` or ``"3600"`` (seconds) -> seconds. Raises ValueError naming the accepted forms."""
     m = _DURATION.match(text)
     if not m:
-        raise ValueError(f"invalid duration {text!r} (use a number with s, m, h or d, e.g. 30d)")
+        raise ValueError(f"invalid duration {text!r} (use seconds, or a number with s, m, h or d, e.g. 30d)")
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the largest whole unit that expresses them (``7200`` -> ``"2h"``)."""
+    for unit in ("d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
