@@ -32,6 +32,7 @@ from gateway.config import Config, Secrets, parse_listen
 from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
 from gateway.lifecycle import Lifecycle
+from gateway.limits.wiring import build_limits, limit_metrics
 from gateway.listener import AdminRunner, ProxyServer
 from gateway.models import IdentityRecord, Invalidation
 from gateway.observability import AccessLog, Metrics, counter, gauge
@@ -161,6 +162,10 @@ class Gateway:
             self.subscriber.start()
         self.authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
         self.lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
+        self.limits = await build_limits(cfg, self.store)
+        if self.limits.credits is not None:
+            self.limits.credits.invalidate = self.invalidate
+            self.limits.credits.start()
         self.forwarder = Forwarder(cfg)
         await self.forwarder.start()
         self.usage = UsageRecorder(self.store, cfg.usage.flush_interval, cfg.usage.max_pending)
@@ -176,6 +181,7 @@ class Gateway:
             self.last_used,
             self.access_log,
             self.throttle,
+            self.limits,
         )
 
         server = ProxyServer(
@@ -263,6 +269,7 @@ class Gateway:
         )
         local.negative_max_entries = cfg.cache.negative_max_entries
         self.throttle.configure(cfg.throttle, cfg.proxy.trusted_proxies)
+        self.limits.configure(cfg.limits)
         self.metrics.add_routes(r.prefix for r in cfg.routes)
         handler = ProxyHandler(
             cfg,
@@ -274,6 +281,7 @@ class Gateway:
             self.last_used,
             self.access_log,
             self.throttle,
+            self.limits,
         )
         assert self.store is not None
         lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
@@ -442,6 +450,7 @@ class Gateway:
             )
         )
         out.extend(self._throttle_metrics())
+        out.extend(limit_metrics(self.limits))
         u = self.usage
         out.append(
             counter("keystile_usage_flushes", "Usage batches written to the store.", [({}, u.flushes)])
@@ -499,6 +508,8 @@ class Gateway:
             # Its own bound: a flush in progress, then up to three tries of the final one.
             limit = USAGE_STOP_WAIT + 3 * self.cfg.store.timeout + self.stop_step_timeout
             await self._stop_step("usage flush", self.usage.aclose(), limit)
+        if hasattr(self, "limits"):
+            await self._stop_step("limits", self.limits.aclose())
         if hasattr(self, "cache"):
             await self._stop_step("cache loads", self.cache.aclose())
         if getattr(self, "poller", None) is not None:
