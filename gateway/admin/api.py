@@ -302,7 +302,7 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
         errors=(*_R, 404),
     ),
     Endpoint(
-        "PUT",
+        "PATCH",
         _K + "/limits",
         "setKeyLimits",
         "limits",
@@ -336,7 +336,7 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
         errors=(*_R, 404),
     ),
     Endpoint(
-        "PUT",
+        "PATCH",
         _P + "/limits",
         "setPrincipalLimits",
         "limits",

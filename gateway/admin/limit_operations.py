@@ -23,9 +23,9 @@ if TYPE_CHECKING:
     from gateway.limits.gate import LimitGate
 
 
-def _policies(body: ls.LimitsBody) -> tuple[Policy, ...]:
+def _policies(specs: list[ls.LimitSpec]) -> tuple[Policy, ...]:
     out = []
-    for i, spec in enumerate(body.limits):
+    for i, spec in enumerate(specs):
         try:
             out.append(check_policy(spec.name, spec.limit, spec.window))
         except ValueError as e:
@@ -71,7 +71,9 @@ async def get_key_limits(ctx: Context, key_id: str) -> ls.LimitsView:
 
 
 async def set_key_limits(ctx: Context, key_id: str, body: ls.LimitsBody) -> ls.LimitsView:
-    policies = _policies(body)
+    if isinstance(body.limits, msgspec.UnsetType):
+        return await get_key_limits(ctx, key_id)  # nothing to change: no write, no audit row
+    policies = _policies(body.limits)
     _, change = await ctx.store.set_key_limits(key_id, policies, ctx.actor, time.time())
     await ctx.lifecycle.publish(change)
     return await get_key_limits(ctx, key_id)
@@ -88,7 +90,9 @@ async def get_principal_limits(ctx: Context, principal: str) -> ls.LimitsView:
 
 
 async def set_principal_limits(ctx: Context, principal: str, body: ls.LimitsBody) -> ls.LimitsView:
-    policies = _policies(body)
+    if isinstance(body.limits, msgspec.UnsetType):
+        return await get_principal_limits(ctx, principal)
+    policies = _policies(body.limits)
     p, change = await ctx.store.set_principal_limits(principal, policies, ctx.actor, time.time())
     await ctx.lifecycle.publish(change)
     return await get_principal_limits(ctx, p.id)
