@@ -27,7 +27,7 @@ def _policies(specs: list[ls.LimitSpec]) -> tuple[Policy, ...]:
     out = []
     for i, spec in enumerate(specs):
         try:
-            out.append(check_policy(spec.name, spec.limit, spec.window))
+            out.append(check_policy(spec.name, int(spec.limit), spec.window))
         except ValueError as e:
             raise InvalidInput(f"limits[{i}]", str(e)) from None
     try:
@@ -99,8 +99,6 @@ async def set_principal_limits(ctx: Context, principal: str, body: ls.LimitsBody
 
 
 async def _change_credits(ctx: Context, owner: str, principal_id: str, body: ls.CreditsBody) -> None:
-    if body.remaining is not None and body.add is not None:
-        raise InvalidInput("add", "give remaining or add, not both")
     if body.remove and (
         body.remaining is not None or body.add is not None or body.refill is not msgspec.UNSET
     ):
@@ -108,17 +106,21 @@ async def _change_credits(ctx: Context, owner: str, principal_id: str, body: ls.
     refill: Refill | msgspec.UnsetType | None = msgspec.UNSET
     if isinstance(body.refill, ls.RefillSpec):
         r = body.refill
-        refill = Refill(amount=r.amount, every=r.every, mode=r.mode, day=r.day)
+        refill = Refill(amount=int(r.amount), every=r.every, mode=r.mode, day=r.day)
     elif body.refill is None:
         refill = None
     if body.remove and await ctx.store.get_credits(owner) is None:
         return
+    gate = _gate(ctx)
+    if gate is not None and gate.credits is not None:
+        # This instance's unwritten spends first: the new balance builds on them.
+        await gate.credits.flush()
     action = "credits.remove" if body.remove else "credits.add" if body.add is not None else "credits.set"
     _, change = await ctx.store.change_credits(
         owner,
         principal_id,
-        remaining=body.remaining,
-        add=body.add,
+        remaining=None if body.remaining is None else int(body.remaining),
+        add=None if body.add is None else int(body.add),
         refill=refill,
         remove=body.remove,
         actor=ctx.actor,

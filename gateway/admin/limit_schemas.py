@@ -21,7 +21,7 @@ class LimitSpec(_Request):
     """At most ``limit`` requests at once, refilled at ``limit`` per ``window``."""
 
     name: Annotated[str, Meta(pattern=NAME_PATTERN, description="a-z, 0-9, '_', '.', '-'; 1-32")]
-    limit: Annotated[int, Meta(ge=1, le=MAX_LIMIT)]
+    limit: Annotated[float, Meta(ge=1, le=MAX_LIMIT, multiple_of=1)]
     window: Annotated[
         str, Meta(pattern=WINDOW_PATTERN, description="a duration: 500ms, 1s, 10m, 1h, 1d (1ms-366d)")
     ]
@@ -44,18 +44,19 @@ class LimitView(_Response):
 
 
 class RefillSpec(_Request):
-    amount: Annotated[int, Meta(ge=0, le=10**15)]
+    amount: Annotated[float, Meta(ge=0, le=10**15, multiple_of=1)]
     every: Literal["daily", "monthly"]
     mode: Literal["replace", "add"] = "replace"
     day: Annotated[int, Meta(ge=1, le=28, description="monthly: the day of the month (UTC)")] = 1
 
 
 class CreditsBody(_Request):
-    """Set the balance (``remaining``), top it up (``add``), change the refill (``refill``, null
-    removes it) or remove the credits (``remove``: the owner is no longer limited by credits)."""
+    """Set the balance (``remaining``), top it up (``add``; with ``remaining``: after setting it),
+    change the refill (``refill``, null removes it) or remove the credits (``remove``: the owner
+    is no longer limited by credits; it takes no other field)."""
 
-    remaining: Annotated[int, Meta(ge=0, le=10**15)] | None = None
-    add: Annotated[int, Meta(ge=1, le=10**15)] | None = None
+    remaining: Annotated[float, Meta(ge=0, le=10**15, multiple_of=1)] | None = None
+    add: Annotated[float, Meta(ge=1, le=10**15, multiple_of=1)] | None = None
     refill: RefillSpec | UnsetType | None = UNSET
     remove: bool = False
 

@@ -35,6 +35,10 @@ MAX_STEPS = 10  # per stateful scenario
 POLICY_REFUSALS = (
     ("expires_at", re.compile(r"^must be in the future$")),
     ("owner", re.compile(r"^principal .* not found$")),
+    ("remove", re.compile(r"^remove takes no other field$")),
+    ("limits", re.compile(r"^limit names must be unique, .* repeats$")),
+    # A window's duration pattern cannot bound its value (1ms-366d).
+    *((f"limits[{i}]", re.compile(r"^window must be between 1ms and 366d, got .*$")) for i in range(8)),
 )
 
 

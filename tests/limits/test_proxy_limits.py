@@ -81,7 +81,7 @@ async def test_limits_set_through_the_admin_api_apply_and_a_principal_pool_is_sh
     async with aiohttp.ClientSession() as s:
         page = await (await s.get(ks.admin_url + "/v1/keys", headers=AUTH, params={"owner": "pool"})).json()
         kid = page["items"][-1]["id"]
-        r = await s.put(
+        r = await s.patch(
             f"{ks.admin_url}/v1/keys/{kid}/limits",
             json={"limits": [{"name": "own", "limit": 2, "window": "1h"}]},
             headers=AUTH,
@@ -97,7 +97,7 @@ async def test_limits_set_through_the_admin_api_apply_and_a_principal_pool_is_sh
         }
         statuses = [(await _get(s, ks.url + "/x", key_a))[0] for _ in range(3)]
         assert statuses == [200, 200, 429]
-        r = await s.put(
+        r = await s.patch(
             f"{ks.admin_url}/v1/principals/pool/limits",
             json={"limits": [{"name": "pool", "limit": 3, "window": "1d"}]},
             headers=AUTH,
@@ -110,7 +110,7 @@ async def test_limits_set_through_the_admin_api_apply_and_a_principal_pool_is_sh
         assert headers["RateLimit-Policy"] == '"pool";q=3;w=86400'
         shown = await (await s.get(f"{ks.admin_url}/v1/keys/{kid}/limits", headers=AUTH)).json()
         assert shown["pool_limits"][0]["remaining"] == 0
-        bad = await s.put(
+        bad = await s.patch(
             f"{ks.admin_url}/v1/keys/{kid}/limits",
             json={"limits": [{"name": "x", "limit": 1, "window": "400d"}]},
             headers=AUTH,
