@@ -13,14 +13,16 @@ module: the handler tests three attributes first.
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from gateway import errors
 from gateway.clock import SYSTEM, Clock
 from gateway.limits import answers
 from gateway.limits.answers import Headers
-from gateway.limits.gcra import Bucket, LocalState, Verdict, left
+from gateway.limits.gcra import EPSILON, Bucket, LocalState, Verdict, left
 from gateway.limits.policy import Policy
 from gateway.limits.redis_state import LimiterUnavailable, RedisState
 from gateway.models import IdentityRecord
@@ -55,6 +57,23 @@ def buckets(route: Route, ident: IdentityRecord) -> list[Bucket]:
     return out
 
 
+class Plan:
+    """What a request by one identity on one route fills, worked out once and reused while that
+    identity record is the one the cache holds: the buckets, the ``RateLimit-Policy`` value and
+    the ``RateLimit`` item of each policy (formatted with what is left)."""
+
+    __slots__ = ("buckets", "formats", "ident", "policy_field")
+
+    def __init__(self, route: Route, ident: IdentityRecord) -> None:
+        self.ident = ident
+        self.buckets = buckets(route, ident)
+        self.policy_field = answers.policy_field([b.policy for b in self.buckets])
+        self.formats = [f'"{b.policy.name}";r=%d;t=%d' for b in self.buckets]
+
+
+MAX_PLANS: Final = 50_000
+
+
 class LimitGate:
     def __init__(
         self,
@@ -70,6 +89,8 @@ class LimitGate:
         self.configure(cfg)
         # (policy, outcome) -> requests; outcomes: accepted, refused, unavailable
         self.decisions: Counter[tuple[str, str]] = Counter()
+        self.accepted: list[Sequence[Bucket]] = []
+        self._plans: dict[tuple[str, str], Plan] = {}
         self.unavailable = 0
         self.outages = 0
         self._down = False
@@ -79,9 +100,20 @@ class LimitGate:
         self.with_fields = cfg.headers
         self.closed = cfg.on_redis_failure == "closed"
 
+    def plan(self, route: Route, ident: IdentityRecord) -> Plan:
+        key = (route.name, ident.key_id)
+        plan = self._plans.get(key)
+        # ``is``: a changed key (new limits, a new credit epoch) is a new record.
+        if plan is None or plan.ident is not ident:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = Plan(route, ident)
+        return plan
+
     async def admit(self, route: Route, ident: IdentityRecord) -> RawResponse | Headers:
         """The fields to add to the response, or the refusal to answer instead."""
-        bs = buckets(route, ident)
+        plan = self.plan(route, ident)
+        bs = plan.buckets
         cost = route.cost
         credit = self.credits
         if credit is not None and (ident.credits or ident.pool_credits) and cost:
@@ -98,16 +130,30 @@ class LimitGate:
                 return self.failed(bs, e)
             self.recovered()
             v = reply.verdict
-        return self.answer(v)
+        return self.answer(v, plan)
 
-    def answer(self, v: Verdict) -> RawResponse | Headers:
-        count = self.decisions
+    def answer(self, v: Verdict, plan: Plan | None = None) -> RawResponse | Headers:
         if v.refused is not None:
-            count[v.refused.policy.name, "refused"] += 1
+            self.decisions[v.refused.policy.name, "refused"] += 1
             return answers.refused(v, self.with_fields)
-        for b in v.buckets:
-            count[b.policy.name, "accepted"] += 1
-        return answers.fields(v) if self.with_fields and v.buckets else NO_FIELDS
+        accepted = self.accepted
+        accepted.append(v.buckets)  # counted by policy in batches (metrics read, or when many)
+        if len(accepted) >= 4096:
+            self._count_accepted()
+        if not self.with_fields or not v.buckets:
+            return NO_FIELDS
+        if plan is None:
+            return answers.fields(v)
+        parts = zip(plan.formats, v.remaining, v.reset, strict=True)
+        state = ", ".join([f % (r, math.ceil(t - EPSILON)) for f, r, t in parts])
+        return (("RateLimit-Policy", plan.policy_field), ("RateLimit", state))
+
+    def _count_accepted(self) -> None:
+        batch, self.accepted = self.accepted, []
+        count = self.decisions
+        for bs in batch:
+            for b in bs:
+                count[b.policy.name, "accepted"] += 1
 
     def failed(self, bs: list[Bucket], e: Exception) -> RawResponse | Headers:
         """Redis could not decide: the failure policy's answer."""
@@ -131,6 +177,7 @@ class LimitGate:
 
     def metrics(self) -> list[tuple[str, str, list[tuple[dict[str, str], float]]]]:
         """(name, help, samples) of the counters, for ``/metrics``."""
+        self._count_accepted()
         out: list[tuple[str, str, list[tuple[dict[str, str], float]]]] = [
             (
                 "keystile_limit_decisions",

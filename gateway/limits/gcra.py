@@ -87,23 +87,37 @@ class LocalState:
         self._max = max_entries
 
     def admit(self, buckets: Sequence[Bucket], now: float) -> Verdict:
+        # step() and left() inlined: this runs on every request of a limited route.
         tats = self._tat
         news: list[float] = []
         refused: Bucket | None = None
         wait = 0.0
         for b in buckets:
             p = b.policy
-            ok, new, need = step(tats.get(b.key, now), now, p.limit, p.window)
-            news.append(new)
-            if not ok and need >= wait:
-                refused, wait = b, need
+            tat = tats.get(b.key, now)
+            new = (tat if tat > now else now) + p.window / p.limit
+            if new - now > p.window + EPSILON:
+                news.append(tat if tat > now else now)
+                if new - p.window - now >= wait:
+                    refused, wait = b, new - p.window - now
+            else:
+                news.append(new)
         if refused is None:
             for b, new in zip(buckets, news, strict=True):
                 tats[b.key] = new
             if len(tats) > self._max:
                 self._sweep(now)
-        states = [left(tats.get(b.key, now), now, b.policy.limit, b.policy.window) for b in buckets]
-        return Verdict(buckets, refused, wait, [s[0] for s in states], [s[1] for s in states])
+            after = news
+        else:
+            after = [max(tats.get(b.key, now), now) for b in buckets]
+        remaining = []
+        reset = []
+        for b, tat in zip(buckets, after, strict=True):
+            p = b.policy
+            n = int((now + p.window - tat) * p.limit / p.window + EPSILON)
+            remaining.append(n if n > 0 else 0)
+            reset.append(tat - now)
+        return Verdict(buckets, refused, wait, remaining, reset)
 
     def tat(self, key: str, now: float) -> float:
         return max(self._tat.get(key, now), now)

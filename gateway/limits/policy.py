@@ -21,6 +21,9 @@ MAX_LIMIT: Final = 1_000_000_000
 MAX_WINDOW: Final = 366 * 86400.0
 MIN_WINDOW: Final = 0.001
 MAX_POLICIES: Final = 8
+# The spacing of a policy's requests (window / limit) must stay well above the precision of a
+# wall-clock time in float seconds (~0.2 us in this century), or a bucket would never move.
+MIN_INTERVAL: Final = 1e-5
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -66,7 +69,13 @@ def check_policy(name: str, limit: int, window: float | int | str) -> Policy:
         )
     if not 1 <= limit <= MAX_LIMIT:
         raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
-    return Policy(name, int(limit), parse_window(window))
+    seconds = parse_window(window)
+    if seconds / limit < MIN_INTERVAL:
+        raise ValueError(
+            f"limit {limit} per {window_text(seconds)} is finer than one request per 10 us "
+            "(wall-clock times carry too little precision below that)"
+        )
+    return Policy(name, int(limit), seconds)
 
 
 def check_policies(items: Iterable[Policy]) -> tuple[Policy, ...]:

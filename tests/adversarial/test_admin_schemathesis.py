@@ -39,6 +39,7 @@ POLICY_REFUSALS = (
     ("limits", re.compile(r"^limit names must be unique, .* repeats$")),
     # A window's duration pattern cannot bound its value (1ms-366d).
     *((f"limits[{i}]", re.compile(r"^window must be between 1ms and 366d, got .*$")) for i in range(8)),
+    *((f"limits[{i}]", re.compile(r"^limit .* is finer than one request per 10 us .*$")) for i in range(8)),
 )
 
 
