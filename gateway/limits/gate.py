@@ -62,13 +62,14 @@ class Plan:
     identity record is the one the cache holds: the buckets, the ``RateLimit-Policy`` value and
     the ``RateLimit`` item of each policy (formatted with what is left)."""
 
-    __slots__ = ("buckets", "formats", "ident", "policy_field")
+    __slots__ = ("buckets", "formats", "ident", "policy_field", "redis")
 
     def __init__(self, route: Route, ident: IdentityRecord) -> None:
         self.ident = ident
         self.buckets = buckets(route, ident)
         self.policy_field = answers.policy_field([b.policy for b in self.buckets])
         self.formats = [f'"{b.policy.name}";r=%d;t=%d' for b in self.buckets]
+        self.redis: tuple[list[bytes], list[bytes]] | None = None  # the script's arguments
 
 
 MAX_PLANS: Final = 50_000
@@ -124,8 +125,10 @@ class LimitGate:
         if self.redis is None:
             v = self.local.admit(bs, now)
         else:
+            if plan.redis is None:
+                plan.redis = self.redis.prepare(bs)
             try:
-                reply = await self.redis.admit(bs, now)
+                reply = await self.redis.admit(bs, now, prepared=plan.redis)
             except LimiterUnavailable as e:
                 return self.failed(bs, e)
             self.recovered()

@@ -136,8 +136,22 @@ class RedisState:
         self.round_trip_seconds = 0.0
         self.failures = 0
 
+    def prepare(self, buckets: Sequence[Bucket]) -> tuple[list[bytes], list[bytes]]:
+        """The script's keys and per-policy arguments for ``buckets`` (made once per plan)."""
+        keys = [(self.prefix + b.key).encode() for b in buckets]
+        tail = []
+        for b in buckets:
+            tail.append(repr(b.policy.window * 1000).encode())
+            tail.append(str(b.policy.limit).encode())
+        return keys, tail
+
     def admit(
-        self, buckets: Sequence[Bucket], now: float, credit_keys: Sequence[str] = (), cost: int = 0
+        self,
+        buckets: Sequence[Bucket],
+        now: float,
+        credit_keys: Sequence[str] = (),
+        cost: int = 0,
+        prepared: tuple[list[bytes], list[bytes]] | None = None,
     ) -> asyncio.Future[RedisReply]:
         """The decision for one request, sent with the rest of this turn's."""
         loop = asyncio.get_running_loop()
@@ -145,13 +159,10 @@ class RedisState:
         if not self.breaker.allow():
             fut.set_exception(LimiterUnavailable("breaker open"))
             return fut
-        prefix = self.prefix
-        keys = [(prefix + b.key).encode() for b in buckets]
-        keys.extend((self.credit_prefix + c).encode() for c in credit_keys)
-        args = [str(int(now * 1000)).encode(), str(len(buckets)).encode(), str(cost).encode()]
-        for b in buckets:
-            args.append(repr(b.policy.window * 1000).encode())
-            args.append(str(b.policy.limit).encode())
+        keys, tail = prepared if prepared is not None else self.prepare(buckets)
+        if credit_keys:
+            keys = keys + [(self.credit_prefix + c).encode() for c in credit_keys]
+        args = [str(int(now * 1000)).encode(), str(len(buckets)).encode(), str(cost).encode(), *tail]
         if not self._queue:
             loop.call_soon(self._flush)
         self._queue.append(_Pending(buckets, keys, args, fut))
