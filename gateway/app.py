@@ -38,6 +38,7 @@ from gateway.generation import restart_only as _restart_only  # noqa: F401 (test
 from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
 from gateway.lifecycle import Lifecycle
+from gateway.limits.wiring import build_limits, limit_metrics
 from gateway.listener import AdminRunner, ProxyServer
 from gateway.models import IdentityRecord, Invalidation
 from gateway.observability import AccessLog, Metrics
@@ -231,6 +232,11 @@ class Gateway:
         self._on_stop("usage flush", usage.aclose, USAGE_STOP_WAIT + 3 * cfg.store.timeout)
         usage.start()
         self.throttle = FailureThrottle(cfg.throttle, cfg.proxy.trusted_proxies)
+        limits = self.limits = await build_limits(cfg, store)
+        self._on_stop("limits", limits.aclose)
+        if limits.credits is not None:
+            limits.credits.invalidate = self.invalidate
+            limits.credits.start()
         self._gen = await build_generation(cfg, self._base())
         self._on_stop("upstream pool", lambda: self._gen.forwarder.close())
         self._resources.push_async_callback(self._end_background)
@@ -248,6 +254,7 @@ class Gateway:
                 )
             )
         )
+        self.metrics.add_state(lambda: limit_metrics(limits))
         # Listeners close in the order they opened: the proxy's first, so the admin API still
         # answers (/readyz, /metrics) while proxied requests drain.
         self._resources.push_async_callback(self._close_listeners)
@@ -276,6 +283,7 @@ class Gateway:
             self.metrics,
             self.access_log,
             self.throttle,
+            self.limits,
             self.last_used,
             self.invalidate,
         )

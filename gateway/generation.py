@@ -18,6 +18,7 @@ from gateway.cache import IdentityCache
 from gateway.config import Config
 from gateway.handler import LastUsed, ProxyHandler
 from gateway.lifecycle import Invalidate, Lifecycle
+from gateway.limits.gate import LimitGate
 from gateway.observability import AccessLog, Metrics
 from gateway.proxy import Forwarder
 from gateway.routing import RouteTable
@@ -40,6 +41,7 @@ class Base:
     metrics: Metrics
     access_log: AccessLog
     throttle: FailureThrottle
+    limits: LimitGate
     last_used: LastUsed
     invalidate: Invalidate
 
@@ -72,6 +74,7 @@ async def build(cfg: Config, base: Base) -> Generation:
             base.last_used,
             base.access_log,
             base.throttle,
+            base.limits,
         )
         lifecycle = Lifecycle(cfg, base.hash_secret, base.store, invalidate=base.invalidate)
     except BaseException:
@@ -82,7 +85,7 @@ async def build(cfg: Config, base: Base) -> Generation:
 
 def retune(cfg: Config, base: Base) -> None:
     """Apply ``cfg`` to the long-lived pieces that a reload changes in place (at start they are
-    built from it): the in-process cache's lifetimes and bounds, the throttle."""
+    built from it): the in-process cache's lifetimes and bounds, the throttle, the limits' settings."""
     local = base.cache.local
     local.ttl, local.negative_ttl, local.max_entries, local.synced_ttl = (
         cfg.cache.local_ttl,
@@ -92,6 +95,7 @@ def retune(cfg: Config, base: Base) -> None:
     )
     local.negative_max_entries = cfg.cache.negative_max_entries
     base.throttle.configure(cfg.throttle, cfg.proxy.trusted_proxies)
+    base.limits.configure(cfg.limits)
     base.metrics.add_routes(r.prefix for r in cfg.routes)
 
 

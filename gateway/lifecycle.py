@@ -153,6 +153,10 @@ class Lifecycle:
         if self._invalidate is not None and change.seq:
             await self._invalidate(change)
 
+    async def publish(self, change: Invalidation) -> None:
+        """Tell every instance of a change committed outside these methods (limits, credits)."""
+        await self._changed(change)
+
     def _expiry(
         self, now: float, expires_at: float | None, expires_in: float | str | None, field: str
     ) -> float | None:

@@ -31,6 +31,7 @@ from gateway.cli.admin_commands import (
     cmd_principals_show,
     cmd_principals_update,
 )
+from gateway.cli.limit_commands import add_commands as add_limit_commands
 from gateway.cli.server_commands import (
     cmd_config_check,
     cmd_demo,
@@ -184,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     kd = admin_command(k, "delete", cmd_keys_delete, "delete a key for good (asks to confirm)")
     kd.add_argument("key_id", help="key id")
     kd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+    add_limit_commands(sub, admin_command)
 
     au = admin_command(sub, "audit", cmd_audit, "list lifecycle changes, newest first")
     au.add_argument("--key", help="key id")

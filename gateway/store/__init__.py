@@ -32,14 +32,17 @@ from typing import Literal
 import msgspec
 
 from gateway.keys import KeyDigest
+from gateway.limits.policy import Policy
 from gateway.models import (
     AuditEvent,
+    CreditState,
     IdentityRecord,
     Invalidation,
     KeyRecord,
     KeyStatus,
     NewKey,
     Principal,
+    Refill,
     UsageUpdate,
 )
 
@@ -247,6 +250,46 @@ class Store(ABC):
     @abstractmethod
     async def prune_invalidations(self, before: float) -> int:
         """Delete the invalidations recorded before ``before``; returns how many."""
+
+    # rate limits and credits (gateway.store.sql_limits)
+    @abstractmethod
+    async def set_key_limits(
+        self, key_id: str, limits: Sequence[Policy], actor: str, now: float
+    ) -> tuple[KeyRecord, Invalidation]: ...
+
+    @abstractmethod
+    async def set_principal_limits(
+        self, ref: str, limits: Sequence[Policy], actor: str, now: float
+    ) -> tuple[Principal, Invalidation]: ...
+
+    @abstractmethod
+    async def get_credits(self, owner: str) -> CreditState | None: ...
+
+    @abstractmethod
+    async def change_credits(
+        self,
+        owner: str,
+        principal_id: str,
+        *,
+        remaining: int | None = None,
+        add: int | None = None,
+        refill: Refill | msgspec.UnsetType | None = msgspec.UNSET,
+        remove: bool = False,
+        actor: str,
+        now: float,
+        action: str = "credits.set",
+    ) -> tuple[CreditState | None, Invalidation]: ...
+
+    @abstractmethod
+    async def spend_credits(self, spends: Sequence[tuple[str, int, int]]) -> None: ...
+
+    @abstractmethod
+    async def due_refills(self, now: float) -> list[tuple[str, str]]: ...
+
+    @abstractmethod
+    async def refill_credits(
+        self, owner: str, principal_id: str, now: float
+    ) -> tuple[CreditState, Invalidation] | None: ...
 
 
 async def open_store(url: str, *, timeout: float = 5.0, pool_min: int = 2, pool_max: int = 10) -> Store:

@@ -22,6 +22,7 @@ from gateway.store.sql_base import (
     read_principal_cursor,
 )
 from gateway.store.sql_keys import KeyQueries
+from gateway.store.sql_limits import LimitQueries
 from gateway.store.sql_log import LogQueries
 from gateway.store.sql_principals import PrincipalQueries
 
@@ -41,5 +42,5 @@ __all__ = [
 ]
 
 
-class SQLStore(KeyQueries, PrincipalQueries, LogQueries):
+class SQLStore(KeyQueries, PrincipalQueries, LogQueries, LimitQueries):
     """Every query of the store, over a backend's connections."""

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from gateway.keys import KeyDigest
+from gateway.limits import policy as policy_codec
 from gateway.models import (
     IdentityRecord,
     Invalidation,
@@ -81,6 +82,10 @@ class KeyQueries(SQLBase):
                         scopes=scopes,
                         env=r[10],
                         member=granted is not None,
+                        limits=policy_codec.decode(r[12]),
+                        pool_limits=policy_codec.decode(r[13]),
+                        credits=int(r[14] or 0),
+                        pool_credits=int(r[15] or 0),
                     )
                     cur, prev = bytes(r[1]), None if r[2] is None else bytes(r[2])
                     if cur in wanted:
@@ -255,6 +260,7 @@ class KeyQueries(SQLBase):
             before = await self._key_row(conn, key_id)
             digests = await self._digests(conn, "id", key_id)
             await conn.execute("DELETE FROM keys WHERE id = $1", key_id)
+            await conn.execute("DELETE FROM credits WHERE owner = $1", key_id)
             await self._audit(
                 conn,
                 at=time.time(),
