@@ -113,6 +113,7 @@ class Gateway:
                 timeout=cfg.store.timeout,
                 pool_min=cfg.store.pool_min,
                 pool_max=cfg.store.pool_max,
+                create=False,
             )
         await self.store.check_schema()
         self.ledger = Ledger(remember_for(cfg.cache.redis_ttl))

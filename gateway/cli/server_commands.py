@@ -33,16 +33,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.observability import configure_logging
 
     runtime = Path(args.runtime_dir) if args.runtime_dir else None
+    base: Path | None = None
     if runtime is None:
         path = config_mod.config_path(args.config)
         cfg = config_mod.load(path)
     else:
         # A supervisor's worker: the generation the supervisor accepted, never the operator's file.
         from gateway.app import in_force
-        from gateway.workers import current_config, startup_config
+        from gateway.workers import config_base, current_config, startup_config
 
         path = str(current_config(runtime))
-        cfg = in_force(config_mod.load(startup_config(runtime)), config_mod.load(path))
+        base = config_base(runtime)
+        cfg = in_force(
+            config_mod.load(startup_config(runtime), base_dir=base), config_mod.load(path, base_dir=base)
+        )
     secrets = config_mod.load_secrets(cfg)
     configure_logging(cfg.logging.level)
     if args.worker_of is None:
@@ -103,7 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         async def reload() -> None:
             log = logging.getLogger("keystile")
             try:
-                new = config_mod.load(path)
+                new = config_mod.load(path, base_dir=base)
             except ConfigError as e:
                 for problem in e.problems:
                     log.error("reload refused: %s", problem)

@@ -249,12 +249,17 @@ class Store(ABC):
         """Delete the invalidations recorded before ``before``; returns how many."""
 
 
-async def open_store(url: str, *, timeout: float = 5.0, pool_min: int = 2, pool_max: int = 10) -> Store:
-    """Open the backend named by ``url`` (``sqlite:///path`` or ``postgresql://...``)."""
+async def open_store(
+    url: str, *, timeout: float = 5.0, pool_min: int = 2, pool_max: int = 10, create: bool = True
+) -> Store:
+    """Open the backend named by ``url`` (``sqlite:///path`` or ``postgresql://...``).
+
+    ``create=False`` for every use but migrating: a SQLite file that does not exist is then
+    ``StoreUnavailable`` naming its path, never a new empty database."""
     if url.startswith("sqlite:"):
         from gateway.store.sqlite import SQLiteStore
 
-        return await SQLiteStore.open(url, timeout=timeout)
+        return await SQLiteStore.open(url, timeout=timeout, create=create)
     if url.startswith(("postgresql:", "postgres:")):
         from gateway.store.postgres import PostgresStore
 
