@@ -30,7 +30,10 @@ from gateway.cache.redis_tier import RedisTier, tombstone_ttl
 from gateway.cache.tiers import TieredLoader
 from gateway.config import Config, Secrets, parse_listen
 from gateway.handler import ProxyHandler
-from gateway.keys import KeyDigest
+from gateway.hash_secrets import PreviousSecrets
+from gateway.hash_secrets import check as check_hash_secret
+from gateway.hash_secrets import fits as hash_secret_fits
+from gateway.keys import KeyDigest, secret_fingerprint
 from gateway.lifecycle import Lifecycle
 from gateway.listener import AdminRunner, ProxyServer
 from gateway.models import IdentityRecord, Invalidation
@@ -91,18 +94,60 @@ class Gateway:
         self.stop_step_timeout = STOP_STEP_TIMEOUT
         # Further /readyz lines, name -> text read at request time (e.g. the supervisor's workers).
         self.readiness_notes: dict[str, Callable[[], str]] = {}
+        # Previous hash secrets, tried on a miss while a rotation re-keys the store.
+        self.previous = PreviousSecrets(secrets.previous_hash_secrets, cfg.cache.negative_max_entries)
+        self._on_miss = self.previous.note if self.previous else None
+        self._rekeying: set[str] = set()
+        self.rekeyed = 0
 
     async def _store_load(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord]:
         assert self.store is not None
+        # The digests of these keys under previous secrets ride in the same query.
+        alternates = self.previous.take(digests) if self.previous else {}
         try:
             # asyncio.timeout, not wait_for: no task of its own per lookup batch.
             async with asyncio.timeout(self.cfg.store.timeout):
-                return await self.store.find_identities(digests, time.time())
+                found = await self.store.find_identities(
+                    [*digests, *alternates] if alternates else digests, time.time()
+                )
+            return self._found_by_previous(found, alternates) if alternates else found
         except Exception:
             # The store fails from here: the outbox poller cannot vouch for the in-process cache
             # either. Withdraw its trust now rather than at the next poll.
             self.cache.confirm_synced(0.0)
             raise
+
+    def _found_by_previous(
+        self, found: dict[KeyDigest, IdentityRecord], alternates: dict[KeyDigest, KeyDigest]
+    ) -> dict[KeyDigest, IdentityRecord]:
+        """Identities found under a previous secret answer for the current digest, and their keys
+        are re-keyed to it in the background (the request does not wait)."""
+        for alt, current in alternates.items():
+            ident = found.pop(alt, None)
+            if ident is None or current in found:
+                continue
+            found[current] = msgspec.structs.replace(ident, digest=current)
+            if ident.key_id not in self._rekeying:
+                self._rekeying.add(ident.key_id)
+                task = asyncio.get_running_loop().create_task(
+                    self._rekey(ident.key_id, alt, current, previous=ident.grace_until is not None)
+                )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return found
+
+    async def _rekey(self, key_id: str, old: KeyDigest, new: KeyDigest, *, previous: bool) -> None:
+        assert self.store is not None
+        try:
+            async with asyncio.timeout(self.cfg.store.timeout):
+                change = await self.store.rekey(key_id, old, new, self.fingerprint, previous=previous)
+            if change.digests:
+                self.rekeyed += 1
+                await self.invalidate(change)
+        except Exception as e:  # the next use tries again
+            log.warning("re-keying %s to the current hash secret failed: %s: %s", key_id, type(e).__name__, e)
+        finally:
+            self._rekeying.discard(key_id)
 
     async def start(self, proxy_sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
         check_runtime()
@@ -116,6 +161,8 @@ class Gateway:
                 create=False,
             )
         await self.store.check_schema()
+        await check_hash_secret(self.store, self.secrets, time.time())
+        self.fingerprint = secret_fingerprint(self.secrets.hash_secret)
         self.ledger = Ledger(remember_for(cfg.cache.redis_ttl))
         self.redis: RedisTier | None = None
         self.publisher: Publisher | None = None
@@ -160,7 +207,7 @@ class Gateway:
                 cfg.cache.sync_interval,
             )
             self.subscriber.start()
-        self.authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
+        self.authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache, on_miss=self._on_miss)
         self.lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
         self.forwarder = Forwarder(cfg)
         await self.forwarder.start()
@@ -254,7 +301,7 @@ class Gateway:
         cfg = in_force(self.cfg, cfg)  # what needs a restart stays as it runs
         forwarder = Forwarder(cfg)
         await forwarder.start()
-        authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
+        authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache, on_miss=self._on_miss)
         local = self.cache.local
         local.ttl, local.negative_ttl, local.max_entries, local.synced_ttl = (
             cfg.cache.local_ttl,
@@ -337,6 +384,15 @@ class Gateway:
                 checks["schema"] = f"version {version}, newer than this instance ({latest})"
             else:
                 checks["schema"] = f"version {version}"
+            if version >= latest:
+                # Another secret became the newest (a rotation started elsewhere, or this instance
+                # has the wrong one): keys re-keyed to it would all get 401 here.
+                recorded = await asyncio.wait_for(self.store.hash_secrets(), self.cfg.store.timeout)
+                if hash_secret_fits(recorded, self.secrets):
+                    checks["key_hashing"] = "ok"
+                else:
+                    ready = False
+                    checks["key_hashing"] = "the hash secret is not the store's current one: restart with it"
         except Exception as e:
             ready = False
             # Public: the kind of failure only; its text (hosts, users, SQL) goes to the log.

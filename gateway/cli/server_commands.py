@@ -16,13 +16,14 @@ import os
 import secrets as pysecrets
 import signal
 import tempfile
+import time
 from pathlib import Path
 
 import msgspec
 
 from gateway import config as config_mod
 from gateway.cli.output import print_json
-from gateway.cli.runner import Fail, load, run
+from gateway.cli.runner import Fail, load, run, with_store
 from gateway.config import ConfigError, Secrets
 from gateway.lifecycle import Lifecycle
 from gateway.store import StoreError, open_store
@@ -154,12 +155,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    cfg, _ = load(args, need_secret=False)
+    from gateway import hash_secrets
+
+    cfg, secrets = load(args, need_secret=False)
 
     async def main() -> list[int]:
         store = await open_store(cfg.store.url, timeout=cfg.store.timeout, pool_min=1, pool_max=2)
         try:
-            return await store.migrate()
+            applied = await store.migrate()
+            if secrets.hash_secret:  # else the first instance to start records it
+                await hash_secrets.check(store, secrets, time.time())
+            return applied
         finally:
             await store.close()
 
@@ -180,7 +186,37 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        return _secret_status(args)
     print(pysecrets.token_hex(32))
+    return 0
+
+
+def _secret_status(args: argparse.Namespace) -> int:
+    """How many usable keys still depend on a previous hash secret (read only)."""
+    from gateway import hash_secrets
+
+    cfg, secrets = load(args)
+    found = run(with_store(cfg, lambda store: hash_secrets.status(store, secrets, time.time())))
+    if args.json:
+        print_json(msgspec.to_builtins(found))
+        return 0
+    role = (
+        "the newest recorded"
+        if found.newest
+        else "recorded, not the newest"
+        if (found.fingerprint in found.recorded)
+        else "not recorded"
+    )
+    print(f"current secret: fingerprint {found.fingerprint[:12]} ({role})")
+    print(f"keys hashed with the current secret: {found.current_keys}")
+    print(f"keys hashed with a previous secret: {found.previous_keys}")
+    print(f"keys hashed with another or an unknown secret: {found.other_keys}")
+    if found.previous_keys or found.other_keys:
+        print(
+            f"keep {config_mod.PREVIOUS_HASH_SECRET_ENV} set until these are used (each is re-keyed "
+            "at its first use); a key not used by then stops working when it is removed"
+        )
     return 0
 
 
