@@ -53,6 +53,7 @@ def test_read_only_commands_never_create_a_database(tmp_path: Path) -> None:
         ("keys", "show", "key_0000000000000000"),
         ("principals", "list"),
         ("audit",),
+        ("secret", "status"),
     ):
         done = keystile(*command, "--config", str(cfg), cwd=elsewhere)
         assert done.returncode == 1, (command, done.stdout, done.stderr)
