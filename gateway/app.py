@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import aiohttp
+import msgspec
 from aiohttp import http_parser, web
 
 from gateway import state_metrics
@@ -36,7 +37,10 @@ from gateway.generation import build as build_generation
 from gateway.generation import in_force as in_force  # the CLI's and workers' way to it
 from gateway.generation import restart_only as _restart_only  # noqa: F401 (tests read the list here)
 from gateway.handler import ProxyHandler
-from gateway.keys import KeyDigest
+from gateway.hash_secrets import PreviousSecrets
+from gateway.hash_secrets import check as check_hash_secret
+from gateway.hash_secrets import fits as hash_secret_fits
+from gateway.keys import KeyDigest, secret_fingerprint
 from gateway.lifecycle import Lifecycle
 from gateway.limits.wiring import build_limits, limit_metrics
 from gateway.listener import AdminRunner, ProxyServer
@@ -119,6 +123,11 @@ class Gateway:
         self.stop_step_timeout = STOP_STEP_TIMEOUT
         # Further /readyz lines, name -> text read at request time (e.g. the supervisor's workers).
         self.readiness_notes: dict[str, Callable[[], str]] = {}
+        # Previous hash secrets, tried on a miss while a rotation re-keys the store.
+        self.previous = PreviousSecrets(secrets.previous_hash_secrets, cfg.cache.negative_max_entries)
+        self._on_miss = self.previous.note if self.previous else None
+        self._rekeying: set[str] = set()
+        self.rekeyed = 0
 
     # The current generation's pieces (a reload replaces them together).
     @property
@@ -143,10 +152,15 @@ class Gateway:
 
     async def _store_load(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord]:
         assert self.store is not None
+        # The digests of these keys under previous secrets ride in the same query.
+        alternates = self.previous.take(digests) if self.previous else {}
         try:
             # asyncio.timeout, not wait_for: no task of its own per lookup batch.
             async with asyncio.timeout(self.cfg.store.timeout):
-                return await self.store.find_identities(digests, time.time())
+                found = await self.store.find_identities(
+                    [*digests, *alternates] if alternates else digests, time.time()
+                )
+            return self._found_by_previous(found, alternates) if alternates else found
         except Exception:
             # The store fails from here: the outbox poller cannot vouch for the in-process cache
             # either. Withdraw its trust now rather than at the next poll.
@@ -162,6 +176,38 @@ class Gateway:
 
         self._resources.push_async_callback(step)
 
+    def _found_by_previous(
+        self, found: dict[KeyDigest, IdentityRecord], alternates: dict[KeyDigest, KeyDigest]
+    ) -> dict[KeyDigest, IdentityRecord]:
+        """Identities found under a previous secret answer for the current digest, and their keys
+        are re-keyed to it in the background (the request does not wait)."""
+        for alt, current in alternates.items():
+            ident = found.pop(alt, None)
+            if ident is None or current in found:
+                continue
+            found[current] = msgspec.structs.replace(ident, digest=current)
+            if ident.key_id not in self._rekeying:
+                self._rekeying.add(ident.key_id)
+                task = asyncio.get_running_loop().create_task(
+                    self._rekey(ident.key_id, alt, current, previous=ident.grace_until is not None)
+                )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return found
+
+    async def _rekey(self, key_id: str, old: KeyDigest, new: KeyDigest, *, previous: bool) -> None:
+        assert self.store is not None
+        try:
+            async with asyncio.timeout(self.cfg.store.timeout):
+                change = await self.store.rekey(key_id, old, new, self.fingerprint, previous=previous)
+            if change.digests:
+                self.rekeyed += 1
+                await self.invalidate(change)
+        except Exception as e:  # the next use tries again
+            log.warning("re-keying %s to the current hash secret failed: %s: %s", key_id, type(e).__name__, e)
+        finally:
+            self._rekeying.discard(key_id)
+
     async def start(self, proxy_sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
         check_runtime()
         cfg = self.cfg
@@ -175,12 +221,15 @@ class Gateway:
                 timeout=cfg.store.timeout,
                 pool_min=cfg.store.pool_min,
                 pool_max=cfg.store.pool_max,
+                create=False,
             )
             self._on_stop("store", self.store.close)
         store = self.store
         sync = asyncio.get_running_loop().create_task(self._sync_metrics(), name="keystile-metrics-sync")
         self._resources.push_async_callback(_cancel, sync)
         await store.check_schema()
+        await check_hash_secret(store, self.secrets, time.time())
+        self.fingerprint = secret_fingerprint(self.secrets.hash_secret)
         self.ledger = Ledger(remember_for(cfg.cache.redis_ttl))
         if cfg.redis.url:
             ttl = tombstone_ttl(cfg.store.timeout, cfg.redis.socket_timeout)
@@ -286,6 +335,7 @@ class Gateway:
             self.limits,
             self.last_used,
             self.invalidate,
+            self._on_miss,
         )
 
     async def _listen_proxy(self, sock: socket.socket | None, reuse_port: bool) -> None:
@@ -410,7 +460,12 @@ class Gateway:
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         assert self.store is not None
         return await readiness(
-            self.store, self.cfg.store.timeout, self.redis, self.subscriber, self.readiness_notes
+            self.store,
+            self.cfg.store.timeout,
+            self.redis,
+            self.subscriber,
+            self.readiness_notes,
+            key_hashing=lambda recorded: hash_secret_fits(recorded, self.secrets),
         )
 
     async def _metrics_endpoint(self, request: web.Request) -> web.Response:

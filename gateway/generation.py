@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, MissNote
 from gateway.cache import IdentityCache
 from gateway.config import Config
 from gateway.handler import LastUsed, ProxyHandler
@@ -44,6 +44,8 @@ class Base:
     limits: LimitGate
     last_used: LastUsed
     invalidate: Invalidate
+    # Called with the digests an in-process miss looks up (previous hash secrets add theirs).
+    on_miss: MissNote | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +65,7 @@ async def build(cfg: Config, base: Base) -> Generation:
     forwarder = Forwarder(cfg)
     await forwarder.start()
     try:
-        authenticator = Authenticator(cfg, base.hash_secret, base.cache)
+        authenticator = Authenticator(cfg, base.hash_secret, base.cache, on_miss=base.on_miss)
         handler = ProxyHandler(
             cfg,
             RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),

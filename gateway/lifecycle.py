@@ -143,6 +143,7 @@ class Lifecycle:
     ) -> None:
         self.cfg = cfg
         self._secret = secret
+        self._fingerprint = keys.secret_fingerprint(secret)
         self.store = store
         self._invalidate = invalidate
         self.default_lifetime, self.max_lifetime, self.max_grace = durations(cfg.policy)
@@ -275,6 +276,7 @@ class Lifecycle:
             created_at=now,
             expires_at=expiry,
             metadata=metadata or {},
+            digest_secret=self._fingerprint,
         )
         # A generated name is unique to the second; keys made within one second get " (2)", ...
         attempt = 1
@@ -372,6 +374,7 @@ class Lifecycle:
             previous_valid_until=now + grace if grace > 0 else None,
             actor=actor,
             now=now,
+            digest_secret=self._fingerprint,
         )
         await self._changed(change)
         return CreatedKey(record, secret)

@@ -135,6 +135,8 @@ class NewKey(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     expires_at: float | None
     metadata: dict[str, str] = {}
+    # Fingerprint of the hash secret ``digest`` was made with (gateway.keys.secret_fingerprint).
+    digest_secret: str | None = None
 
 
 class UsageUpdate(msgspec.Struct, frozen=True, array_like=True, gc=False):

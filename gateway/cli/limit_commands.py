@@ -113,12 +113,12 @@ def cmd_credits(args: argparse.Namespace) -> int:
 def add_commands(sub: Any, admin_command: Any) -> None:
     """``keystile limits`` and ``keystile credits``."""
     li = admin_command(sub, "limits", cmd_limits, "show or replace a key's or principal's rate limits")
-    li.add_argument("key_id", nargs="?")
+    li.add_argument("key_id", nargs="?", help="a key id (or give --principal)")
     li.add_argument("--principal", help="a principal (id or name): its pool, shared by its keys")
     li.add_argument("--set", action="append", metavar="NAME=LIMIT/WINDOW", help="e.g. burst=100/1s; repeat")
     li.add_argument("--clear", action="store_true", help="remove every limit")
     cr = admin_command(sub, "credits", cmd_credits, "set, top up or remove credits, or their refill")
-    cr.add_argument("key_id", nargs="?")
+    cr.add_argument("key_id", nargs="?", help="a key id (or give --principal)")
     cr.add_argument("--principal", help="a principal (id or name): credits shared by its keys")
     cr.add_argument("--remaining", type=int, help="set the balance")
     cr.add_argument("--add", type=int, help="top the balance up")

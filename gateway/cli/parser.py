@@ -82,9 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="seconds to wait for the server's answer (default 30)"
     )
     rl.set_defaults(fn=cmd_reload)
-    sub.add_parser("secret", help="print a new random secret (for KEYSTILE_KEY_HASH_SECRET)").set_defaults(
-        fn=cmd_secret
+    se = with_config(
+        sub.add_parser(
+            "secret",
+            help="print a new random secret (for KEYSTILE_KEY_HASH_SECRET); 'status': keys per secret",
+        )
     )
+    se.add_argument(
+        "action",
+        nargs="?",
+        choices=["status"],
+        help="status: how many keys still depend on a previous hash secret (during a rotation)",
+    )
+    se.add_argument("--json", action="store_true", help="print JSON for scripts")
+    se.set_defaults(fn=cmd_secret)
 
     d = sub.add_parser("demo", help="run Keystile in front of a built-in echo upstream")
     d.add_argument("--port", type=int, default=8080, help="the proxy's port (default 8080)")

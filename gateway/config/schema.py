@@ -14,6 +14,9 @@ from msgspec import Meta
 
 ENV_PREFIX = "KEYSTILE_"
 HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET"  # noqa: S105 - a variable name
+# Secrets keys were hashed with before the current one, comma-separated: tried on a miss while a
+# rotation re-keys the store (README, "Rotating the hash secret").
+PREVIOUS_HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET_PREVIOUS"  # noqa: S105 - a variable name
 ADMIN_TOKENS_ENV = "KEYSTILE_ADMIN_TOKENS"
 CONFIG_ENV = "KEYSTILE_CONFIG"
 # Where the CLI finds a running admin API, and the admin token it presents there.
@@ -92,6 +95,8 @@ class KeysConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True
 
 class SecurityConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     hash_secret_file: str = ""
+    # Files holding previous hash secrets (one each), as KEYSTILE_KEY_HASH_SECRET_PREVIOUS.
+    previous_hash_secret_files: tuple[str, ...] = ()
 
 
 class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

@@ -114,7 +114,8 @@ class KeyQueries(SQLBase):
                 )
             await conn.execute(
                 "INSERT INTO keys (id, digest, name, start, env, principal_id, project, scopes, "
-                "metadata, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                "metadata, created_at, expires_at, digest_secret) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 new.id,
                 new.digest,
                 new.name,
@@ -126,6 +127,7 @@ class KeyQueries(SQLBase):
                 _j(new.metadata),
                 new.created_at,
                 new.expires_at,
+                new.digest_secret,
             )
             rec = await self._key_row(conn, new.id)
             await self._audit(
@@ -283,6 +285,7 @@ class KeyQueries(SQLBase):
         previous_valid_until: float | None,
         actor: str,
         now: float,
+        digest_secret: str | None = None,
     ) -> tuple[KeyRecord, Invalidation]:
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
@@ -295,13 +298,14 @@ class KeyQueries(SQLBase):
             assert row is not None
             keep = previous_valid_until is not None and previous_valid_until > now
             await conn.execute(
-                "UPDATE keys SET digest = $1, start = $2, previous_digest = $3, previous_valid_until = $4 "
-                "WHERE id = $5",
+                "UPDATE keys SET digest = $1, start = $2, previous_digest = $3, previous_valid_until = $4, "
+                "digest_secret = $6 WHERE id = $5",
                 digest,
                 start,
                 bytes(row[0]) if keep else None,
                 previous_valid_until if keep else None,
                 key_id,
+                digest_secret,
             )
             after = await self._key_row(conn, key_id)
             await self._audit(
