@@ -34,7 +34,7 @@ from datetime import UTC, datetime
 import msgspec
 
 from gateway import keys, text
-from gateway.config import Config
+from gateway.config import Config, format_duration, parse_duration
 from gateway.models import (
     Invalidation,
     KeyRecord,
@@ -143,8 +143,25 @@ def check_metadata(metadata: Mapping[str, str], field: str = "metadata") -> dict
     return dict(metadata)
 
 
-def _too_long(pol: EffectivePolicy) -> str:
-    return f"exceeds the maximum key lifetime of {duration_text(pol.max_lifetime)} in project {pol.project!r}"
+def _seconds(value: float | str, field: str) -> float:
+    """A duration as the API takes it: seconds, or text such as ``"30d"`` (``parse_duration``)."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise PolicyError(field, str(e)) from None
+    return value
+
+
+def _limit_text(cfg: Config, pol: EffectivePolicy, field: str) -> str:
+    """Which setting sets ``field`` in ``pol`` and its value, for refusals: ``policy.max_lifetime
+    is 30d``, ``policy.projects.p1.max_lifetime is 7d`` or the value stored for the project."""
+    source = pol.sources[field]
+    if source == "config":
+        return f"policy.{field} is {getattr(cfg.policy, field) or '0s'}"
+    if source == "config.project":
+        return f"policy.projects.{pol.project}.{field} is {getattr(cfg.policy.projects[pol.project], field)}"
+    return f"the {field} stored for project {pol.project} is {duration_text(getattr(pol, field)) or '0s'}"
 
 
 def default_name(now: float) -> str:
@@ -157,6 +174,7 @@ class Lifecycle:
     ) -> None:
         self.cfg = cfg
         self._secret = secret
+        self._fingerprint = keys.secret_fingerprint(secret)
         self.store = store
         self._invalidate = invalidate
 
@@ -165,6 +183,27 @@ class Lifecycle:
         timeout). The store already holds the change's outbox row: this only makes it fast."""
         if self._invalidate is not None and change.seq:
             await self._invalidate(change)
+
+    async def _check_granted(self, principal: Principal, project: str, scopes: Sequence[str] | None) -> None:
+        """A key's scopes narrow what its owner holds in the project (granted scopes and those of
+        the roles it holds): a scope outside it is refused, by name."""
+        if scopes is None:
+            return
+        allowed = set(principal.grants.get(project, ()))
+        for role in principal.roles.get(project, ()):
+            try:
+                allowed.update((await self.store.get_role(project, role)).scopes)
+            except NotFound:  # deleted meanwhile: it grants nothing
+                continue
+        missing = sorted(set(scopes) - allowed)
+        if missing:
+            raise PolicyError(
+                "scopes", f"not granted to {principal.name} in project {project}: {', '.join(missing)}"
+            )
+
+    async def publish(self, change: Invalidation) -> None:
+        """Tell every instance of a change committed outside these methods (limits, credits)."""
+        await self._changed(change)
 
     async def policy(self, project: str) -> EffectivePolicy:
         """The policy values that apply in ``project`` (``gateway.policies``): what the admin API,
@@ -175,7 +214,7 @@ class Lifecycle:
         self,
         now: float,
         expires_at: float | None,
-        expires_in: float | None,
+        expires_in: float | str | None,
         field: str,
         pol: EffectivePolicy,
     ) -> float | None:
@@ -183,6 +222,7 @@ class Lifecycle:
             raise PolicyError(field, "give expires_at or expires_in, not both")
         explicit = expires_at is not None
         if expires_in is not None:
+            expires_in = _seconds(expires_in, field)
             if expires_in <= 0:
                 raise PolicyError(field, "must be positive")
             # Any positive lifetime is accepted, however short (even one that rounds to now).
@@ -193,7 +233,9 @@ class Lifecycle:
             if explicit and expires_at <= now:
                 raise PolicyError(field, "must be in the future")
             if pol.max_lifetime is not None and expires_at - now > pol.max_lifetime + 1:
-                raise PolicyError(field, _too_long(pol))
+                raise PolicyError(
+                    field, "exceeds the maximum key lifetime: " + _limit_text(self.cfg, pol, "max_lifetime")
+                )
         elif pol.max_lifetime is not None:
             expires_at = now + pol.max_lifetime
         return expires_at
@@ -277,7 +319,7 @@ class Lifecycle:
         name: str | None = None,
         scopes: Sequence[str] | None = None,
         expires_at: float | None = None,
-        expires_in: float | None = None,
+        expires_in: float | str | None = None,
         env: str | None = None,
         metadata: dict[str, str] | None = None,
         actor: str,
@@ -296,6 +338,7 @@ class Lifecycle:
             now, expires_at, expires_in, "expires_at" if expires_at is not None else "expires_in", pol
         )
         principal = await self.store.get_principal(owner)
+        await self._check_granted(principal, project, narrowed)
         secret = keys.generate_key(self.cfg.keys.prefix, env)
         new = NewKey(
             id=keys.generate_id("key"),
@@ -309,6 +352,7 @@ class Lifecycle:
             created_at=now,
             expires_at=expiry,
             metadata=metadata or {},
+            digest_secret=self._fingerprint,
         )
         # A generated name is unique to the second; keys made within one second get " (2)", ...
         attempt = 1
@@ -328,6 +372,7 @@ class Lifecycle:
         *,
         name: str | msgspec.UnsetType = msgspec.UNSET,
         expires_at: float | msgspec.UnsetType | None = msgspec.UNSET,
+        expires_in: float | str | msgspec.UnsetType = msgspec.UNSET,
         scopes: Sequence[str] | msgspec.UnsetType | None = msgspec.UNSET,
         metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET,
         actor: str,
@@ -335,14 +380,34 @@ class Lifecycle:
         now = time.time()
         current = await self.store.get_key(key_id)
         pol = await self.policy(current.project)
-        if isinstance(expires_at, float | int) and not isinstance(expires_at, bool):
-            if expires_at <= now:
-                raise PolicyError("expires_at", "must be in the future")
+        expire_now, field = False, "expires_at"
+        if not isinstance(expires_in, msgspec.UnsetType):
+            field = "expires_in"
+            if not isinstance(expires_at, msgspec.UnsetType):
+                raise PolicyError("expires_in", "give expires_at or expires_in, not both")
+            seconds = _seconds(expires_in, "expires_in")
+            if seconds < 0:
+                raise PolicyError("expires_in", "must not be negative")
+            # 0 expires the key now; any positive time is accepted, however short.
+            expires_at, expire_now = now + seconds, seconds == 0
+        if expire_now:
+            pass  # at once: neither in the future nor beyond any lifetime
+        elif isinstance(expires_at, float | int) and not isinstance(expires_at, bool):
+            if expires_at <= now and field == "expires_at":
+                raise PolicyError(field, "must be in the future")
             if pol.max_lifetime is not None and expires_at - current.created_at > pol.max_lifetime + 1:
-                raise PolicyError("expires_at", _too_long(pol))
+                raise PolicyError(
+                    field, "exceeds the maximum key lifetime: " + _limit_text(self.cfg, pol, "max_lifetime")
+                )
         elif expires_at is None and pol.max_lifetime is not None:
             raise PolicyError(
-                "expires_at", f"cannot be cleared: keys in project {pol.project!r} must expire (max_lifetime)"
+                "expires_at",
+                "cannot be cleared: keys must expire (" + _limit_text(self.cfg, pol, "max_lifetime") + ")",
+            )
+        if not isinstance(scopes, msgspec.UnsetType) and scopes is not None:
+            scopes = check_scopes(scopes, "scopes")
+            await self._check_granted(
+                await self.store.get_principal(current.principal_id), current.project, scopes
             )
         changes = KeyChanges(
             name=name if isinstance(name, msgspec.UnsetType) else _check_name(name),
@@ -375,7 +440,8 @@ class Lifecycle:
         if grace > pol.max_rotation_grace:
             raise PolicyError(
                 "grace_seconds",
-                f"must be at most {int(pol.max_rotation_grace)} seconds in project {pol.project!r}",
+                f"{format_duration(grace)} is longer than allowed: "
+                + _limit_text(self.cfg, pol, "max_rotation_grace"),
             )
         secret = keys.generate_key(self.cfg.keys.prefix, current.env)
         record, change = await self.store.rotate_key(
@@ -385,6 +451,7 @@ class Lifecycle:
             previous_valid_until=now + grace if grace > 0 else None,
             actor=actor,
             now=now,
+            digest_secret=self._fingerprint,
         )
         await self._changed(change)
         return CreatedKey(record, secret)

@@ -43,6 +43,11 @@ async def test_the_poller_applies_what_no_message_brought(tmp_path: Path) -> Non
         assert (poller.last_seen, ledger.committed) == (before.seq, before.seq)
         assert ledger.stale(d1, before.seq - 1) and confirmed == [52.0]
         assert await poller.poll() == 0 and applied == []
+        assert poller.lag() == 0.0
+        wall[0] += 7  # the gauge of /metrics: how long since the outbox was last read to its end
+        assert poller.lag() == 7.0
+        await poller.poll()
+        assert poller.lag() == 0.0
 
         _, heard = await store.revoke_key(second.id, "a", T0)
         ledger.note(heard.seq, heard.digests)  # as its message would

@@ -12,10 +12,11 @@ from typing import Annotated
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
-from gateway.admin.schemas import MAX_GRACE_SECONDS, Scopes, UnixTime, _Request, _Response
+from gateway.admin.schemas import Scopes, UnixTime, _Request, _Response
 from gateway.models import ProjectPolicy, Role
 from gateway.policies import EffectivePolicy, PolicySource
 
+MAX_GRACE_SECONDS = 86400  # as the config's policy.max_rotation_grace: at most 24h
 Lifetime = Annotated[float, Meta(gt=0, description="seconds")]
 
 

@@ -24,12 +24,14 @@ import msgspec
 
 from gateway.admin import access_operations as acc
 from gateway.admin import access_schemas as a
+from gateway.admin import limit_operations as lops
+from gateway.admin import limit_schemas as ls
 from gateway.admin import operations as ops
 from gateway.admin import schemas as s
 from gateway.admin.operations import VERIFY_CODES, Context
 from gateway.store import NotFound
 
-__all__ = ["BY_OPERATION", "ENDPOINTS", "VERIFY_CODES", "Endpoint", "invoke"]
+__all__ = ["BY_OPERATION", "ENDPOINTS", "VERIFY_CODES", "Endpoint", "invoke", "required_role"]
 
 R = TypeVar("R")
 _PATH_PARAM: Final = re.compile(r"\{(\w+)\}")
@@ -59,11 +61,28 @@ class Endpoint(Generic[R]):
     status_of: Callable[[R], tuple[int, Mapping[str, str]] | None] | None = None
     description: str = ""
     public: bool = False
+    # The least admin-token role that may call it (``config.ADMIN_ROLES``); empty: by method and
+    # tag (``required_role``).
+    role: str = ""
     cache_control: str = "no-store"
     params: tuple[str, ...] = field(init=False)  # the path's parameters, in order
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(_PATH_PARAM.findall(self.path)))
+
+
+# Tags whose changes are the ``admin`` role's: who exists and what they may be granted.
+ADMIN_TAGS: Final = frozenset({"principals", "roles", "policies", "projects"})
+
+
+def required_role(ep: Endpoint[Any]) -> str:
+    """The least role of an admin token that may call ``ep``: its own, else ``read`` for reads,
+    ``admin`` for changes to principals, grants, roles and policies, ``write`` for other changes."""
+    if ep.role:
+        return ep.role
+    if ep.method in ("GET", "HEAD"):
+        return "read"
+    return "admin" if ep.tag in ADMIN_TAGS else "write"
 
 
 async def invoke(
@@ -233,6 +252,7 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
         ops.verify_key,
         response=s.VerifyResponse,
         body=s.VerifyRequest,
+        role="verify",
         errors=(400, 401, 422),
         extra={503: s.VerifyResponse},
         status_of=_unavailable,
@@ -294,6 +314,72 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
         ops.delete_key,
         status=204,
         errors=(*_W, 404),
+    ),
+    Endpoint(
+        "GET",
+        _K + "/limits",
+        "getKeyLimits",
+        "limits",
+        "A key's rate limits and its principal's, what is left of each, and their credits",
+        lops.get_key_limits,
+        response=ls.LimitsView,
+        errors=(*_R, 404),
+    ),
+    Endpoint(
+        "PATCH",
+        _K + "/limits",
+        "setKeyLimits",
+        "limits",
+        "Replace a key's rate limits",
+        lops.set_key_limits,
+        response=ls.LimitsView,
+        body=ls.LimitsBody,
+        errors=(400, *_W, 404),
+        description="Every instance applies the change within a second. Each limit allows `limit` "
+        "requests at once, refilled at `limit` per `window` (GCRA).",
+    ),
+    Endpoint(
+        "POST",
+        _K + "/credits",
+        "changeKeyCredits",
+        "limits",
+        "Set, top up or remove a key's credits, or its calendar refill",
+        lops.set_key_credits,
+        response=ls.LimitsView,
+        body=ls.CreditsBody,
+        errors=(400, *_W, 404),
+    ),
+    Endpoint(
+        "GET",
+        _P + "/limits",
+        "getPrincipalLimits",
+        "limits",
+        "A principal's rate limits (a pool shared by its keys) and credits",
+        lops.get_principal_limits,
+        response=ls.LimitsView,
+        errors=(*_R, 404),
+    ),
+    Endpoint(
+        "PATCH",
+        _P + "/limits",
+        "setPrincipalLimits",
+        "limits",
+        "Replace a principal's rate limits (a pool shared by all its keys)",
+        lops.set_principal_limits,
+        response=ls.LimitsView,
+        body=ls.LimitsBody,
+        errors=(400, *_W, 404),
+    ),
+    Endpoint(
+        "POST",
+        _P + "/credits",
+        "changePrincipalCredits",
+        "limits",
+        "Set, top up or remove a principal's credits (shared by its keys), or its calendar refill",
+        lops.set_principal_credits,
+        response=ls.LimitsView,
+        body=ls.CreditsBody,
+        errors=(400, *_W, 404),
     ),
     Endpoint(
         "GET",

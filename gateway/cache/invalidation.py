@@ -239,6 +239,11 @@ class OutboxPoller:
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run(), name="keystile-outbox-poller")
 
+    def lag(self) -> float:
+        """Seconds since this process last read the outbox to its end: a change written before then
+        has been applied here, so a revocation applies within this plus one interval."""
+        return max(0.0, self._wall() - self._last_ok)
+
     async def poll(self) -> int:
         """Read and apply every row after ``last_seen``; returns how many. Raises what the store
         raises (what was applied before stays applied)."""

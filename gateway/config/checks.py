@@ -10,8 +10,9 @@ import ipaddress
 import re
 from urllib.parse import parse_qsl, urlsplit
 
-from gateway.config.schema import Config, parse_duration, parse_listen
+from gateway.config.schema import Config, RouteConfig, parse_duration, parse_listen
 from gateway.keys import valid_prefix
+from gateway.limits.policy import check_policy
 from gateway.text import is_token_char
 
 _HEADER_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
@@ -80,6 +81,21 @@ def _policy_problems(cfg: Config) -> list[str]:
     return out
 
 
+def _limit_problems(where: str, r: RouteConfig) -> list[str]:
+    out = []
+    for j, lim in enumerate(r.limits):
+        try:
+            check_policy(lim.name, lim.limit, lim.window)
+        except ValueError as e:
+            out.append(f"{where}.limits[{j}]: {e}")
+    names = [lim.name for lim in r.limits]
+    if len(set(names)) != len(names):
+        out.append(f"{where}.limits: names must be unique")
+    if r.limits and r.auth == "none":
+        out.append(f'{where}.limits: limits apply per key and need auth = "required" or "optional"')
+    return out
+
+
 def check_semantics(cfg: Config) -> list[str]:
     out: list[str] = []
     for field, value in (("proxy.listen", cfg.proxy.listen), ("admin.listen", cfg.admin.listen)):
@@ -119,6 +135,11 @@ def check_semantics(cfg: Config) -> list[str]:
     for field in ("window", "block"):
         if getattr(cfg.throttle, field) > 86400:
             out.append(f"throttle.{field}: at most 86400 seconds")
+    for listener in ("proxy", "admin"):
+        cert, key = getattr(cfg.tls, f"{listener}_cert_file"), getattr(cfg.tls, f"{listener}_key_file")
+        if bool(cert) != bool(key):
+            missing = f"{listener}_key_file" if cert else f"{listener}_cert_file"
+            out.append(f"tls.{missing}: needed with tls.{listener}_{'cert' if cert else 'key'}_file")
     for i, r in enumerate(cfg.routes):
         where = f"routes[{i}]"
         if not r.prefix.startswith("/"):
@@ -135,4 +156,5 @@ def check_semantics(cfg: Config) -> list[str]:
                 out.append(f"{where}.methods[{j}]: {m!r} is not an upper-case method")
         if r.auth != "required" and r.scopes:
             out.append(f'{where}.scopes: scopes need auth = "required"')
+        out.extend(_limit_problems(where, r))
     return out

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from gateway.keys import KeyDigest
+from gateway.limits import policy as policy_codec
 from gateway.models import (
     IdentityRecord,
     Invalidation,
@@ -68,7 +69,7 @@ class KeyQueries(SQLBase):
                 role_scopes = await self._role_scopes(conn, rows)
                 for r in rows:
                     granted = None if r[11] is None else _scopes_dec.decode(r[11])
-                    roles = () if r[12] is None else _scopes_dec.decode(r[12])
+                    roles = () if r[16] is None else _scopes_dec.decode(r[16])
                     if roles and granted is not None:
                         # The grant's own scopes and those of its roles (only roles that exist).
                         roles = tuple(n for n in roles if (r[7], n) in role_scopes)
@@ -91,6 +92,10 @@ class KeyQueries(SQLBase):
                         env=r[10],
                         member=granted is not None,
                         roles=roles,
+                        limits=policy_codec.decode(r[12]),
+                        pool_limits=policy_codec.decode(r[13]),
+                        credits=int(r[14] or 0),
+                        pool_credits=int(r[15] or 0),
                     )
                     cur, prev = bytes(r[1]), None if r[2] is None else bytes(r[2])
                     if cur in wanted:
@@ -103,7 +108,7 @@ class KeyQueries(SQLBase):
     async def _role_scopes(self, conn: Conn, rows: Sequence[Row]) -> dict[tuple[str, str], tuple[str, ...]]:
         """(project, role) -> scopes, for the roles the grants of ``rows`` name: one query, and
         none when no grant names a role."""
-        projects = sorted({r[7] for r in rows if r[12] is not None and r[12] != "[]"})
+        projects = sorted({r[7] for r in rows if r[16] is not None and r[16] != "[]"})
         if not projects:
             return {}
         marks = ", ".join(f"${n}" for n in range(1, len(projects) + 1))
@@ -131,7 +136,8 @@ class KeyQueries(SQLBase):
                 )
             await conn.execute(
                 "INSERT INTO keys (id, digest, name, start, env, principal_id, project, scopes, "
-                "metadata, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                "metadata, created_at, expires_at, digest_secret) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 new.id,
                 new.digest,
                 new.name,
@@ -143,6 +149,7 @@ class KeyQueries(SQLBase):
                 _j(new.metadata),
                 new.created_at,
                 new.expires_at,
+                new.digest_secret,
             )
             rec = await self._key_row(conn, new.id)
             await self._audit(
@@ -248,14 +255,15 @@ class KeyQueries(SQLBase):
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
             before = await self._key_row(conn, key_id)
+            if before.revoked_at is not None:  # revoked already: nothing changes, nothing is audited
+                return before, Invalidation(0, ())
             digests = await self._digests(conn, "id", key_id)
-            if before.revoked_at is None:
-                await conn.execute(
-                    "UPDATE keys SET revoked_at = $1, previous_digest = NULL, previous_valid_until = NULL "
-                    "WHERE id = $2",
-                    now,
-                    key_id,
-                )
+            await conn.execute(
+                "UPDATE keys SET revoked_at = $1, previous_digest = NULL, previous_valid_until = NULL "
+                "WHERE id = $2",
+                now,
+                key_id,
+            )
             after = await self._key_row(conn, key_id)
             await self._audit(
                 conn,
@@ -276,6 +284,7 @@ class KeyQueries(SQLBase):
             before = await self._key_row(conn, key_id)
             digests = await self._digests(conn, "id", key_id)
             await conn.execute("DELETE FROM keys WHERE id = $1", key_id)
+            await conn.execute("DELETE FROM credits WHERE owner = $1", key_id)
             await self._audit(
                 conn,
                 at=time.time(),
@@ -298,6 +307,7 @@ class KeyQueries(SQLBase):
         previous_valid_until: float | None,
         actor: str,
         now: float,
+        digest_secret: str | None = None,
     ) -> tuple[KeyRecord, Invalidation]:
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
@@ -310,13 +320,14 @@ class KeyQueries(SQLBase):
             assert row is not None
             keep = previous_valid_until is not None and previous_valid_until > now
             await conn.execute(
-                "UPDATE keys SET digest = $1, start = $2, previous_digest = $3, previous_valid_until = $4 "
-                "WHERE id = $5",
+                "UPDATE keys SET digest = $1, start = $2, previous_digest = $3, previous_valid_until = $4, "
+                "digest_secret = $6 WHERE id = $5",
                 digest,
                 start,
                 bytes(row[0]) if keep else None,
                 previous_valid_until if keep else None,
                 key_id,
+                digest_secret,
             )
             after = await self._key_row(conn, key_id)
             await self._audit(
