@@ -139,30 +139,36 @@ def add_commands(sub: Any, admin_command: Any, admin_modes: str) -> None:
     ro = sub.add_parser(
         "roles", help="a project's roles: named sets of scopes", description=admin_modes
     ).add_subparsers(dest="sub", required=True)
-    admin_command(ro, "list", cmd_roles_list, "list a project's roles").add_argument("project")
+    admin_command(ro, "list", cmd_roles_list, "list a project's roles").add_argument(
+        "project", help="the project"
+    )
     rs = admin_command(ro, "show", cmd_roles_show, "show a role")
-    rs.add_argument("project")
-    rs.add_argument("role")
+    rs.add_argument("project", help="the project")
+    rs.add_argument("role", help="the role's name")
     rt = admin_command(
         ro, "set", cmd_roles_set, "create a role or replace its scopes (holders' keys at once)"
     )
-    rt.add_argument("project")
-    rt.add_argument("role")
+    rt.add_argument("project", help="the project")
+    rt.add_argument("role", help="the role's name")
     rt.add_argument("--scopes", required=True, help="comma-separated")
-    rt.add_argument("--description")
+    rt.add_argument("--description", help="what the role is for")
     rd = admin_command(ro, "delete", cmd_roles_delete, "delete a role (asks to confirm)")
-    rd.add_argument("project")
-    rd.add_argument("role")
+    rd.add_argument("project", help="the project")
+    rd.add_argument("role", help="the role's name")
     rd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
 
     po = sub.add_parser(
         "policy", help="a project's own key policy (limits, lifetimes, grace)", description=admin_modes
     ).add_subparsers(dest="sub", required=True)
-    admin_command(po, "show", cmd_policy_show, "the policy that applies in a project").add_argument("project")
+    admin_command(po, "show", cmd_policy_show, "the policy that applies in a project").add_argument(
+        "project", help="the project"
+    )
     ps = admin_command(po, "set", cmd_policy_set, "set a project's own values (replacing those set before)")
-    ps.add_argument("project")
+    ps.add_argument("project", help="the project")
     ps.add_argument("--max-active-keys", type=int, help="active keys per principal in the project")
     ps.add_argument("--default-lifetime", help="e.g. 30d, or none")
     ps.add_argument("--max-lifetime", help="e.g. 90d, or none")
     ps.add_argument("--max-rotation-grace", help="e.g. 1h, 0s for none (at most 24h)")
-    admin_command(po, "clear", cmd_policy_clear, "forget a project's own values").add_argument("project")
+    admin_command(po, "clear", cmd_policy_clear, "forget a project's own values").add_argument(
+        "project", help="the project"
+    )
