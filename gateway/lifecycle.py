@@ -288,6 +288,7 @@ class Lifecycle:
         disabled: bool | msgspec.UnsetType = msgspec.UNSET,
         metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET,
         roles: dict[str, Sequence[str]] | msgspec.UnsetType = msgspec.UNSET,
+        kind: PrincipalKind | msgspec.UnsetType = msgspec.UNSET,
         actor: str,
     ) -> Principal:
         checked: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
@@ -300,7 +301,7 @@ class Lifecycle:
             metadata = check_metadata(metadata)
         principal, change = await self.store.update_principal(
             ref,
-            PrincipalChanges(grants=checked, roles=held, disabled=disabled, metadata=metadata),
+            PrincipalChanges(grants=checked, roles=held, disabled=disabled, metadata=metadata, kind=kind),
             actor,
         )
         await self._changed(change)

@@ -68,6 +68,11 @@ async def may_manage(ctx: Context, actor_principal: str, target_principal: str, 
 # -- roles -------------------------------------------------------------------------------------
 
 
+async def list_projects(ctx: Context) -> a.ProjectList:
+    projects = await ctx.store.list_projects()
+    return a.ProjectList(items=[a.ProjectSummary(project=p, policy=has) for p, has in projects.items()])
+
+
 async def list_roles(ctx: Context, project: str) -> a.RoleList:
     roles = await ctx.store.list_roles(check_project(project))
     return a.RoleList(items=[a.role_view(r) for r in roles])

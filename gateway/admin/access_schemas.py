@@ -76,6 +76,17 @@ class PolicyView(_Response):
     sources: dict[str, PolicySource]
 
 
+class ProjectSummary(_Response):
+    project: str
+    policy: Annotated[bool, Meta(description="whether the project holds a policy of its own")]
+
+
+class ProjectList(_Response):
+    """Every project that defines a role or holds a policy of its own, by name."""
+
+    items: list[ProjectSummary]
+
+
 def role_view(role: Role) -> RoleView:
     return RoleView(
         project=role.project,

@@ -396,6 +396,18 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
     ),
     Endpoint(
         "GET",
+        "/v1/projects",
+        "listProjects",
+        "projects",
+        "List the projects that define roles or hold a key policy of their own",
+        acc.list_projects,
+        response=a.ProjectList,
+        errors=_R,
+        description="Projects known only from grants or keys are not listed: read them from the "
+        "principals and keys. `keystile export` reads every project's roles and policy from here.",
+    ),
+    Endpoint(
+        "GET",
         "/v1/projects/{project}/roles",
         "listRoles",
         "projects",

@@ -30,9 +30,13 @@ class LimitSpec(_Request):
 class LimitsBody(_Request):
     """Left out: unchanged."""
 
-    limits: Annotated[
-        list[LimitSpec], Meta(max_length=MAX_POLICIES, description="replaces every limit; [] removes them")
-    ] | UnsetType = UNSET
+    limits: (
+        Annotated[
+            list[LimitSpec],
+            Meta(max_length=MAX_POLICIES, description="replaces every limit; [] removes them"),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class LimitView(_Response):

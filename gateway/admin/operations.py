@@ -110,13 +110,14 @@ async def get_principal(ctx: Context, principal: str) -> s.PrincipalView:
 
 
 async def update_principal(ctx: Context, principal: str, body: s.PrincipalUpdate) -> s.PrincipalView:
-    if body.grants is msgspec.UNSET and body.metadata is msgspec.UNSET and body.roles is msgspec.UNSET:
+    if all(getattr(body, f) is msgspec.UNSET for f in body.__struct_fields__):
         return await get_principal(ctx, principal)  # nothing to change: no write, no audit row
     p = await ctx.lifecycle.update_principal(
         principal,
         grants=body.grants if isinstance(body.grants, msgspec.UnsetType) else dict(body.grants),
         roles=body.roles if isinstance(body.roles, msgspec.UnsetType) else dict(body.roles),
         metadata=body.metadata,
+        kind=body.kind,
         actor=ctx.actor,
     )
     return s.principal_view(p)

@@ -158,6 +158,7 @@ class PrincipalUpdate(_Request):
     grants: Grants | UnsetType = UNSET
     metadata: Metadata | UnsetType = UNSET
     roles: Roles | UnsetType = UNSET
+    kind: PrincipalKind | UnsetType = UNSET
 
 
 class PrincipalQuery(_Request):

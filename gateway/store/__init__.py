@@ -49,6 +49,7 @@ from gateway.models import (
     KeyStatus,
     NewKey,
     Principal,
+    PrincipalKind,
     ProjectPolicy,
     Refill,
     Role,
@@ -122,6 +123,7 @@ class PrincipalChanges(msgspec.Struct, frozen=True, kw_only=True):
     roles: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
     disabled: bool | msgspec.UnsetType = msgspec.UNSET
     metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
+    kind: PrincipalKind | msgspec.UnsetType = msgspec.UNSET
 
 
 class AuditFilter(msgspec.Struct, frozen=True, kw_only=True):
@@ -260,6 +262,11 @@ class Store(ABC):
     @abstractmethod
     async def delete_role(self, project: str, name: str, actor: str) -> Invalidation:
         """Delete a role and take it out of every grant naming it."""
+
+    @abstractmethod
+    async def list_projects(self) -> dict[str, bool]:
+        """Every project that defines a role or holds a policy of its own, by name -> whether it
+        holds a policy (``keystile export`` reads them all)."""
 
     # per-project policies
     @abstractmethod

@@ -141,6 +141,13 @@ class AccessQueries(SQLBase):
             digests = await self._holder_digests(conn, project, [pid for pid, _ in holders])
             return await self._invalidation(conn, digests)
 
+    async def list_projects(self) -> dict[str, bool]:
+        async with self._read() as conn:
+            with_roles = await conn.fetch("SELECT DISTINCT project FROM roles")
+            with_policy = await conn.fetch("SELECT project FROM project_policies")
+        out = dict.fromkeys((r[0] for r in with_roles), False) | {r[0]: True for r in with_policy}
+        return dict(sorted(out.items()))
+
     # -- per-project policies --------------------------------------------------------------
 
     async def get_project_policy(self, project: str) -> ProjectPolicy | None:

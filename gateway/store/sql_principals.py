@@ -83,6 +83,8 @@ class PrincipalQueries(SQLBase):
             before = await self._principal(conn, pid)
             if not isinstance(changes.disabled, msgspec.UnsetType):
                 await conn.execute("UPDATE principals SET disabled = $1 WHERE id = $2", changes.disabled, pid)
+            if not isinstance(changes.kind, msgspec.UnsetType):
+                await conn.execute("UPDATE principals SET kind = $1 WHERE id = $2", changes.kind, pid)
             if not isinstance(changes.metadata, msgspec.UnsetType):
                 await conn.execute(
                     "UPDATE principals SET metadata = $1 WHERE id = $2", _j(changes.metadata), pid

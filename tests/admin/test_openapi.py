@@ -161,6 +161,7 @@ async def test_every_operation_answers_as_documented(keystile, admin) -> None:
     await api.ok("DELETE", "/v1/principals/bob", status=204)
     await api.ok("PUT", "/v1/projects/p1/roles/viewer", {"scopes": ["read"], "description": "reads"})
     await api.ok("GET", "/v1/projects/p1/roles")
+    assert (await api.ok("GET", "/v1/projects"))["items"] == [{"project": "p1", "policy": False}]
     await api.ok("GET", "/v1/projects/p1/roles/viewer")
     await api.ok("PATCH", "/v1/principals/alice", {"roles": {"p1": ["viewer"]}})
     await api.ok("GET", "/v1/audit", params={"source": "api"})
