@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway import config as config_mod
-from gateway.cli import access_commands, flags
+from gateway.cli import access_commands, flags, gitops_commands
 from gateway.cli.admin_commands import (
     ADMIN_MODES,
     cmd_audit,
@@ -214,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     au.add_argument("--cursor", help="continue a listing where the previous page ended")
     access_commands.add_commands(sub, admin_command, ADMIN_MODES)
+    gitops_commands.add_commands(sub, admin_command, ADMIN_MODES)
     _own_usage(p)
     return p
 
