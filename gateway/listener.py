@@ -260,9 +260,7 @@ def key_memory(request: web.BaseRequest) -> KeyMemory | None:
 class ProxyServer(web.Server):
     """``web.Server`` making ``KeyedConnection`` protocols (aiohttp calls the server per connection)."""
 
-    def __init__(
-        self, handler: Any, *, header_timeout: float, max_connections: int, **kwargs: Any
-    ) -> None:
+    def __init__(self, handler: Any, *, header_timeout: float, max_connections: int, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self.header_timeout = header_timeout
         self.max_connections = max_connections

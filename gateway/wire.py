@@ -108,6 +108,4 @@ class ClosingResponse(RawResponse):
             raise ConnectionResetError("Cannot write to closing transport")
         body = b"" if request.method == "HEAD" else self.body
         date = date_line() if self._add_date else b""
-        transport.write(
-            b"".join((b"HTTP/1.1 ", self._status_tail, date, self._headers, _HTTP11[1], body))
-        )
+        transport.write(b"".join((b"HTTP/1.1 ", self._status_tail, date, self._headers, _HTTP11[1], body)))

@@ -421,7 +421,10 @@ def to_data(state: State) -> dict[str, Any]:
         for n, p in sorted(state.principals.items())
     }
     data["roles"] = {
-        project: {n: msgspec.to_builtins(r) for n, r in sorted(roles.items())}
+        project: {
+            n: {"scopes": r.scopes, **({"description": r.description} if r.description else {})}
+            for n, r in sorted(roles.items())
+        }
         for project, roles in sorted(state.roles.items())
     }
     policies: dict[str, Any] = {}

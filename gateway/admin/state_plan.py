@@ -54,6 +54,7 @@ class Step:
 class Plan:
     steps: list[Step]
     untouched: list[str]  # keys of the store the file does not name: left alone
+    missing: list[str] = field(default_factory=list)  # keys of the file the store lacks (when allowed)
 
     @property
     def lines(self) -> list[str]:
@@ -156,13 +157,15 @@ def _key_step(key_id: str, was: Key, want: Key, now: float, problems: list[str])
     return Step(lines, ops.update_key, {"key_id": key_id}, body=msgspec.convert(changes, s.KeyUpdate))
 
 
-def plan(current: State, desired: State, now: float) -> Plan:
+def plan(current: State, desired: State, now: float, *, missing_keys_ok: bool = False) -> Plan:
     """The steps that make ``current`` (the store's) into ``desired`` (the file's), in an order
     that each step's requirements are met by the steps before it: policies, roles created or
     changed, principals created or changed, keys, then roles and principals removed. Raises
-    ``Refused`` with every reason the file cannot be applied."""
+    ``Refused`` with every reason the file cannot be applied; with ``missing_keys_ok`` a key the
+    store lacks is only reported (``Plan.missing``), e.g. applying one store's export to another."""
     problems: list[str] = []
     steps: list[Step] = []
+    missing: list[str] = []
     for project in sorted(current.policies.keys() | desired.policies.keys()):
         want = desired.policies.get(project)
         if want is None:
@@ -184,7 +187,8 @@ def plan(current: State, desired: State, now: float) -> Plan:
     for key_id, want_k in sorted(desired.keys.items()):
         was = current.keys.get(key_id)
         if was is None:
-            problems.append(f"keys.{key_id}: no such key in the store (apply never creates keys)")
+            text = f"keys.{key_id}: no such key in the store (apply never creates keys)"
+            (missing if missing_keys_ok else problems).append(text)
         elif (step := _key_step(key_id, was, want_k, now, problems)) is not None:
             steps.append(step)
     steps += removed_roles
@@ -207,4 +211,4 @@ def plan(current: State, desired: State, now: float) -> Plan:
         for key_id, k in sorted(current.keys.items())
         if key_id not in desired.keys
     ]
-    return Plan(steps=steps, untouched=untouched)
+    return Plan(steps=steps, untouched=untouched, missing=missing)

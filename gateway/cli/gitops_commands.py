@@ -89,7 +89,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     done: list[str] = []
 
     async def main(admin: Admin) -> Plan:
-        todo = plan(await current_state(admin), desired, SYSTEM.time())  # whole, before any write
+        state = await current_state(admin)
+        todo = plan(state, desired, SYSTEM.time(), missing_keys_ok=args.skip_missing_keys)  # before any write
         if args.dry_run:
             return todo
         for step in todo.steps:
@@ -111,7 +112,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
             raise Fail(f"{e}\n(applied before it: {len(done)} change(s), listed above)", e.code) from None
         raise
     if args.json:
-        print_json(_Outcome(changes=todo.lines, applied=not args.dry_run, untouched=todo.untouched))
+        print_json(
+            _Outcome(
+                changes=todo.lines, applied=not args.dry_run, untouched=todo.untouched, missing=todo.missing
+            )
+        )
         return 0
     if args.dry_run:
         for line in todo.lines:
@@ -120,6 +125,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         print("no changes")
     for note in todo.untouched:
         print(f"note: {shown(note)}", file=sys.stderr)
+    for note in todo.missing:
+        print(f"note: {args.file}: {shown(note)}: skipped", file=sys.stderr)
     if args.dry_run and todo.steps:
         print("dry run: nothing was changed", file=sys.stderr)
     return 0
@@ -129,6 +136,7 @@ class _Outcome(msgspec.Struct):
     changes: list[str]
     applied: bool
     untouched: list[str]
+    missing: list[str]
 
 
 def add_commands(sub: Any, admin_command: Any, admin_modes: str) -> None:
@@ -150,3 +158,8 @@ def add_commands(sub: Any, admin_command: Any, admin_modes: str) -> None:
     ap.description = admin_modes
     ap.add_argument("file", help="a file written by keystile export (TOML)")
     ap.add_argument("--dry-run", action="store_true", help="print the changes and make none")
+    ap.add_argument(
+        "--skip-missing-keys",
+        action="store_true",
+        help="report keys of the file the store lacks instead of refusing (e.g. another store's export)",
+    )
