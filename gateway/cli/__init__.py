@@ -3,7 +3,8 @@
 Owns: ``main`` (the entry point: parse, run one command, turn its failure into a message and an exit
 code). The parts: ``parser`` (every command and flag), ``server_commands`` (serve, demo, config
 check, migrate, reload, secret), ``admin_commands`` (principals, keys, audit: the admin API's
-operations over HTTP or on the store), ``output`` (tables, escaping, ``--json``), ``flags`` (flag
+operations over HTTP or on the store), ``gitops_commands`` (export and apply: identities as a file),
+``output`` (tables, escaping, ``--json``), ``flags`` (flag
 text to values) and ``runner`` (the event loop, the one place that installs uvloop; config; ``Fail``).
 Must not: hold lifecycle rules (``gateway.lifecycle`` does) or read the environment itself
 (``gateway.config`` does).
