@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
@@ -28,6 +27,7 @@ from gateway.cache.invalidation import OutboxPoller, Publisher, Subscriber, rete
 from gateway.cache.ledger import Ledger, remember_for
 from gateway.cache.redis_tier import RedisTier, tombstone_ttl
 from gateway.cache.tiers import TieredLoader
+from gateway.clock import SYSTEM, Clock
 from gateway.config import Config, Secrets, parse_listen
 from gateway.handler import ProxyHandler
 from gateway.keys import KeyDigest
@@ -73,9 +73,16 @@ def check_runtime() -> None:
 
 class Gateway:
     def __init__(
-        self, cfg: Config, secrets: Secrets, *, store: Store | None = None, metrics_dir: str | None = None
+        self,
+        cfg: Config,
+        secrets: Secrets,
+        *,
+        store: Store | None = None,
+        metrics_dir: str | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.cfg = cfg
+        self.clock = clock  # every part that reads time reads this one (tests hand a ManualClock)
         self.secrets = secrets
         self.store: Store | None = store
         self._own_store = store is None
@@ -97,7 +104,7 @@ class Gateway:
         try:
             # asyncio.timeout, not wait_for: no task of its own per lookup batch.
             async with asyncio.timeout(self.cfg.store.timeout):
-                return await self.store.find_identities(digests, time.time())
+                return await self.store.find_identities(digests, self.clock.time())
         except Exception:
             # The store fails from here: the outbox poller cannot vouch for the in-process cache
             # either. Withdraw its trust now rather than at the next poll.
@@ -115,15 +122,15 @@ class Gateway:
                 pool_max=cfg.store.pool_max,
             )
         await self.store.check_schema()
-        self.ledger = Ledger(remember_for(cfg.cache.redis_ttl))
+        self.ledger = Ledger(remember_for(cfg.cache.redis_ttl), self.clock)
         self.redis: RedisTier | None = None
         self.publisher: Publisher | None = None
         self.subscriber: Subscriber | None = None
         if cfg.redis.url:
             ttl = tombstone_ttl(cfg.store.timeout, cfg.redis.socket_timeout)
-            self.redis = RedisTier(cfg.redis, cfg.cache, ttl, self.ledger)
+            self.redis = RedisTier(cfg.redis, cfg.cache, ttl, self.ledger, self.clock)
             self.publisher = Publisher(self.redis)
-        self.loader = TieredLoader(self.redis, self._store_load)
+        self.loader = TieredLoader(self.redis, self._store_load, self.clock)
         self.cache = IdentityCache(
             LocalTier(
                 cfg.cache.local_ttl,
@@ -131,6 +138,7 @@ class Gateway:
                 cfg.cache.local_max_entries,
                 cfg.cache.local_ttl_synced,
                 cfg.cache.negative_max_entries,
+                self.clock,
             ),
             self.loader,
             self.store.lookup_concurrency,
@@ -146,6 +154,7 @@ class Gateway:
             timeout=cfg.store.timeout,
             retention=retention_for(cfg.cache.redis_ttl),
             tombstone=self.publisher.tombstone_later if self.publisher is not None else None,
+            clock=self.clock,
         )
         await self.poller.load()
         self.poller.start()
@@ -159,13 +168,17 @@ class Gateway:
                 cfg.cache.sync_interval,
             )
             self.subscriber.start()
-        self.authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
-        self.lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
+        self.authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache, self.clock)
+        self.lifecycle = Lifecycle(
+            cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate, clock=self.clock
+        )
         self.forwarder = Forwarder(cfg)
         await self.forwarder.start()
-        self.usage = UsageRecorder(self.store, cfg.usage.flush_interval, cfg.usage.max_pending)
+        self.usage = UsageRecorder(
+            self.store, cfg.usage.flush_interval, cfg.usage.max_pending, clock=self.clock
+        )
         self.usage.start()
-        self.throttle = FailureThrottle(cfg.throttle, cfg.proxy.trusted_proxies)
+        self.throttle = FailureThrottle(cfg.throttle, cfg.proxy.trusted_proxies, self.clock)
         self.handler = ProxyHandler(
             cfg,
             RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),
@@ -176,6 +189,7 @@ class Gateway:
             self.last_used,
             self.access_log,
             self.throttle,
+            self.clock,
         )
 
         server = ProxyServer(
@@ -215,7 +229,7 @@ class Gateway:
         await admin_site.start()
         self._sites.append(admin_site)
         self.admin_port = _bound_port(admin_runner)
-        self.started_at = time.time()
+        self.started_at = self.clock.time()
         log.info(
             "keystile started",
             extra={
@@ -253,7 +267,7 @@ class Gateway:
         cfg = in_force(self.cfg, cfg)  # what needs a restart stays as it runs
         forwarder = Forwarder(cfg)
         await forwarder.start()
-        authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
+        authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache, self.clock)
         local = self.cache.local
         local.ttl, local.negative_ttl, local.max_entries, local.synced_ttl = (
             cfg.cache.local_ttl,
@@ -274,9 +288,12 @@ class Gateway:
             self.last_used,
             self.access_log,
             self.throttle,
+            self.clock,
         )
         assert self.store is not None
-        lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
+        lifecycle = Lifecycle(
+            cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate, clock=self.clock
+        )
         retired = self.forwarder
         self.cfg, self.handler, self.forwarder = cfg, handler, forwarder
         self.authenticator, self.lifecycle = authenticator, lifecycle
@@ -436,7 +453,7 @@ class Gateway:
             gauge(
                 "keystile_cache_in_sync",
                 "1 while this process can confirm it missed no invalidation.",
-                1 if local.trusted_until > time.monotonic() else 0,
+                1 if local.trusted_until > self.clock.monotonic() else 0,
             )
         )
         out.append(counter("keystile_cache_lookups", "Identity lookups by tier and result.", tiers))
@@ -462,7 +479,11 @@ class Gateway:
         )
         out.append(gauge("keystile_usage_pending_keys", "Keys with unflushed usage.", u.pending))
         out.append(
-            gauge("keystile_usage_flush_lag_seconds", "Age of the oldest unflushed use.", u.lag(time.time()))
+            gauge(
+                "keystile_usage_flush_lag_seconds",
+                "Age of the oldest unflushed use.",
+                u.lag(self.clock.time()),
+            )
         )
         out.append(
             counter("keystile_usage_dropped", "Usage bumps dropped at the pending bound.", [({}, u.dropped)])
@@ -582,7 +603,12 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 
 def create_app(
-    cfg: Config, secrets: Secrets, *, store: Store | None = None, metrics_dir: str | None = None
+    cfg: Config,
+    secrets: Secrets,
+    *,
+    store: Store | None = None,
+    metrics_dir: str | None = None,
+    clock: Clock = SYSTEM,
 ) -> Gateway:
     """A Gateway ready to ``await start()``."""
-    return Gateway(cfg, secrets, store=store, metrics_dir=metrics_dir)
+    return Gateway(cfg, secrets, store=store, metrics_dir=metrics_dir, clock=clock)

@@ -18,6 +18,7 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 
 from gateway import auth, errors
 from gateway.auth import Authenticator
+from gateway.clock import SYSTEM, Clock
 from gateway.config import Config
 from gateway.listener import key_memory
 from gateway.models import IdentityRecord, IdentityView
@@ -78,8 +79,10 @@ class ProxyHandler:
         last_used: LastUsed | None = None,
         access_log: AccessLog | None = None,
         throttle: FailureThrottle | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.cfg = cfg
+        self._wall = clock.time  # a use's time, as the store keeps it
         self.routes = routes
         self.auth = authenticator
         self.forwarder = forwarder
@@ -166,7 +169,7 @@ class ProxyHandler:
                 return _OUTCOME_ERRORS[known[0]].response()
             seen.outcome, seen.ident = auth.OK, known
             ident = known
-            self.usage.bump(ident.key_id, time.time())
+            self.usage.bump(ident.key_id, self._wall())
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         headers = self.forwarder.upstream_headers(request, route, presented.from_bearer)

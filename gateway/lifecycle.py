@@ -20,13 +20,13 @@ commas. Names lose surrounding spaces and must keep at least one other character
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import msgspec
 
 from gateway import keys, text
+from gateway.clock import SYSTEM, Clock
 from gateway.config import Config, durations
 from gateway.models import Invalidation, KeyRecord, NewKey, Principal, PrincipalKind
 from gateway.store import KeyChanges, NameTaken, PrincipalChanges, Store
@@ -118,9 +118,15 @@ def default_name(now: float) -> str:
 
 class Lifecycle:
     def __init__(
-        self, cfg: Config, secret: bytes, store: Store, invalidate: Invalidate | None = None
+        self,
+        cfg: Config,
+        secret: bytes,
+        store: Store,
+        invalidate: Invalidate | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.cfg = cfg
+        self.now = clock.time  # creation, expiry and revocation times are wall time (the store's)
         self._secret = secret
         self.store = store
         self._invalidate = invalidate
@@ -175,7 +181,7 @@ class Lifecycle:
                 name=name,
                 kind=kind,
                 disabled=False,
-                created_at=time.time(),
+                created_at=self.now(),
                 grants=g,
                 metadata=check_metadata(metadata or {}),
             ),
@@ -220,7 +226,7 @@ class Lifecycle:
         metadata: dict[str, str] | None = None,
         actor: str,
     ) -> CreatedKey:
-        now = time.time()
+        now = self.now()
         project = check_project(project)
         env = env or self.cfg.keys.default_env
         if env not in keys.ENVIRONMENTS:
@@ -271,7 +277,7 @@ class Lifecycle:
         metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET,
         actor: str,
     ) -> KeyRecord:
-        now = time.time()
+        now = self.now()
         if isinstance(expires_at, float | int) and not isinstance(expires_at, bool):
             if expires_at <= now:
                 raise PolicyError("expires_at", "must be in the future")
@@ -298,7 +304,7 @@ class Lifecycle:
         return record
 
     async def revoke_key(self, key_id: str, *, actor: str) -> KeyRecord:
-        record, change = await self.store.revoke_key(key_id, actor, time.time())
+        record, change = await self.store.revoke_key(key_id, actor, self.now())
         await self._changed(change)
         return record
 
@@ -310,7 +316,7 @@ class Lifecycle:
             raise PolicyError("grace_seconds", "must not be negative")
         if grace > self.max_grace:
             raise PolicyError("grace_seconds", f"must be at most {int(self.max_grace)} seconds")
-        now = time.time()
+        now = self.now()
         current = await self.store.get_key(key_id)
         secret = keys.generate_key(self.cfg.keys.prefix, current.env)
         record, change = await self.store.rotate_key(

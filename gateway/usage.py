@@ -25,10 +25,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections import Counter
 from typing import Final
 
+from gateway.clock import SYSTEM, Clock
 from gateway.models import UsageUpdate
 from gateway.store import Store, StoreError
 
@@ -69,8 +69,10 @@ class UsageRecorder:
         chunk: int = FLUSH_CHUNK,
         sort_run: int = SORT_RUN,
         log_max: int = LOG_MAX,
+        clock: Clock = SYSTEM,
     ) -> None:
         self._store = store
+        self._wall = clock.time  # when a flush finished (uses arrive with their own time)
         self._chunk = chunk
         self._sort_run = sort_run
         self._interval = interval
@@ -171,7 +173,7 @@ class UsageRecorder:
                 self._merge_back(unwritten, pending, since)
                 return False
         self.flushes += 1
-        self.last_flush_at = time.time()
+        self.last_flush_at = self._wall()
         return not self._pending
 
     def _merge_back(self, keys: list[str], old: dict[str, Pending], since: float | None) -> None:
