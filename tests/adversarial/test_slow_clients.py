@@ -125,7 +125,7 @@ async def test_a_slow_body_is_not_cut_by_the_head_deadline(keystile) -> None:
     try:
         writer.write(b"POST /public/sink HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
         for _ in range(8):
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # kept: the body trickles for longer than the head deadline
             writer.write(b"x")
         raw = await asyncio.wait_for(reader.read(-1), 5)
     finally:
