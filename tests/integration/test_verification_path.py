@@ -183,7 +183,7 @@ async def test_lookup_racing_a_revocation_cannot_resurrect_the_key(
         await a.lifecycle.revoke_key(await key_id(a), actor="test")  # commits while the lookup is in flight
         await first  # may go either way: it raced the revocation
         store.delay = 0
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # kept: time for a late fill, which must not come
         assert await status_of(s, a.url + "/x", key) == 401  # not filled into the in-process tier
         b = await keystile(
             redis={"url": redis_url}, store={"url": f"sqlite:///{tmp_path}/race.db"}, cache={"local_ttl": 0}
@@ -362,7 +362,7 @@ async def test_closing_the_cache_answers_the_misses_waiting_for_a_lookup(keystil
     # SQLite allows one lookup at a time: once the first is in the store, the second miss must wait.
     await until(lambda: store.calls == 1, what="the first lookup in the store")
     waiting = asyncio.create_task(auth.identify(second))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # kept: the second miss reaches its wait for a lookup slot
     await gw.gateway.cache.aclose()
     assert await asyncio.wait_for(waiting, 1) == ("unavailable", None)
     assert in_flight.done()
