@@ -26,6 +26,7 @@ from gateway.models import IdentityRecord
 from gateway.proxy import UnsafeHeader, identity_lines, serialize_head
 from gateway.upstream import HIGH_WATER
 from tests.upstream import RecordingUpstream, raw_request
+from tests.waiting import until
 
 
 @dataclass
@@ -156,10 +157,7 @@ def open_route(url: str) -> list[dict[str, object]]:
 
 
 async def eventually(cond: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
+    await until(cond, timeout)
 
 
 async def quiet(gw, origin: str) -> None:
