@@ -27,7 +27,7 @@ import msgspec
 
 from gateway import keys, text
 from gateway.clock import SYSTEM, Clock
-from gateway.config import Config, durations
+from gateway.config import Config, durations, format_duration, parse_duration
 from gateway.models import Invalidation, KeyRecord, NewKey, Principal, PrincipalKind
 from gateway.store import KeyChanges, NameTaken, PrincipalChanges, Store
 
@@ -112,6 +112,27 @@ def check_metadata(metadata: Mapping[str, str], field: str = "metadata") -> dict
     return dict(metadata)
 
 
+def _seconds(value: float | str, field: str) -> float:
+    """A duration as the API takes it: seconds, or text such as ``"30d"`` (``parse_duration``)."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise PolicyError(field, str(e)) from None
+    return value
+
+
+def _check_granted(principal: Principal, project: str, scopes: Sequence[str] | None) -> None:
+    """A key's scopes narrow its owner's grant: a scope outside it is refused, by name."""
+    if scopes is None:
+        return
+    missing = sorted(set(scopes) - set(principal.grants.get(project, ())))
+    if missing:
+        raise PolicyError(
+            "scopes", f"not granted to {principal.name} in project {project}: {', '.join(missing)}"
+        )
+
+
 def default_name(now: float) -> str:
     return "API Key name " + datetime.fromtimestamp(now, UTC).strftime("%Y%m%d%H%M%S")
 
@@ -139,12 +160,13 @@ class Lifecycle:
             await self._invalidate(change)
 
     def _expiry(
-        self, now: float, expires_at: float | None, expires_in: float | None, field: str
+        self, now: float, expires_at: float | None, expires_in: float | str | None, field: str
     ) -> float | None:
         if expires_at is not None and expires_in is not None:
             raise PolicyError(field, "give expires_at or expires_in, not both")
         explicit = expires_at is not None
         if expires_in is not None:
+            expires_in = _seconds(expires_in, field)
             if expires_in <= 0:
                 raise PolicyError(field, "must be positive")
             # Any positive lifetime is accepted, however short (even one that rounds to now).
@@ -156,7 +178,9 @@ class Lifecycle:
                 raise PolicyError(field, "must be in the future")
             if self.max_lifetime is not None and expires_at - now > self.max_lifetime + 1:
                 raise PolicyError(
-                    field, f"exceeds the maximum key lifetime of {self.cfg.policy.max_lifetime}"
+                    field,
+                    "exceeds the maximum key lifetime: policy.max_lifetime is "
+                    f"{self.cfg.policy.max_lifetime}",
                 )
         elif self.max_lifetime is not None:
             expires_at = now + self.max_lifetime
@@ -221,7 +245,7 @@ class Lifecycle:
         name: str | None = None,
         scopes: Sequence[str] | None = None,
         expires_at: float | None = None,
-        expires_in: float | None = None,
+        expires_in: float | str | None = None,
         env: str | None = None,
         metadata: dict[str, str] | None = None,
         actor: str,
@@ -239,6 +263,7 @@ class Lifecycle:
             now, expires_at, expires_in, "expires_at" if expires_at is not None else "expires_in"
         )
         principal = await self.store.get_principal(owner)
+        _check_granted(principal, project, narrowed)
         secret = keys.generate_key(self.cfg.keys.prefix, env)
         new = NewKey(
             id=keys.generate_id("key"),
@@ -273,22 +298,41 @@ class Lifecycle:
         *,
         name: str | msgspec.UnsetType = msgspec.UNSET,
         expires_at: float | msgspec.UnsetType | None = msgspec.UNSET,
+        expires_in: float | str | msgspec.UnsetType = msgspec.UNSET,
         scopes: Sequence[str] | msgspec.UnsetType | None = msgspec.UNSET,
         metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET,
         actor: str,
     ) -> KeyRecord:
         now = self.now()
-        if isinstance(expires_at, float | int) and not isinstance(expires_at, bool):
-            if expires_at <= now:
-                raise PolicyError("expires_at", "must be in the future")
+        expire_now, field = False, "expires_at"
+        if not isinstance(expires_in, msgspec.UnsetType):
+            field = "expires_in"
+            if not isinstance(expires_at, msgspec.UnsetType):
+                raise PolicyError("expires_in", "give expires_at or expires_in, not both")
+            seconds = _seconds(expires_in, "expires_in")
+            if seconds < 0:
+                raise PolicyError("expires_in", "must not be negative")
+            # 0 expires the key now; any positive time is accepted, however short.
+            expires_at, expire_now = now + seconds, seconds == 0
+        if expire_now:
+            pass  # at once: neither in the future nor beyond any lifetime
+        elif isinstance(expires_at, float | int) and not isinstance(expires_at, bool):
+            if expires_at <= now and field == "expires_at":
+                raise PolicyError(field, "must be in the future")
             if self.max_lifetime is not None:
                 created = (await self.store.get_key(key_id)).created_at
                 if expires_at - created > self.max_lifetime + 1:
                     raise PolicyError(
-                        "expires_at", f"exceeds the maximum key lifetime of {self.cfg.policy.max_lifetime}"
+                        field,
+                        "exceeds the maximum key lifetime: policy.max_lifetime is "
+                        f"{self.cfg.policy.max_lifetime}",
                     )
         elif expires_at is None and self.max_lifetime is not None:
             raise PolicyError("expires_at", "cannot be cleared: keys must expire (policy.max_lifetime)")
+        if not isinstance(scopes, msgspec.UnsetType) and scopes is not None:
+            scopes = check_scopes(scopes, "scopes")
+            current = await self.store.get_key(key_id)
+            _check_granted(await self.store.get_principal(current.principal_id), current.project, scopes)
         changes = KeyChanges(
             name=name if isinstance(name, msgspec.UnsetType) else _check_name(name),
             expires_at=expires_at,
@@ -315,7 +359,11 @@ class Lifecycle:
         if grace < 0:
             raise PolicyError("grace_seconds", "must not be negative")
         if grace > self.max_grace:
-            raise PolicyError("grace_seconds", f"must be at most {int(self.max_grace)} seconds")
+            raise PolicyError(
+                "grace_seconds",
+                f"{format_duration(grace)} is longer than allowed: policy.max_rotation_grace is "
+                f"{self.cfg.policy.max_rotation_grace or '0s'}",
+            )
         now = self.now()
         current = await self.store.get_key(key_id)
         secret = keys.generate_key(self.cfg.keys.prefix, current.env)

@@ -268,6 +268,8 @@ class Supervisor:
         self._stopping = False
         self._hup = False
         self._published: WorkerStatus | None = None
+        # Told each reload's outcome (applied, problems): ``keystile reload`` waits for it.
+        self.on_reload: Callable[[bool, list[str]], None] | None = None
 
     # configuration generations
 
@@ -297,8 +299,12 @@ class Supervisor:
             for problem in e.problems:
                 log.error("reload refused: %s", problem)
             log.error("reload refused; the previous configuration keeps serving")
+            if self.on_reload is not None:
+                self.on_reload(False, e.problems)
             return
         self._accept(data)
+        if self.on_reload is not None:
+            self.on_reload(True, [])
         fields = {"generation": self.generation}
         log.info("configuration accepted; workers reload it", extra={"fields": fields})
         for slot in self.slots:

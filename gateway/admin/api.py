@@ -25,7 +25,7 @@ from gateway.admin import schemas as s
 from gateway.admin.operations import VERIFY_CODES, Context
 from gateway.store import NotFound
 
-__all__ = ["BY_OPERATION", "ENDPOINTS", "VERIFY_CODES", "Endpoint", "invoke"]
+__all__ = ["BY_OPERATION", "ENDPOINTS", "VERIFY_CODES", "Endpoint", "invoke", "required_role"]
 
 R = TypeVar("R")
 _PATH_PARAM: Final = re.compile(r"\{(\w+)\}")
@@ -55,11 +55,28 @@ class Endpoint(Generic[R]):
     status_of: Callable[[R], tuple[int, Mapping[str, str]] | None] | None = None
     description: str = ""
     public: bool = False
+    # The least admin-token role that may call it (``config.ADMIN_ROLES``); empty: by method and
+    # tag (``required_role``).
+    role: str = ""
     cache_control: str = "no-store"
     params: tuple[str, ...] = field(init=False)  # the path's parameters, in order
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(_PATH_PARAM.findall(self.path)))
+
+
+# Tags whose changes are the ``admin`` role's: who exists and what they may be granted.
+ADMIN_TAGS: Final = frozenset({"principals", "roles", "policies", "projects"})
+
+
+def required_role(ep: Endpoint[Any]) -> str:
+    """The least role of an admin token that may call ``ep``: its own, else ``read`` for reads,
+    ``admin`` for changes to principals, grants, roles and policies, ``write`` for other changes."""
+    if ep.role:
+        return ep.role
+    if ep.method in ("GET", "HEAD"):
+        return "read"
+    return "admin" if ep.tag in ADMIN_TAGS else "write"
 
 
 async def invoke(
@@ -227,6 +244,7 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
         ops.verify_key,
         response=s.VerifyResponse,
         body=s.VerifyRequest,
+        role="verify",
         errors=(400, 401, 422),
         extra={503: s.VerifyResponse},
         status_of=_unavailable,

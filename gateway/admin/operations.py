@@ -172,6 +172,7 @@ async def update_key(ctx: Context, key_id: str, body: s.KeyUpdate) -> s.KeyView:
         key_id,
         name=body.name,
         expires_at=body.expires_at,
+        expires_in=body.expires_in,
         scopes=body.scopes,
         metadata=body.metadata,
         actor=ctx.actor,

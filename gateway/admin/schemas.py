@@ -16,12 +16,12 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from gateway.config import DURATION_PATTERN
 from gateway.lifecycle import MAX_NAME, MAX_TOKEN
 from gateway.models import AuditEvent, IdentityView, KeyRecord, KeyStatus, Principal, PrincipalKind
 from gateway.store.sql import AUDIT_CURSOR, KEY_CURSOR, PRINCIPAL_CURSOR
 
 MAX_PAGE = 500
-MAX_GRACE_SECONDS = 86400
 # String schemas whose patterns (``gateway.text``) are long: the document holds each once, under
 # components, and the fields refer to it. The lifecycle enforces the same rules with messages
 # that name the field.
@@ -53,6 +53,14 @@ Project = Token
 Scope = Token
 Filter = Annotated[str, Meta(pattern=NO_NUL)]
 UnixTime = Annotated[float, Meta(description="UNIX seconds, UTC")]
+Duration = Annotated[
+    str,
+    Meta(
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        description='a duration as in the config: seconds, or a number with s, m, h or d ("30d")',
+    ),
+]
 Limit = Annotated[int, Meta(ge=1, le=MAX_PAGE, description=f"page size, 1-{MAX_PAGE}")]
 _CURSOR = "`next_cursor` of the previous page (a position in the listing); omit for the first page"
 PrincipalCursor = Annotated[str, Meta(max_length=512, pattern=PRINCIPAL_CURSOR, description=_CURSOR)]
@@ -167,17 +175,21 @@ class KeyCreate(_Request):
         Scopes | None, Meta(description="narrow the owner's grant to these; null: all of it")
     ] = None
     expires_at: UnixTime | None = None
-    expires_in: Annotated[float, Meta(gt=0, description="seconds from now")] | None = None
+    expires_in: Annotated[float, Meta(gt=0, description="seconds from now")] | Duration | None = None
     env: Literal["live", "test"] | None = None
     metadata: Metadata = {}
 
 
 class KeyUpdate(_Request):
     """Fields left out are unchanged; ``expires_at: null`` removes the expiry, ``scopes: null`` the
-    narrowing (the key then has all of its owner's grant in its project)."""
+    narrowing (the key then has all of its owner's grant in its project). ``expires_in`` sets the
+    expiry from now; ``0`` expires the key at once."""
 
     name: Name | UnsetType = UNSET
     expires_at: UnixTime | UnsetType | None = UNSET
+    expires_in: (
+        Annotated[float, Meta(ge=0, description="seconds from now; 0: expire now")] | Duration | UnsetType
+    ) = UNSET
     scopes: Scopes | UnsetType | None = UNSET
     metadata: Metadata | UnsetType = UNSET
 
@@ -187,7 +199,7 @@ class KeyRotate(_Request):
 
     grace_seconds: Annotated[
         float,
-        Meta(ge=0, le=MAX_GRACE_SECONDS, description="seconds the old secret keeps working (0-86400)"),
+        Meta(ge=0, description="seconds the old secret keeps working (at most policy.max_rotation_grace)"),
     ] = 0
 
 
@@ -195,9 +207,9 @@ class KeyQuery(_Request):
     owner: Annotated[Filter, Meta(description="principal id or name")] | None = None
     project: Filter | None = None
     status: KeyStatus | None = None
-    q: (
-        Annotated[Filter, Meta(max_length=MAX_NAME, description="name contains (case-insensitive)")] | None
-    ) = None
+    q: Annotated[Filter, Meta(max_length=MAX_NAME, description="name contains (case-insensitive)")] | None = (
+        None
+    )
     limit: Limit = 50
     cursor: KeyCursor | None = None
 

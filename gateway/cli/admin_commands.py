@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -72,8 +71,44 @@ def _admin_target(args: argparse.Namespace) -> tuple[str, str] | None:
     return url, token
 
 
+# An API field -> the flag an operator gave it with: refusals name what was typed.
+FLAG_OF = {
+    "grace_seconds": "--grace",
+    "expires_in": "--expires-in",
+    "expires_at": "--expires-in",
+    "scopes": "--scopes",
+    "grants": "--grant",
+    "metadata": "--metadata",
+    "owner": "--owner",
+    "project": "--project",
+    "env": "--env",
+    "q": "--search",
+    "key_id": "--key",
+    "with_keys": "--with-keys",
+    "since": "--since",
+    "until": "--until",
+    "limit": "--limit",
+    "cursor": "--cursor",
+}
+_API_WORDS = {"with_keys=true": "--with-keys", "expires_at or expires_in": "--expires-in or --no-expiry"}
+
+
+def _flag(field: str | None) -> str | None:
+    """``grace_seconds`` -> ``--grace``; ``grants.billing`` -> ``--grant billing``."""
+    if field is None:
+        return None
+    head, dot, rest = field.partition(".")
+    flag = FLAG_OF.get(head)
+    if flag is None:
+        return field
+    return f"{flag} {rest}" if dot else flag
+
+
 def _refusal(e: AdminError) -> str:
-    return refusal(e.field, str(e), e.error)
+    message = str(e)
+    for api, cli in _API_WORDS.items():
+        message = message.replace(api, cli)
+    return refusal(_flag(e.field), message, e.error)
 
 
 def with_admin(
@@ -273,19 +308,11 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             principal = await admin.call(ops.create_principal, body=grant)
             granted_text = ",".join(scopes or []) or "(no scopes)"
             notes.append(f"created principal {principal.name} with grant {args.project}: {granted_text}")
-        granted = principal.grants.get(args.project)
-        if granted is None:
+        if args.project not in principal.grants and scopes is None:
             notes.append(
                 f"warning: {principal.name} has no grant in project {args.project}; "
                 "the key will get 403 on routes that require one"
             )
-        elif scopes:
-            missing = sorted(set(scopes) - set(granted))
-            if missing:
-                notes.append(
-                    f"warning: scopes not granted to {principal.name} in {args.project} "
-                    f"have no effect: {','.join(missing)}"
-                )
         body = build(
             schemas.KeyCreate,
             owner=principal.id,
@@ -313,10 +340,23 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {}
     if args.name is not None:
         changes["name"] = args.name
+    given = [
+        f
+        for f, on in (
+            ("--no-expiry", args.no_expiry),
+            ("--expire-now", args.expire_now),
+            ("--expires-in", args.expires_in is not None),
+        )
+        if on
+    ]
+    if len(given) > 1:
+        raise Fail(f"keystile: give one of {', '.join(given)}", 2)
     if args.no_expiry:
         changes["expires_at"] = None
+    elif args.expire_now:
+        changes["expires_in"] = 0
     elif args.expires_in is not None:
-        changes["expires_at"] = time.time() + (flags.duration(args.expires_in, "--expires-in") or 0)
+        changes["expires_in"] = flags.duration(args.expires_in, "--expires-in")
     if args.all_scopes:
         changes["scopes"] = None
     elif args.scopes is not None:
@@ -324,7 +364,11 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
     if args.metadata is not None:
         changes["metadata"] = flags.pairs(args.metadata, "--metadata")
     if not changes:
-        raise Fail("keystile: nothing to change: give --name, --expires-in, --no-expiry, --scopes, ...", 2)
+        raise Fail(
+            "keystile: nothing to change: give --name, --expires-in, --expire-now, --no-expiry, --scopes, "
+            "--all-scopes or --metadata",
+            2,
+        )
     body = build(schemas.KeyUpdate, **changes)
     show(call(args, ops.update_key, body=body, key_id=args.key_id), args.json, key_fields)
     return 0

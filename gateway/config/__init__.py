@@ -15,7 +15,7 @@ never live in the file: ``KEYSTILE_KEY_HASH_SECRET`` (or ``security.hash_secret_
 """
 
 from gateway.config.checks import REDIS_URL_OPTIONS, check_semantics
-from gateway.config.credentials import Secrets, load_secrets
+from gateway.config.credentials import ADMIN_ROLES, AdminToken, Secrets, admin_token, load_secrets
 from gateway.config.load import admin_endpoint, config_path, decode, durations, load, loads, to_toml_dict
 from gateway.config.schema import (
     _SECTION_TYPES,
@@ -23,6 +23,7 @@ from gateway.config.schema import (
     ADMIN_TOKENS_ENV,
     ADMIN_URL_ENV,
     CONFIG_ENV,
+    DURATION_PATTERN,
     ENV_PREFIX,
     HASH_SECRET_ENV,
     MIN_SECRET_BYTES,
@@ -42,23 +43,28 @@ from gateway.config.schema import (
     SecurityConfig,
     StoreConfig,
     ThrottleConfig,
+    TLSConfig,
     UpstreamConfig,
     UsageConfig,
+    format_duration,
     parse_duration,
     parse_listen,
 )
 
 __all__ = [
+    "ADMIN_ROLES",
     "ADMIN_TOKENS_ENV",
     "ADMIN_TOKEN_ENV",
     "ADMIN_URL_ENV",
     "CONFIG_ENV",
+    "DURATION_PATTERN",
     "ENV_PREFIX",
     "HASH_SECRET_ENV",
     "MIN_SECRET_BYTES",
     "REDIS_URL_OPTIONS",
     "_SECTION_TYPES",
     "AdminConfig",
+    "AdminToken",
     "AuthMode",
     "CacheConfig",
     "Config",
@@ -74,14 +80,17 @@ __all__ = [
     "Secrets",
     "SecurityConfig",
     "StoreConfig",
+    "TLSConfig",
     "ThrottleConfig",
     "UpstreamConfig",
     "UsageConfig",
     "admin_endpoint",
+    "admin_token",
     "check_semantics",
     "config_path",
     "decode",
     "durations",
+    "format_duration",
     "load",
     "load_secrets",
     "loads",

@@ -92,6 +92,11 @@ def check_semantics(cfg: Config) -> list[str]:
     for field in ("window", "block"):
         if getattr(cfg.throttle, field) > 86400:
             out.append(f"throttle.{field}: at most 86400 seconds")
+    for listener in ("proxy", "admin"):
+        cert, key = getattr(cfg.tls, f"{listener}_cert_file"), getattr(cfg.tls, f"{listener}_key_file")
+        if bool(cert) != bool(key):
+            missing = f"{listener}_key_file" if cert else f"{listener}_cert_file"
+            out.append(f"tls.{missing}: needed with tls.{listener}_{'cert' if cert else 'key'}_file")
     for i, r in enumerate(cfg.routes):
         where = f"routes[{i}]"
         if not r.prefix.startswith("/"):

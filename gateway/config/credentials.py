@@ -7,12 +7,51 @@ repr, an error or the effective config (``Secrets.__repr__`` shows sizes only).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Final, NamedTuple
 
 import msgspec
 
 from gateway.config.schema import ADMIN_TOKENS_ENV, HASH_SECRET_ENV, MIN_SECRET_BYTES, Config, ConfigError
+
+# Admin token roles, each allowing what the ones before it allow: ``verify`` checks keys
+# (``POST /v1/keys/verify``), ``read`` lists and reads keys, principals and the audit log,
+# ``write`` runs the key lifecycle, ``admin`` also manages principals, grants and policies.
+ADMIN_ROLES: Final = ("verify", "read", "write", "admin")
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class AdminToken(NamedTuple):
+    """One configured admin token: the secret, its role and the label the audit log names."""
+
+    token: bytes
+    role: str
+    label: str  # empty: the audit log names the token by a hash prefix
+
+
+def admin_token(entry: bytes) -> AdminToken:
+    """An entry of ``KEYSTILE_ADMIN_TOKENS`` or ``admin.tokens_file``: ``label:role:token``, or
+    a bare token (role ``admin``, no label). Raises ValueError naming the problem, never the token."""
+    parts = entry.split(b":", 2)
+    if len(parts) < 3:
+        label, role, token = "", "admin", entry
+    else:
+        label, role, token = (
+            parts[0].decode("utf-8", "replace"),
+            parts[1].decode("utf-8", "replace"),
+            parts[2],
+        )
+        if not _LABEL.match(label):
+            raise ValueError(
+                "label must be 1-64 letters, digits, '_', '.' or '-' (entry form: label:role:token)"
+            )
+        if role not in ADMIN_ROLES:
+            raise ValueError(f"{label}: unknown role {role!r} (use {', '.join(ADMIN_ROLES)})")
+    if len(token) < 16:
+        raise ValueError((f"{label}: " if label else "") + "shorter than 16 characters")
+    return AdminToken(token, role, label)
 
 
 class Secrets(msgspec.Struct, frozen=True):
@@ -41,10 +80,16 @@ def load_secrets(
     if cfg.admin.tokens_file:
         text = _read_secret_file(cfg.admin.tokens_file, "admin.tokens_file", problems).decode()
         tokens += [t.strip() for t in text.splitlines() if t.strip() and not t.startswith("#")]
+    labels: set[str] = set()
     for t in tokens:
-        if len(t) < 16:
-            problems.append("admin token: shorter than 16 characters")
-            break
+        try:
+            parsed = admin_token(t.encode())
+        except ValueError as e:
+            problems.append(f"admin token: {e}")
+            continue
+        if parsed.label and parsed.label in labels:
+            problems.append(f"admin token: {parsed.label}: label used twice")
+        labels.add(parsed.label)
     if problems:
         raise ConfigError(problems)
     return Secrets(secret, tuple(t.encode() for t in tokens))

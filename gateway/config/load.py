@@ -31,6 +31,7 @@ from gateway.config.schema import (
     parse_duration,
 )
 
+_ROUTE_INDEX = re.compile(r"^routes\[(\d+)\]")
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
@@ -94,6 +95,7 @@ def decode(data: dict[str, Any], source: str, env: Mapping[str, str] | None = No
     if env is not None:
         _apply_env(data, env, problems)
     sections: dict[str, Any] = {}
+    failed: list[str] = []  # sections (and routes[i]) that did not decode: checked no further
     for name, value in data.items():
         if name == "routes":
             continue
@@ -104,8 +106,10 @@ def decode(data: dict[str, Any], source: str, env: Mapping[str, str] | None = No
         try:
             sections[name] = msgspec.convert(value, typ, strict=False)
         except msgspec.ValidationError as e:
+            failed.append(name)
             problems.extend(f"{source}: {p}" for p in _each_problem(value, typ, name, e))
     routes: list[RouteConfig] = []
+    decoded: list[int] = []  # the file's index of each route in ``routes``
     raw_routes = data.get("routes", [])
     if not isinstance(raw_routes, list):
         problems.append(f"{source}: routes: expected an array of tables ([[routes]])")
@@ -113,14 +117,17 @@ def decode(data: dict[str, Any], source: str, env: Mapping[str, str] | None = No
     for i, raw in enumerate(raw_routes):
         try:
             routes.append(msgspec.convert(raw, RouteConfig, strict=False))
+            decoded.append(i)
         except msgspec.ValidationError as e:
             problems.extend(f"{source}: {p}" for p in _each_problem(raw, RouteConfig, f"routes[{i}]", e))
+    cfg = Config(**sections, routes=tuple(routes))
+    # The rules between fields too, on what did decode, so that one run reports every problem.
+    for p in check_semantics(cfg):
+        p = _ROUTE_INDEX.sub(lambda m: f"routes[{decoded[int(m.group(1))]}]", p)
+        if not any(p.startswith(f"{s}.") or f" {s}." in p for s in failed):
+            problems.append(f"{source}: {p}")
     if problems:
         raise ConfigError(problems)
-    cfg = Config(**sections, routes=tuple(routes))
-    semantic = check_semantics(cfg)
-    if semantic:
-        raise ConfigError([f"{source}: {p}" for p in semantic])
     return cfg
 
 

@@ -73,6 +73,18 @@ class AdminConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     tokens_file: str = ""
 
 
+class TLSConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # PEM files per listener: the certificate chain and its private key. Empty: plain HTTP.
+    # Re-read on SIGHUP (new connections get the new certificate); turning TLS on or off for a
+    # listener takes a restart.
+    proxy_cert_file: str = ""
+    proxy_key_file: str = ""
+    admin_cert_file: str = ""
+    admin_key_file: str = ""
+    # Oldest protocol accepted: "1.2" (ECDHE with AES-GCM or ChaCha20 only) or "1.3".
+    min_version: Literal["1.2", "1.3"] = "1.2"
+
+
 class KeysConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: str = "ks"
     default_env: Literal["live", "test"] = "live"
@@ -185,6 +197,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     logging: LoggingConfig = LoggingConfig()
     routes: tuple[RouteConfig, ...] = ()
     throttle: ThrottleConfig = ThrottleConfig()
+    tls: TLSConfig = TLSConfig()
 
 
 _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
@@ -200,19 +213,30 @@ _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
     "usage": UsageConfig,
     "logging": LoggingConfig,
     "throttle": ThrottleConfig,
+    "tls": TLSConfig,
 }
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# One reading of a duration everywhere (config, admin API, CLI): seconds, or a number with a unit.
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*[smhd]?\s*$"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> float:
-    """``"30d"`` -> seconds. Raises ValueError naming the accepted forms."""
+    """``"30d"`` or ``"3600"`` (seconds) -> seconds. Raises ValueError naming the accepted forms."""
     m = _DURATION.match(text)
     if not m:
-        raise ValueError(f"invalid duration {text!r} (use a number with s, m, h or d, e.g. 30d)")
+        raise ValueError(f"invalid duration {text!r} (use seconds, or a number with s, m, h or d, e.g. 30d)")
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the largest whole unit that expresses them (``7200`` -> ``"2h"``)."""
+    for unit in ("d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -226,14 +226,15 @@ class KeyQueries(SQLBase):
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
             before = await self._key_row(conn, key_id)
+            if before.revoked_at is not None:  # revoked already: nothing changes, nothing is audited
+                return before, Invalidation(0, ())
             digests = await self._digests(conn, "id", key_id)
-            if before.revoked_at is None:
-                await conn.execute(
-                    "UPDATE keys SET revoked_at = $1, previous_digest = NULL, previous_valid_until = NULL "
-                    "WHERE id = $2",
-                    now,
-                    key_id,
-                )
+            await conn.execute(
+                "UPDATE keys SET revoked_at = $1, previous_digest = NULL, previous_valid_until = NULL "
+                "WHERE id = $2",
+                now,
+                key_id,
+            )
             after = await self._key_row(conn, key_id)
             await self._audit(
                 conn,

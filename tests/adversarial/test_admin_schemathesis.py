@@ -35,6 +35,9 @@ MAX_STEPS = 10  # per stateful scenario
 POLICY_REFUSALS = (
     ("expires_at", re.compile(r"^must be in the future$")),
     ("owner", re.compile(r"^principal .* not found$")),
+    # Set by the config, not the document: the longest grace, and a duration text of zero.
+    ("grace_seconds", re.compile(r"^.* is longer than allowed: policy\.max_rotation_grace is ")),
+    ("expires_in", re.compile(r"^must be positive$")),
 )
 
 

@@ -70,7 +70,7 @@ async def test_principals_and_keys_over_the_admin_api(keystile, admin, upstream:
     assert made["grants"] == {"p1": ["read", "write"]} and made["metadata"] == {"team": "x"}
     await ok("principals", "create", "etl", "--kind", "service")
     table = (await ok("principals", "list")).splitlines()
-    assert table[0].split() == ["NAME", "ID", "KIND", "STATUS", "CREATED", "GRANTS"]
+    assert table[0].split() == ["NAME", "ID", "KIND", "STATUS", "CREATED", "(UTC)", "GRANTS"]
     assert table[1].startswith("alice") and "p1: read,write" in table[1] and table[2].startswith("etl")
     shown = await ok("principals", "show", made["id"])
     assert "name:" in shown and "alice" in shown and "enabled" in shown
@@ -143,7 +143,7 @@ async def test_principals_and_keys_over_the_admin_api(keystile, admin, upstream:
     assert "key.rotate" in actions and "principal.disable" in actions
     assert {e["actor"] for e in trail["items"]} == {ACTOR}
     audit_table = (await ok("audit", "--key", key_id, "--since", "1h")).splitlines()
-    assert audit_table[0].split() == ["TIME", "ACTOR", "ACTION", "TARGET"]
+    assert audit_table[0].split() == ["TIME", "(UTC)", "ACTOR", "ACTION", "TARGET"]
     assert [line.split()[3] for line in audit_table[1:]] == [
         "key.delete",
         "key.revoke",
@@ -186,8 +186,10 @@ async def test_flags_win_over_the_environment_and_failures_are_one_line(keystile
     assert r.returncode == 0, r.stderr
     err = await fails("keys", "create", "--owner", "alice", "--project", "p1", *flags, code=1)
     assert "key_limit_reached" in err and "rotate" in err
-    err = await fails("keys", "rotate", "key_nope", "--grace", "25h", *flags, code=2)
-    assert "grace_seconds" in err
+    # A refusal names the flag and the policy with its value, not the API's field.
+    err = await fails("keys", "rotate", "key_nope", "--grace", "25h", *flags, code=1)
+    assert "--grace: 25h is longer than allowed: policy.max_rotation_grace is 24h" in err, err
+    assert "grace_seconds" not in err
     assert "nothing to change" in await fails("keys", "update", "key_x", *flags, code=2)
 
 
