@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import aiohttp
+import msgspec
 from aiohttp import http_parser, web
 
 from gateway import state_metrics
@@ -36,8 +37,12 @@ from gateway.generation import build as build_generation
 from gateway.generation import in_force as in_force  # the CLI's and workers' way to it
 from gateway.generation import restart_only as _restart_only  # noqa: F401 (tests read the list here)
 from gateway.handler import ProxyHandler
-from gateway.keys import KeyDigest
+from gateway.hash_secrets import PreviousSecrets
+from gateway.hash_secrets import check as check_hash_secret
+from gateway.hash_secrets import fits as hash_secret_fits
+from gateway.keys import KeyDigest, secret_fingerprint
 from gateway.lifecycle import Lifecycle
+from gateway.limits.wiring import build_limits, limit_metrics
 from gateway.listener import AdminRunner, ProxyServer
 from gateway.models import IdentityRecord, Invalidation
 from gateway.observability import AccessLog, Metrics
@@ -125,6 +130,11 @@ class Gateway:
         self.stop_step_timeout = STOP_STEP_TIMEOUT
         # Further /readyz lines, name -> text read at request time (e.g. the supervisor's workers).
         self.readiness_notes: dict[str, Callable[[], str]] = {}
+        # Previous hash secrets, tried on a miss while a rotation re-keys the store.
+        self.previous = PreviousSecrets(secrets.previous_hash_secrets, cfg.cache.negative_max_entries)
+        self._on_miss = self.previous.note if self.previous else None
+        self._rekeying: set[str] = set()
+        self.rekeyed = 0
 
     # The current generation's pieces (a reload replaces them together).
     @property
@@ -149,10 +159,15 @@ class Gateway:
 
     async def _store_load(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord]:
         assert self.store is not None
+        # The digests of these keys under previous secrets ride in the same query.
+        alternates = self.previous.take(digests) if self.previous else {}
         try:
             # asyncio.timeout, not wait_for: no task of its own per lookup batch.
             async with asyncio.timeout(self.cfg.store.timeout):
-                return await self.store.find_identities(digests, self.clock.time())
+                found = await self.store.find_identities(
+                    [*digests, *alternates] if alternates else digests, self.clock.time()
+                )
+            return self._found_by_previous(found, alternates) if alternates else found
         except Exception:
             # The store fails from here: the outbox poller cannot vouch for the in-process cache
             # either. Withdraw its trust now rather than at the next poll.
@@ -168,6 +183,38 @@ class Gateway:
 
         self._resources.push_async_callback(step)
 
+    def _found_by_previous(
+        self, found: dict[KeyDigest, IdentityRecord], alternates: dict[KeyDigest, KeyDigest]
+    ) -> dict[KeyDigest, IdentityRecord]:
+        """Identities found under a previous secret answer for the current digest, and their keys
+        are re-keyed to it in the background (the request does not wait)."""
+        for alt, current in alternates.items():
+            ident = found.pop(alt, None)
+            if ident is None or current in found:
+                continue
+            found[current] = msgspec.structs.replace(ident, digest=current)
+            if ident.key_id not in self._rekeying:
+                self._rekeying.add(ident.key_id)
+                task = asyncio.get_running_loop().create_task(
+                    self._rekey(ident.key_id, alt, current, previous=ident.grace_until is not None)
+                )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return found
+
+    async def _rekey(self, key_id: str, old: KeyDigest, new: KeyDigest, *, previous: bool) -> None:
+        assert self.store is not None
+        try:
+            async with asyncio.timeout(self.cfg.store.timeout):
+                change = await self.store.rekey(key_id, old, new, self.fingerprint, previous=previous)
+            if change.digests:
+                self.rekeyed += 1
+                await self.invalidate(change)
+        except Exception as e:  # the next use tries again
+            log.warning("re-keying %s to the current hash secret failed: %s: %s", key_id, type(e).__name__, e)
+        finally:
+            self._rekeying.discard(key_id)
+
     async def start(self, proxy_sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
         check_runtime()
         cfg = self.cfg
@@ -181,12 +228,15 @@ class Gateway:
                 timeout=cfg.store.timeout,
                 pool_min=cfg.store.pool_min,
                 pool_max=cfg.store.pool_max,
+                create=False,
             )
             self._on_stop("store", self.store.close)
         store = self.store
         sync = asyncio.get_running_loop().create_task(self._sync_metrics(), name="keystile-metrics-sync")
         self._resources.push_async_callback(_cancel, sync)
         await store.check_schema()
+        await check_hash_secret(store, self.secrets, self.clock.time())
+        self.fingerprint = secret_fingerprint(self.secrets.hash_secret)
         self.ledger = Ledger(remember_for(cfg.cache.redis_ttl), self.clock)
         if cfg.redis.url:
             ttl = tombstone_ttl(cfg.store.timeout, cfg.redis.socket_timeout)
@@ -242,6 +292,11 @@ class Gateway:
         self._on_stop("usage flush", usage.aclose, USAGE_STOP_WAIT + 3 * cfg.store.timeout)
         usage.start()
         self.throttle = FailureThrottle(cfg.throttle, cfg.proxy.trusted_proxies, self.clock)
+        limits = self.limits = await build_limits(cfg, store, self.clock)
+        self._on_stop("limits", limits.aclose)
+        if limits.credits is not None:
+            limits.credits.invalidate = self.invalidate
+            limits.credits.start()
         self._gen = await build_generation(cfg, self._base())
         self._on_stop("upstream pool", lambda: self._gen.forwarder.close())
         self._resources.push_async_callback(self._end_background)
@@ -260,6 +315,7 @@ class Gateway:
                 )
             )
         )
+        self.metrics.add_state(lambda: limit_metrics(limits))
         # Listeners close in the order they opened: the proxy's first, so the admin API still
         # answers (/readyz, /metrics) while proxied requests drain.
         self._resources.push_async_callback(self._close_listeners)
@@ -288,8 +344,10 @@ class Gateway:
             self.metrics,
             self.access_log,
             self.throttle,
+            self.limits,
             self.last_used,
             self.invalidate,
+            self._on_miss,
             self.clock,
         )
 
@@ -415,7 +473,12 @@ class Gateway:
     async def readiness(self) -> tuple[bool, dict[str, str]]:
         assert self.store is not None
         return await readiness(
-            self.store, self.cfg.store.timeout, self.redis, self.subscriber, self.readiness_notes
+            self.store,
+            self.cfg.store.timeout,
+            self.redis,
+            self.subscriber,
+            self.readiness_notes,
+            key_hashing=lambda recorded: hash_secret_fits(recorded, self.secrets),
         )
 
     async def _metrics_endpoint(self, request: web.Request) -> web.Response:

@@ -13,12 +13,13 @@ from dataclasses import dataclass
 
 import msgspec
 
-from gateway.auth import Authenticator
+from gateway.auth import Authenticator, MissNote
 from gateway.cache import IdentityCache
 from gateway.clock import SYSTEM, Clock
 from gateway.config import Config
 from gateway.handler import LastUsed, ProxyHandler
 from gateway.lifecycle import Invalidate, Lifecycle
+from gateway.limits.gate import LimitGate
 from gateway.observability import AccessLog, Metrics
 from gateway.proxy import Forwarder
 from gateway.routing import RouteTable
@@ -41,8 +42,11 @@ class Base:
     metrics: Metrics
     access_log: AccessLog
     throttle: FailureThrottle
+    limits: LimitGate
     last_used: LastUsed
     invalidate: Invalidate
+    # Called with the digests an in-process miss looks up (previous hash secrets add theirs).
+    on_miss: MissNote | None = None
     clock: Clock = SYSTEM  # every generation reads time from the process's one clock
 
 
@@ -63,7 +67,7 @@ async def build(cfg: Config, base: Base) -> Generation:
     forwarder = Forwarder(cfg)
     await forwarder.start()
     try:
-        authenticator = Authenticator(cfg, base.hash_secret, base.cache, base.clock)
+        authenticator = Authenticator(cfg, base.hash_secret, base.cache, base.clock, on_miss=base.on_miss)
         handler = ProxyHandler(
             cfg,
             RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),
@@ -74,6 +78,7 @@ async def build(cfg: Config, base: Base) -> Generation:
             base.last_used,
             base.access_log,
             base.throttle,
+            base.limits,
             base.clock,
         )
         lifecycle = Lifecycle(cfg, base.hash_secret, base.store, invalidate=base.invalidate, clock=base.clock)
@@ -85,7 +90,7 @@ async def build(cfg: Config, base: Base) -> Generation:
 
 def retune(cfg: Config, base: Base) -> None:
     """Apply ``cfg`` to the long-lived pieces that a reload changes in place (at start they are
-    built from it): the in-process cache's lifetimes and bounds, the throttle."""
+    built from it): the in-process cache's lifetimes and bounds, the throttle, the limits' settings."""
     local = base.cache.local
     local.ttl, local.negative_ttl, local.max_entries, local.synced_ttl = (
         cfg.cache.local_ttl,
@@ -95,6 +100,7 @@ def retune(cfg: Config, base: Base) -> None:
     )
     local.negative_max_entries = cfg.cache.negative_max_entries
     base.throttle.configure(cfg.throttle, cfg.proxy.trusted_proxies)
+    base.limits.configure(cfg.limits)
     base.metrics.add_routes(r.prefix for r in cfg.routes)
 
 

@@ -149,6 +149,7 @@ class Lifecycle:
         self.cfg = cfg
         self.now = clock.time  # creation, expiry and revocation times are wall time (the store's)
         self._secret = secret
+        self._fingerprint = keys.secret_fingerprint(secret)
         self.store = store
         self._invalidate = invalidate
         self.default_lifetime, self.max_lifetime, self.max_grace = durations(cfg.policy)
@@ -158,6 +159,10 @@ class Lifecycle:
         timeout). The store already holds the change's outbox row: this only makes it fast."""
         if self._invalidate is not None and change.seq:
             await self._invalidate(change)
+
+    async def publish(self, change: Invalidation) -> None:
+        """Tell every instance of a change committed outside these methods (limits, credits)."""
+        await self._changed(change)
 
     def _expiry(
         self, now: float, expires_at: float | None, expires_in: float | str | None, field: str
@@ -277,6 +282,7 @@ class Lifecycle:
             created_at=now,
             expires_at=expiry,
             metadata=metadata or {},
+            digest_secret=self._fingerprint,
         )
         # A generated name is unique to the second; keys made within one second get " (2)", ...
         attempt = 1
@@ -374,6 +380,7 @@ class Lifecycle:
             previous_valid_until=now + grace if grace > 0 else None,
             actor=actor,
             now=now,
+            digest_secret=self._fingerprint,
         )
         await self._changed(change)
         return CreatedKey(record, secret)

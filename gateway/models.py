@@ -10,6 +10,8 @@ from typing import Literal, Self
 
 import msgspec
 
+from gateway.limits.policy import Policy
+
 KeyStatus = Literal["active", "expired", "revoked"]
 PrincipalKind = Literal["user", "service"]
 
@@ -39,6 +41,13 @@ class IdentityRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
     # Set only on the identity of a rotated-out secret: the end of its grace. From then on the old
     # secret is answered exactly like an unknown key, also while this record is still cached.
     grace_until: float | None = None
+    # Rate limits of the key itself and of its principal's pool (shared by all its keys).
+    limits: tuple[Policy, ...] = ()
+    pool_limits: tuple[Policy, ...] = ()
+    # Credit epochs (0: no credits): the key's own and its principal's. A "set" starts a new
+    # epoch, so a counter is named by owner and epoch (see gateway.limits.credits).
+    credits: int = 0
+    pool_credits: int = 0
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -80,6 +89,7 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     grants: dict[str, tuple[str, ...]]  # project -> scopes
     metadata: dict[str, str] = {}
+    limits: tuple[Policy, ...] = ()
 
 
 class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +111,7 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, str] = {}
     # After a rotation with grace, the previous secret keeps working until this time.
     previous_valid_until: float | None = None
+    limits: tuple[Policy, ...] = ()
 
     def status(self, now: float) -> KeyStatus:
         if self.revoked_at is not None:
@@ -124,6 +135,8 @@ class NewKey(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     expires_at: float | None
     metadata: dict[str, str] = {}
+    # Fingerprint of the hash secret ``digest`` was made with (gateway.keys.secret_fingerprint).
+    digest_secret: str | None = None
 
 
 class UsageUpdate(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -158,3 +171,28 @@ class Invalidation(msgspec.Struct, frozen=True):
 
     seq: int
     digests: tuple[bytes, ...] | None
+
+
+class Refill(msgspec.Struct, frozen=True, kw_only=True):
+    """A calendar refill of credits, in UTC: ``daily`` at midnight, or ``monthly`` at midnight
+    starting day ``day`` (1-28). ``replace`` sets the balance to ``amount``; ``add`` adds it."""
+
+    amount: int
+    every: Literal["daily", "monthly"]
+    mode: Literal["replace", "add"] = "replace"
+    day: int = 1
+
+
+class CreditState(msgspec.Struct, frozen=True, kw_only=True):
+    """A key's or a principal's credits as the store holds them (spends are written in batches).
+
+    ``epoch`` grows with every set and refill: counters of spending are named by owner and epoch,
+    so spends counted against an older balance never reach a newer one."""
+
+    owner: str
+    principal_id: str
+    remaining: int
+    epoch: int
+    refill: Refill | None
+    next_refill_at: float | None
+    updated_at: float

@@ -20,6 +20,8 @@ from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
+from gateway.admin import limit_operations as lops
+from gateway.admin import limit_schemas as ls
 from gateway.admin import operations as ops
 from gateway.admin import schemas as s
 from gateway.admin.operations import VERIFY_CODES, Context
@@ -306,6 +308,72 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
         ops.delete_key,
         status=204,
         errors=(*_W, 404),
+    ),
+    Endpoint(
+        "GET",
+        _K + "/limits",
+        "getKeyLimits",
+        "limits",
+        "A key's rate limits and its principal's, what is left of each, and their credits",
+        lops.get_key_limits,
+        response=ls.LimitsView,
+        errors=(*_R, 404),
+    ),
+    Endpoint(
+        "PATCH",
+        _K + "/limits",
+        "setKeyLimits",
+        "limits",
+        "Replace a key's rate limits",
+        lops.set_key_limits,
+        response=ls.LimitsView,
+        body=ls.LimitsBody,
+        errors=(400, *_W, 404),
+        description="Every instance applies the change within a second. Each limit allows `limit` "
+        "requests at once, refilled at `limit` per `window` (GCRA).",
+    ),
+    Endpoint(
+        "POST",
+        _K + "/credits",
+        "changeKeyCredits",
+        "limits",
+        "Set, top up or remove a key's credits, or its calendar refill",
+        lops.set_key_credits,
+        response=ls.LimitsView,
+        body=ls.CreditsBody,
+        errors=(400, *_W, 404),
+    ),
+    Endpoint(
+        "GET",
+        _P + "/limits",
+        "getPrincipalLimits",
+        "limits",
+        "A principal's rate limits (a pool shared by its keys) and credits",
+        lops.get_principal_limits,
+        response=ls.LimitsView,
+        errors=(*_R, 404),
+    ),
+    Endpoint(
+        "PATCH",
+        _P + "/limits",
+        "setPrincipalLimits",
+        "limits",
+        "Replace a principal's rate limits (a pool shared by all its keys)",
+        lops.set_principal_limits,
+        response=ls.LimitsView,
+        body=ls.LimitsBody,
+        errors=(400, *_W, 404),
+    ),
+    Endpoint(
+        "POST",
+        _P + "/credits",
+        "changePrincipalCredits",
+        "limits",
+        "Set, top up or remove a principal's credits (shared by its keys), or its calendar refill",
+        lops.set_principal_credits,
+        response=ls.LimitsView,
+        body=ls.CreditsBody,
+        errors=(400, *_W, 404),
     ),
     Endpoint(
         "GET",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -18,6 +19,7 @@ import aiohttp
 import msgspec
 
 from gateway import config as config_mod
+from gateway import hash_secrets
 from gateway.admin import operations as ops
 from gateway.admin import schemas
 from gateway.admin.client import Admin, AdminClient, AdminError, Operation, StoreAdmin
@@ -133,6 +135,8 @@ def with_admin(
             await _publish(cfg, change)
 
         async def on_store(store: Store) -> T:
+            if need_secret:  # keys are hashed here: with the store's secret only
+                await hash_secrets.check(store, secrets, time.time())
             lifecycle = Lifecycle(
                 cfg, secrets.hash_secret, store, invalidate=publish if cfg.redis.url else None
             )

@@ -31,6 +31,7 @@ from gateway.cli.admin_commands import (
     cmd_principals_show,
     cmd_principals_update,
 )
+from gateway.cli.limit_commands import add_commands as add_limit_commands
 from gateway.cli.server_commands import (
     cmd_config_check,
     cmd_demo,
@@ -81,9 +82,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=30.0, help="seconds to wait for the server's answer (default 30)"
     )
     rl.set_defaults(fn=cmd_reload)
-    sub.add_parser("secret", help="print a new random secret (for KEYSTILE_KEY_HASH_SECRET)").set_defaults(
-        fn=cmd_secret
+    se = with_config(
+        sub.add_parser(
+            "secret",
+            help="print a new random secret (for KEYSTILE_KEY_HASH_SECRET); 'status': keys per secret",
+        )
     )
+    se.add_argument(
+        "action",
+        nargs="?",
+        choices=["status"],
+        help="status: how many keys still depend on a previous hash secret (during a rotation)",
+    )
+    se.add_argument("--json", action="store_true", help="print JSON for scripts")
+    se.set_defaults(fn=cmd_secret)
 
     d = sub.add_parser("demo", help="run Keystile in front of a built-in echo upstream")
     d.add_argument("--port", type=int, default=8080, help="the proxy's port (default 8080)")
@@ -184,6 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     kd = admin_command(k, "delete", cmd_keys_delete, "delete a key for good (asks to confirm)")
     kd.add_argument("key_id", help="key id")
     kd.add_argument("--yes", "-y", action="store_true", help="do not ask for confirmation")
+
+    add_limit_commands(sub, admin_command)
 
     au = admin_command(sub, "audit", cmd_audit, "list lifecycle changes, newest first")
     au.add_argument("--key", help="key id")

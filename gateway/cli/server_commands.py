@@ -24,7 +24,8 @@ import msgspec
 
 from gateway import config as config_mod
 from gateway import reload_outcome
-from gateway.cli.runner import Fail, load, run
+from gateway.cli.output import print_json
+from gateway.cli.runner import Fail, load, run, with_store
 from gateway.config import ConfigError, Secrets
 from gateway.lifecycle import Lifecycle
 from gateway.store import StoreError, open_store
@@ -35,16 +36,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.observability import configure_logging
 
     runtime = Path(args.runtime_dir) if args.runtime_dir else None
+    base: Path | None = None
     if runtime is None:
         path = config_mod.config_path(args.config)
         cfg = config_mod.load(path)
     else:
         # A supervisor's worker: the generation the supervisor accepted, never the operator's file.
         from gateway.app import in_force
-        from gateway.workers import current_config, startup_config
+        from gateway.workers import config_base, current_config, startup_config
 
         path = str(current_config(runtime))
-        cfg = in_force(config_mod.load(startup_config(runtime)), config_mod.load(path))
+        base = config_base(runtime)
+        cfg = in_force(
+            config_mod.load(startup_config(runtime), base_dir=base), config_mod.load(path, base_dir=base)
+        )
     secrets = config_mod.load_secrets(cfg)
     configure_logging(cfg.logging.level)
     if not secrets.admin_tokens and args.worker_of is None:
@@ -118,7 +123,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log = logging.getLogger("keystile")
             answer = args.pid_file if args.worker_of is None else None  # a worker's supervisor answers
             try:
-                notes = await gw.reload(config_mod.load(path))  # raises for a certificate it cannot load too
+                # raises for a certificate it cannot load too
+                notes = await gw.reload(config_mod.load(path, base_dir=base))
             except ConfigError as e:
                 for problem in e.problems:
                     log.error("reload refused: %s", problem)
@@ -177,12 +183,17 @@ def cmd_config_check(args: argparse.Namespace) -> int:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    cfg, _ = load(args, need_secret=False)
+    from gateway import hash_secrets
+
+    cfg, secrets = load(args, need_secret=False)
 
     async def main() -> list[int]:
         store = await open_store(cfg.store.url, timeout=cfg.store.timeout, pool_min=1, pool_max=2)
         try:
-            return await store.migrate()
+            applied = await store.migrate()
+            if secrets.hash_secret:  # else the first instance to start records it
+                await hash_secrets.check(store, secrets, time.time())
+            return applied
         finally:
             await store.close()
 
@@ -220,6 +231,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        return _secret_status(args)
     print(pysecrets.token_hex(32))
     return 0
 
@@ -243,6 +256,34 @@ def cmd_echo(args: argparse.Namespace) -> int:
         return run(main())
     except OSError as e:
         raise Fail(f"keystile echo: cannot listen: {e} (try --port)") from None
+
+
+def _secret_status(args: argparse.Namespace) -> int:
+    """How many usable keys still depend on a previous hash secret (read only)."""
+    from gateway import hash_secrets
+
+    cfg, secrets = load(args)
+    found = run(with_store(cfg, lambda store: hash_secrets.status(store, secrets, time.time())))
+    if args.json:
+        print_json(msgspec.to_builtins(found))
+        return 0
+    role = (
+        "the newest recorded"
+        if found.newest
+        else "recorded, not the newest"
+        if (found.fingerprint in found.recorded)
+        else "not recorded"
+    )
+    print(f"current secret: fingerprint {found.fingerprint[:12]} ({role})")
+    print(f"keys hashed with the current secret: {found.current_keys}")
+    print(f"keys hashed with a previous secret: {found.previous_keys}")
+    print(f"keys hashed with another or an unknown secret: {found.other_keys}")
+    if found.previous_keys or found.other_keys:
+        print(
+            f"keep {config_mod.PREVIOUS_HASH_SECRET_ENV} set until these are used (each is re-keyed "
+            "at its first use); a key not used by then stops working when it is removed"
+        )
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -16,7 +16,16 @@ never live in the file: ``KEYSTILE_KEY_HASH_SECRET`` (or ``security.hash_secret_
 
 from gateway.config.checks import REDIS_URL_OPTIONS, check_semantics
 from gateway.config.credentials import ADMIN_ROLES, AdminToken, Secrets, admin_token, load_secrets
-from gateway.config.load import admin_endpoint, config_path, decode, durations, load, loads, to_toml_dict
+from gateway.config.load import (
+    admin_endpoint,
+    config_path,
+    decode,
+    durations,
+    load,
+    loads,
+    relative_to,
+    to_toml_dict,
+)
 from gateway.config.schema import (
     _SECTION_TYPES,
     ADMIN_TOKEN_ENV,
@@ -27,6 +36,7 @@ from gateway.config.schema import (
     ENV_PREFIX,
     HASH_SECRET_ENV,
     MIN_SECRET_BYTES,
+    PREVIOUS_HASH_SECRET_ENV,
     AdminConfig,
     AuthMode,
     CacheConfig,
@@ -34,6 +44,8 @@ from gateway.config.schema import (
     ConfigError,
     Count,
     KeysConfig,
+    LimitConfig,
+    LimitsConfig,
     LoggingConfig,
     PolicyConfig,
     ProxyConfig,
@@ -61,6 +73,7 @@ __all__ = [
     "ENV_PREFIX",
     "HASH_SECRET_ENV",
     "MIN_SECRET_BYTES",
+    "PREVIOUS_HASH_SECRET_ENV",
     "REDIS_URL_OPTIONS",
     "_SECTION_TYPES",
     "AdminConfig",
@@ -71,6 +84,8 @@ __all__ = [
     "ConfigError",
     "Count",
     "KeysConfig",
+    "LimitConfig",
+    "LimitsConfig",
     "LoggingConfig",
     "PolicyConfig",
     "ProxyConfig",
@@ -96,5 +111,6 @@ __all__ = [
     "loads",
     "parse_duration",
     "parse_listen",
+    "relative_to",
     "to_toml_dict",
 ]

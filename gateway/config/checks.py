@@ -10,8 +10,9 @@ import ipaddress
 import re
 from urllib.parse import parse_qsl, urlsplit
 
-from gateway.config.schema import Config, parse_duration, parse_listen
+from gateway.config.schema import Config, RouteConfig, parse_duration, parse_listen
 from gateway.keys import valid_prefix
+from gateway.limits.policy import check_policy
 
 _HEADER_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -38,6 +39,21 @@ def _redis_url_problems(url: str) -> list[str]:
             out.append(f"redis.url: option {name!r}: use redis.socket_timeout / redis.connect_timeout")
         elif name not in REDIS_URL_OPTIONS:
             out.append(f"redis.url: unsupported option {name!r} (supported: {', '.join(REDIS_URL_OPTIONS)})")
+    return out
+
+
+def _limit_problems(where: str, r: RouteConfig) -> list[str]:
+    out = []
+    for j, lim in enumerate(r.limits):
+        try:
+            check_policy(lim.name, lim.limit, lim.window)
+        except ValueError as e:
+            out.append(f"{where}.limits[{j}]: {e}")
+    names = [lim.name for lim in r.limits]
+    if len(set(names)) != len(names):
+        out.append(f"{where}.limits: names must be unique")
+    if r.limits and r.auth == "none":
+        out.append(f'{where}.limits: limits apply per key and need auth = "required" or "optional"')
     return out
 
 
@@ -113,4 +129,5 @@ def check_semantics(cfg: Config) -> list[str]:
                 out.append(f"{where}.methods[{j}]: {m!r} is not an upper-case method")
         if r.auth != "required" and r.scopes:
             out.append(f'{where}.scopes: scopes need auth = "required"')
+        out.extend(_limit_problems(where, r))
     return out

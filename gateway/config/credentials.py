@@ -14,7 +14,14 @@ from typing import Final, NamedTuple
 
 import msgspec
 
-from gateway.config.schema import ADMIN_TOKENS_ENV, HASH_SECRET_ENV, MIN_SECRET_BYTES, Config, ConfigError
+from gateway.config.schema import (
+    ADMIN_TOKENS_ENV,
+    HASH_SECRET_ENV,
+    MIN_SECRET_BYTES,
+    PREVIOUS_HASH_SECRET_ENV,
+    Config,
+    ConfigError,
+)
 
 # Admin token roles, each allowing what the ones before it allow: ``verify`` checks keys
 # (``POST /v1/keys/verify``), ``read`` lists and reads keys, principals and the audit log,
@@ -57,10 +64,13 @@ def admin_token(entry: bytes) -> AdminToken:
 class Secrets(msgspec.Struct, frozen=True):
     hash_secret: bytes
     admin_tokens: tuple[bytes, ...]
+    # Secrets keys were hashed with before ``hash_secret``, tried on a miss during a rotation.
+    previous_hash_secrets: tuple[bytes, ...] = ()
 
     def __repr__(self) -> str:
         return (
-            f"Secrets(hash_secret=<{len(self.hash_secret)} bytes>, admin_tokens=<{len(self.admin_tokens)}>)"
+            f"Secrets(hash_secret=<{len(self.hash_secret)} bytes>, admin_tokens=<{len(self.admin_tokens)}>, "
+            f"previous_hash_secrets=<{len(self.previous_hash_secrets)}>)"
         )
 
 
@@ -76,6 +86,14 @@ def load_secrets(
     if require_hash_secret and len(secret) < MIN_SECRET_BYTES and not problems:
         what = "is not set" if not secret else f"is shorter than {MIN_SECRET_BYTES} bytes"
         problems.append(f"{HASH_SECRET_ENV}: {what} (generate one with: keystile secret)")
+    previous = [p.strip().encode() for p in environ.get(PREVIOUS_HASH_SECRET_ENV, "").split(",") if p.strip()]
+    for i, path in enumerate(cfg.security.previous_hash_secret_files):
+        field = f"security.previous_hash_secret_files[{i}]"
+        previous.append(_read_secret_file(path, field, problems))
+    if any(len(p) < MIN_SECRET_BYTES for p in previous) and not problems:
+        problems.append(f"{PREVIOUS_HASH_SECRET_ENV}: a secret is shorter than {MIN_SECRET_BYTES} bytes")
+    # The current secret listed again as a previous one would only double every miss's lookup.
+    previous = list(dict.fromkeys(p for p in previous if p != secret))
     tokens = [t.strip() for t in environ.get(ADMIN_TOKENS_ENV, "").split(",") if t.strip()]
     if cfg.admin.tokens_file:
         text = _read_secret_file(cfg.admin.tokens_file, "admin.tokens_file", problems).decode()
@@ -92,7 +110,7 @@ def load_secrets(
         labels.add(parsed.label)
     if problems:
         raise ConfigError(problems)
-    return Secrets(secret, tuple(t.encode() for t in tokens))
+    return Secrets(secret, tuple(t.encode() for t in tokens), tuple(previous))
 
 
 def _read_secret_file(path: str, field: str, problems: list[str]) -> bytes:

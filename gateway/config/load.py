@@ -131,8 +131,15 @@ def decode(data: dict[str, Any], source: str, env: Mapping[str, str] | None = No
     return cfg
 
 
-def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
-    """Read ``path`` (TOML) and the environment; ``path=None`` means defaults plus environment."""
+def load(
+    path: str | Path | None, env: Mapping[str, str] | None = None, *, base_dir: str | Path | None = None
+) -> Config:
+    """Read ``path`` (TOML) and the environment; ``path=None`` means defaults plus environment.
+
+    Relative file paths in the config (a SQLite ``store.url``, the secret files) name files next
+    to the config file, whatever the current directory: they are made absolute against
+    ``base_dir``, by default the config file's own directory. Without a file they stay relative
+    to the current directory."""
     environ = os.environ if env is None else env
     if path is None:
         return decode({}, "(defaults)", environ)
@@ -141,7 +148,36 @@ def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Confi
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"{source}: cannot read: {e.strerror}"]) from None
-    return loads(text, source, environ)
+    base = Path(base_dir) if base_dir is not None else Path(path).parent
+    return relative_to(loads(text, source, environ), base)
+
+
+def _sqlite_path(url: str) -> str | None:
+    """The file part of a ``sqlite:`` URL (as ``gateway.store.sqlite.path_of`` reads it)."""
+    if not url.startswith("sqlite:"):
+        return None
+    rest = url.removeprefix("sqlite:")
+    return rest[3:] if rest.startswith("///") else rest[2:] if rest.startswith("//") else rest
+
+
+def relative_to(cfg: Config, base: Path) -> Config:
+    """``cfg`` with its relative file paths made absolute against ``base``."""
+    base = base.absolute()
+
+    def fix(p: str) -> str:
+        return p if not p or Path(p).is_absolute() else str(base / p)
+
+    store, security, admin = cfg.store, cfg.security, cfg.admin
+    db = _sqlite_path(store.url)
+    if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_absolute():
+        store = msgspec.structs.replace(store, url="sqlite:///" + fix(db))
+    security = msgspec.structs.replace(
+        security,
+        hash_secret_file=fix(security.hash_secret_file),
+        previous_hash_secret_files=tuple(fix(p) for p in security.previous_hash_secret_files),
+    )
+    admin = msgspec.structs.replace(admin, tokens_file=fix(admin.tokens_file))
+    return msgspec.structs.replace(cfg, store=store, security=security, admin=admin)
 
 
 def loads(text: str, source: str, env: Mapping[str, str] | None = None) -> Config:

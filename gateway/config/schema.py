@@ -14,6 +14,9 @@ from msgspec import Meta
 
 ENV_PREFIX = "KEYSTILE_"
 HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET"  # noqa: S105 - a variable name
+# Secrets keys were hashed with before the current one, comma-separated: tried on a miss while a
+# rotation re-keys the store (README, "Rotating the hash secret").
+PREVIOUS_HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET_PREVIOUS"  # noqa: S105 - a variable name
 ADMIN_TOKENS_ENV = "KEYSTILE_ADMIN_TOKENS"
 CONFIG_ENV = "KEYSTILE_CONFIG"
 # Where the CLI finds a running admin API, and the admin token it presents there.
@@ -92,6 +95,8 @@ class KeysConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True
 
 class SecurityConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     hash_secret_file: str = ""
+    # Files holding previous hash secrets (one each), as KEYSTILE_KEY_HASH_SECRET_PREVIOUS.
+    previous_hash_secret_files: tuple[str, ...] = ()
 
 
 class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -172,6 +177,26 @@ class ThrottleConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     max_clients: Count = 100_000
 
 
+class LimitConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # One rate limit: at most ``limit`` requests at once, refilled at ``limit`` per ``window``
+    # (seconds, or a duration such as "1s", "10m", "1d").
+    name: str
+    limit: Annotated[int, Meta(ge=1, le=1_000_000_000)]
+    window: float | str
+
+
+class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Send RateLimit-Policy and RateLimit on every response of a limited route.
+    headers: bool = True
+    # When Redis cannot decide: "open" lets requests pass unlimited, "closed" answers 503.
+    # Authentication never depends on this.
+    on_redis_failure: Literal["open", "closed"] = "open"
+    # Buckets held in-process without Redis (those full again are dropped first).
+    max_local_buckets: Count = 100_000
+    # Seconds between credit writes to the store, and between checks for due refills.
+    credits_flush_interval: Seconds = 1.0
+
+
 class RouteConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: str
     upstream: str
@@ -181,6 +206,10 @@ class RouteConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     scopes: tuple[str, ...] = ()
     strip_prefix: bool = False
     preserve_host: bool = False
+    # Rate limits every key gets on this route (a bucket per key and route).
+    limits: tuple[LimitConfig, ...] = ()
+    # Credits a request on this route spends from a key or principal that has credits.
+    cost: Annotated[int, Meta(ge=0, le=1_000_000)] = 1
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -198,6 +227,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     routes: tuple[RouteConfig, ...] = ()
     throttle: ThrottleConfig = ThrottleConfig()
     tls: TLSConfig = TLSConfig()
+    limits: LimitsConfig = LimitsConfig()
 
 
 _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
@@ -214,6 +244,7 @@ _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
     "logging": LoggingConfig,
     "throttle": ThrottleConfig,
     "tls": TLSConfig,
+    "limits": LimitsConfig,
 }
 
 

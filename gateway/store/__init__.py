@@ -32,14 +32,17 @@ from typing import Literal
 import msgspec
 
 from gateway.keys import KeyDigest
+from gateway.limits.policy import Policy
 from gateway.models import (
     AuditEvent,
+    CreditState,
     IdentityRecord,
     Invalidation,
     KeyRecord,
     KeyStatus,
     NewKey,
     Principal,
+    Refill,
     UsageUpdate,
 )
 
@@ -220,6 +223,7 @@ class Store(ABC):
         previous_valid_until: float | None,
         actor: str,
         now: float,
+        digest_secret: str | None = None,
     ) -> tuple[KeyRecord, Invalidation]:
         """Give the key a new secret; the old digest stays valid until ``previous_valid_until``."""
 
@@ -230,6 +234,29 @@ class Store(ABC):
 
     @abstractmethod
     async def list_audit(self, flt: AuditFilter) -> AuditPage: ...
+
+    # the hash secret (fingerprints only, see gateway.hash_secrets)
+    @abstractmethod
+    async def hash_secrets(self) -> list[str]:
+        """The recorded fingerprints of hash secrets, oldest first (the last is the one keys are
+        re-keyed to)."""
+
+    @abstractmethod
+    async def record_hash_secret(self, fingerprint: str, now: float) -> None:
+        """Record ``fingerprint`` as the newest (nothing when already recorded). The first one
+        recorded is also given to every key that has none (keys written before it existed)."""
+
+    @abstractmethod
+    async def rekey(
+        self, key_id: str, old: KeyDigest, new: KeyDigest, fingerprint: str, *, previous: bool
+    ) -> Invalidation:
+        """Replace the key's digest ``old`` (its rotation-grace digest when ``previous``) by
+        ``new``, made with the secret of ``fingerprint``, only while that is the newest recorded;
+        records the outbox row of both digests. ``Invalidation(0, ())`` when nothing changed."""
+
+    @abstractmethod
+    async def keys_by_secret(self, now: float) -> dict[str | None, int]:
+        """Usable keys (not revoked, not expired) by the fingerprint of their digest's secret."""
 
     # the invalidation outbox
     @abstractmethod
@@ -248,13 +275,58 @@ class Store(ABC):
     async def prune_invalidations(self, before: float) -> int:
         """Delete the invalidations recorded before ``before``; returns how many."""
 
+    # rate limits and credits (gateway.store.sql_limits)
+    @abstractmethod
+    async def set_key_limits(
+        self, key_id: str, limits: Sequence[Policy], actor: str, now: float
+    ) -> tuple[KeyRecord, Invalidation]: ...
 
-async def open_store(url: str, *, timeout: float = 5.0, pool_min: int = 2, pool_max: int = 10) -> Store:
-    """Open the backend named by ``url`` (``sqlite:///path`` or ``postgresql://...``)."""
+    @abstractmethod
+    async def set_principal_limits(
+        self, ref: str, limits: Sequence[Policy], actor: str, now: float
+    ) -> tuple[Principal, Invalidation]: ...
+
+    @abstractmethod
+    async def get_credits(self, owner: str) -> CreditState | None: ...
+
+    @abstractmethod
+    async def change_credits(
+        self,
+        owner: str,
+        principal_id: str,
+        *,
+        remaining: int | None = None,
+        add: int | None = None,
+        refill: Refill | msgspec.UnsetType | None = msgspec.UNSET,
+        remove: bool = False,
+        actor: str,
+        now: float,
+        action: str = "credits.set",
+    ) -> tuple[CreditState | None, Invalidation]: ...
+
+    @abstractmethod
+    async def spend_credits(self, spends: Sequence[tuple[str, int, int]]) -> None: ...
+
+    @abstractmethod
+    async def due_refills(self, now: float) -> list[tuple[str, str]]: ...
+
+    @abstractmethod
+    async def refill_credits(
+        self, owner: str, principal_id: str, now: float
+    ) -> tuple[CreditState, Invalidation] | None: ...
+
+
+async def open_store(
+    url: str, *, timeout: float = 5.0, pool_min: int = 2, pool_max: int = 10, create: bool = True
+) -> Store:
+    """Open the backend named by ``url`` (``sqlite:///path`` or ``postgresql://...``).
+
+    ``create=False`` for every use but migrating: a SQLite file that does not exist is then
+    ``StoreUnavailable`` naming its path, never a new empty database."""
     if url.startswith("sqlite:"):
         from gateway.store.sqlite import SQLiteStore
 
-        return await SQLiteStore.open(url, timeout=timeout)
+        return await SQLiteStore.open(url, timeout=timeout, create=create)
     if url.startswith(("postgresql:", "postgres:")):
         from gateway.store.postgres import PostgresStore
 

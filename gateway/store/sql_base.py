@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import msgspec
 
 from gateway.keys import KeyDigest
+from gateway.limits import policy as policy_codec
 from gateway.models import (
     Invalidation,
     KeyRecord,
@@ -101,16 +102,18 @@ _KEY_COLS = (
     "k.expires_at, k.revoked_at, "
     "CASE WHEN u.last_used_at IS NULL OR u.last_used_at < k.last_used_at "
     "THEN k.last_used_at ELSE u.last_used_at END, "
-    "k.request_count + COALESCE(u.request_count, 0), k.metadata, k.previous_valid_until"
+    "k.request_count + COALESCE(u.request_count, 0), k.metadata, k.previous_valid_until, k.limits"
 )
 _KEY_FROM = "FROM keys k JOIN principals p ON p.id = k.principal_id LEFT JOIN key_usage u ON u.key_id = k.id"
 _PRINCIPAL_COLS = "id, name, kind, disabled, created_at, metadata"
 # What the hot path needs to know about a key, its principal and its grant in the key's project.
 _IDENTITY_SELECT = (
     "SELECT k.id, k.digest, k.previous_digest, k.previous_valid_until, k.start, "
-    "k.principal_id, p.name, k.project, k.scopes, k.expires_at, k.env, g.scopes "
+    "k.principal_id, p.name, k.project, k.scopes, k.expires_at, k.env, g.scopes, "
+    "k.limits, p.limits, kc.epoch, pc.epoch "
     "FROM keys k JOIN principals p ON p.id = k.principal_id LEFT JOIN grants g "
-    "ON g.principal_id = k.principal_id AND g.project = k.project"
+    "ON g.principal_id = k.principal_id AND g.project = k.project "
+    "LEFT JOIN credits kc ON kc.owner = k.id LEFT JOIN credits pc ON pc.owner = k.principal_id"
 )
 
 
@@ -131,6 +134,7 @@ def _key(row: Row) -> KeyRecord:
         request_count=row[12],
         metadata=_meta_dec.decode(row[13]),
         previous_valid_until=row[14],
+        limits=policy_codec.decode(row[15]),
     )
 
 
@@ -239,7 +243,9 @@ class SQLBase(Store):
         return Invalidation(int(row[0]), None if every else tuple(digests))
 
     async def _principal(self, conn: Conn, ref: str) -> Principal:
-        row = await conn.fetchrow(f"SELECT {_PRINCIPAL_COLS} FROM principals WHERE id = $1 OR name = $1", ref)
+        row = await conn.fetchrow(
+            f"SELECT {_PRINCIPAL_COLS}, limits FROM principals WHERE id = $1 OR name = $1", ref
+        )
         if row is None:
             raise NotFound(f"principal {ref!r} not found")
         grants = await conn.fetch(
@@ -253,6 +259,7 @@ class SQLBase(Store):
             created_at=row[4],
             metadata=_meta_dec.decode(row[5]),
             grants={g[0]: _scopes_dec.decode(g[1]) for g in grants},
+            limits=policy_codec.decode(row[6]),
         )
 
     async def _key_row(self, conn: Conn, key_id: str) -> KeyRecord:

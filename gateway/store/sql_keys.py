@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from gateway.keys import KeyDigest
+from gateway.limits import policy as policy_codec
 from gateway.models import (
     IdentityRecord,
     Invalidation,
@@ -81,6 +82,10 @@ class KeyQueries(SQLBase):
                         scopes=scopes,
                         env=r[10],
                         member=granted is not None,
+                        limits=policy_codec.decode(r[12]),
+                        pool_limits=policy_codec.decode(r[13]),
+                        credits=int(r[14] or 0),
+                        pool_credits=int(r[15] or 0),
                     )
                     cur, prev = bytes(r[1]), None if r[2] is None else bytes(r[2])
                     if cur in wanted:
@@ -109,7 +114,8 @@ class KeyQueries(SQLBase):
                 )
             await conn.execute(
                 "INSERT INTO keys (id, digest, name, start, env, principal_id, project, scopes, "
-                "metadata, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                "metadata, created_at, expires_at, digest_secret) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 new.id,
                 new.digest,
                 new.name,
@@ -121,6 +127,7 @@ class KeyQueries(SQLBase):
                 _j(new.metadata),
                 new.created_at,
                 new.expires_at,
+                new.digest_secret,
             )
             rec = await self._key_row(conn, new.id)
             await self._audit(
@@ -255,6 +262,7 @@ class KeyQueries(SQLBase):
             before = await self._key_row(conn, key_id)
             digests = await self._digests(conn, "id", key_id)
             await conn.execute("DELETE FROM keys WHERE id = $1", key_id)
+            await conn.execute("DELETE FROM credits WHERE owner = $1", key_id)
             await self._audit(
                 conn,
                 at=time.time(),
@@ -277,6 +285,7 @@ class KeyQueries(SQLBase):
         previous_valid_until: float | None,
         actor: str,
         now: float,
+        digest_secret: str | None = None,
     ) -> tuple[KeyRecord, Invalidation]:
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
@@ -289,13 +298,14 @@ class KeyQueries(SQLBase):
             assert row is not None
             keep = previous_valid_until is not None and previous_valid_until > now
             await conn.execute(
-                "UPDATE keys SET digest = $1, start = $2, previous_digest = $3, previous_valid_until = $4 "
-                "WHERE id = $5",
+                "UPDATE keys SET digest = $1, start = $2, previous_digest = $3, previous_valid_until = $4, "
+                "digest_secret = $6 WHERE id = $5",
                 digest,
                 start,
                 bytes(row[0]) if keep else None,
                 previous_valid_until if keep else None,
                 key_id,
+                digest_secret,
             )
             after = await self._key_row(conn, key_id)
             await self._audit(

@@ -131,6 +131,7 @@ class PrincipalQueries(SQLBase):
                     "delete them first or pass with_keys=true"
                 )
             await conn.execute("DELETE FROM keys WHERE principal_id = $1", pid)
+            await conn.execute("DELETE FROM credits WHERE principal_id = $1", pid)
             await conn.execute("DELETE FROM grants WHERE principal_id = $1", pid)
             await conn.execute("DELETE FROM principals WHERE id = $1", pid)
             await self._audit(

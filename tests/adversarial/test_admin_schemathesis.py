@@ -38,6 +38,11 @@ POLICY_REFUSALS = (
     # Set by the config, not the document: the longest grace, and a duration text of zero.
     ("grace_seconds", re.compile(r"^.* is longer than allowed: policy\.max_rotation_grace is ")),
     ("expires_in", re.compile(r"^must be positive$")),
+    ("remove", re.compile(r"^remove takes no other field$")),
+    ("limits", re.compile(r"^limit names must be unique, .* repeats$")),
+    # A window's duration pattern cannot bound its value (1ms-366d).
+    *((f"limits[{i}]", re.compile(r"^window must be between 1ms and 366d, got .*$")) for i in range(8)),
+    *((f"limits[{i}]", re.compile(r"^limit .* is finer than one request per 10 us .*$")) for i in range(8)),
 )
 
 
