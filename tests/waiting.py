@@ -31,14 +31,3 @@ async def until(
             raise AssertionError(f"{what} did not hold within {timeout}s (last: {got!r})")
         await asyncio.sleep(every)
 
-
-async def stays(check: Callable[[], object], duration: float, what: str = "the condition") -> None:
-    """Assert ``check`` holds throughout ``duration`` seconds (checked every 10 ms): for tests whose
-    point is that something does NOT happen for a while."""
-    deadline = time.monotonic() + duration
-    while time.monotonic() < deadline:
-        got = check()
-        if inspect.isawaitable(got):
-            got = await got
-        assert got, f"{what} stopped holding"
-        await asyncio.sleep(0.01)
