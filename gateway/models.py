@@ -14,6 +14,28 @@ from gateway.limits.policy import Policy
 
 KeyStatus = Literal["active", "expired", "revoked"]
 PrincipalKind = Literal["user", "service"]
+# Where an admin change came from, as the audit log records it.
+AuditSource = Literal["api", "cli", "console"]
+AUDIT_SOURCES: tuple[AuditSource, ...] = ("api", "cli", "console")
+
+
+class Actor(str):
+    """Who makes a change (a token id, ``cli``, a signed-in principal) and through what.
+
+    A ``str`` carrying its ``source``, so every call that takes an actor's name takes an ``Actor``
+    as well and the store's audit row records both; a plain ``str`` counts as source ``api``.
+    """
+
+    source: AuditSource
+
+    def __new__(cls, name: str, source: AuditSource = "api") -> Actor:
+        self = super().__new__(cls, name)
+        self.source = source
+        return self
+
+
+def source_of(actor: str) -> AuditSource:
+    return actor.source if isinstance(actor, Actor) else "api"
 
 
 class IdentityRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -41,6 +63,8 @@ class IdentityRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
     # Set only on the identity of a rotated-out secret: the end of its grace. From then on the old
     # secret is answered exactly like an unknown key, also while this record is still cached.
     grace_until: float | None = None
+    # The principal's roles in the key's project (their scopes are already in ``scopes``).
+    roles: tuple[str, ...] = ()
     # Rate limits of the key itself and of its principal's pool (shared by all its keys).
     limits: tuple[Policy, ...] = ()
     pool_limits: tuple[Policy, ...] = ()
@@ -65,6 +89,7 @@ class IdentityView(msgspec.Struct, frozen=True, kw_only=True):
     env: str
     expires_at: float | None
     last_used_at: float | None = None
+    roles: list[str] = []
 
     @classmethod
     def of(cls, ident: IdentityRecord, last_used_at: float | None) -> Self:
@@ -78,6 +103,7 @@ class IdentityView(msgspec.Struct, frozen=True, kw_only=True):
             env=ident.env,
             expires_at=ident.expires_at,
             last_used_at=last_used_at,
+            roles=list(ident.roles),
         )
 
 
@@ -89,6 +115,9 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     grants: dict[str, tuple[str, ...]]  # project -> scopes
     metadata: dict[str, str] = {}
+    # project -> names of the project's roles the principal holds; a project here is always in
+    # ``grants`` too (with the scopes granted directly, perhaps none).
+    roles: dict[str, tuple[str, ...]] = {}
     limits: tuple[Policy, ...] = ()
 
 
@@ -159,6 +188,29 @@ class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
     target_id: str
     before: dict[str, object] | None
     after: dict[str, object] | None
+    source: AuditSource = "api"
+
+
+class Role(msgspec.Struct, frozen=True, kw_only=True):
+    """A named set of scopes in one project; a grant naming it grants its scopes."""
+
+    project: str
+    name: str
+    scopes: tuple[str, ...]
+    description: str = ""
+    created_at: float
+    updated_at: float
+
+
+class ProjectPolicy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One project's own policy values, as stored; a field left ``UNSET`` falls back to the
+    config (``[policy.projects.<name>]``, then ``[policy]``). Lifetimes in seconds, ``None``: no
+    default / no maximum; a grace of 0 allows none."""
+
+    max_active_keys: int | msgspec.UnsetType = msgspec.UNSET
+    default_lifetime: float | msgspec.UnsetType | None = msgspec.UNSET
+    max_lifetime: float | msgspec.UnsetType | None = msgspec.UNSET
+    max_rotation_grace: float | msgspec.UnsetType = msgspec.UNSET
 
 
 class Invalidation(msgspec.Struct, frozen=True):

@@ -8,7 +8,9 @@ operation is one function in ``operations`` and one entry here. Must not: import
 what an operation does.
 
 Routes: ``/healthz``, ``/readyz`` and ``/v1/openapi.json`` (``openapi.ENDPOINT``) are public;
-every other ``/v1`` route needs an admin bearer token (``server``).
+every other ``/v1`` route needs an admin bearer token (``server``). Changes are audited with the
+token's id and the source ``api``, or ``cli`` when the request says ``X-Keystile-Source: cli``
+(the CLI does); the roles and policy routes are ``access_operations``'.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
+from gateway.admin import access_operations as acc
+from gateway.admin import access_schemas as a
 from gateway.admin import limit_operations as lops
 from gateway.admin import limit_schemas as ls
 from gateway.admin import operations as ops
@@ -111,6 +115,8 @@ def _unavailable(result: s.VerifyResponse) -> tuple[int, Mapping[str, str]] | No
 
 
 _P = "/v1/principals/{principal}"
+_ROLE = "/v1/projects/{project}/roles/{role}"
+_POLICY = "/v1/projects/{project}/policy"
 _K = "/v1/keys/{key_id}"
 _W = (401, 422, 503)  # every write can meet these; 400 too where there is a body to parse
 _R = (401, 503)
@@ -385,7 +391,86 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
         response=s.AuditPage,
         query=s.AuditQuery,
         errors=(*_R, 422),
-        description="Every lifecycle change, with its actor and the record before and after.",
+        description="Every lifecycle change, with its actor, its source (api, cli, console) and "
+        "the record before and after.",
+    ),
+    Endpoint(
+        "GET",
+        "/v1/projects/{project}/roles",
+        "listRoles",
+        "projects",
+        "List a project's roles",
+        acc.list_roles,
+        response=a.RoleList,
+        errors=(*_R, 422),
+    ),
+    Endpoint(
+        "GET",
+        _ROLE,
+        "getRole",
+        "projects",
+        "Get a role",
+        acc.get_role,
+        response=a.RoleView,
+        errors=(*_R, 404, 422),
+    ),
+    Endpoint(
+        "PUT",
+        _ROLE,
+        "putRole",
+        "projects",
+        "Create a role or replace its scopes",
+        acc.put_role,
+        response=a.RoleView,
+        body=a.RolePut,
+        errors=(400, *_W),
+        description="A role is a named set of scopes in a project; a principal's `roles` name the "
+        "roles it holds. A key acts with its owner's granted scopes and those of its roles "
+        "(narrowed by the key's own scopes); a change here reaches every key of every holder at once.",
+    ),
+    Endpoint(
+        "DELETE",
+        _ROLE,
+        "deleteRole",
+        "projects",
+        "Delete a role: every holder loses it, and its scopes, at once",
+        acc.delete_role,
+        status=204,
+        errors=(*_W, 404),
+    ),
+    Endpoint(
+        "GET",
+        _POLICY,
+        "getProjectPolicy",
+        "projects",
+        "The key policy that applies in a project, and where each value comes from",
+        acc.get_project_policy,
+        response=a.PolicyView,
+        errors=(*_R, 422),
+    ),
+    Endpoint(
+        "PUT",
+        _POLICY,
+        "setProjectPolicy",
+        "projects",
+        "Set a project's own key policy values",
+        acc.set_project_policy,
+        response=a.PolicyView,
+        body=a.ProjectPolicyPut,
+        errors=(400, *_W),
+        description="Stored values win over `[policy.projects.<project>]` in the config, which wins "
+        "over `[policy]`; a field left out falls back. The values apply to every later write in "
+        "the project (create, update, rotate).",
+    ),
+    Endpoint(
+        "DELETE",
+        _POLICY,
+        "clearProjectPolicy",
+        "projects",
+        "Forget a project's own key policy values: the config's apply again",
+        acc.clear_project_policy,
+        response=a.PolicyView,
+        errors=(*_W, 404),
     ),
 )
 # operation -> its entry: how the clients find the route of the operation they are asked for.

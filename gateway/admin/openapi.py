@@ -18,26 +18,35 @@ from gateway import __version__, text
 from gateway.admin import schemas as s
 from gateway.admin.api import ENDPOINTS, Endpoint, required_role
 from gateway.admin.operations import Context
+from gateway.lifecycle import MAX_TOKEN
 
 REF: Final = "#/components/schemas/{name}"
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
 _PATH_PARAMS: Final = {
     "principal": "the principal's id (`prn_...`) or name",
     "key_id": "the key's id (`key_...`)",
+    "project": "a project's name",
+    "role": "a role's name within the project",
+}
+# Path parameters with a rule of their own (the lifecycle enforces the same, naming the field).
+_PATH_SCHEMAS: Final = {
+    name: {"type": "string", "minLength": 1, "maxLength": MAX_TOKEN, "$ref": s.PROJECT_TEXT}
+    for name in ("project", "role")
 }
 # Error statuses: component name and when they happen.
 _ERRORS: Final = {
     400: ("MalformedJSON", "The request body is not valid JSON."),
     401: ("Unauthenticated", "No admin token, or not a valid one."),
     403: ("Forbidden", "The admin token's role does not allow this operation."),
-    404: ("NotFound", "The principal or key named in the path does not exist."),
+    404: ("NotFound", "The principal, key, role or project policy named in the path does not exist."),
     409: ("Conflict", "The change would break a rule: `error` says which."),
     422: ("InvalidRequest", "Invalid input or a broken policy; `field` names the input."),
     503: ("StoreUnavailable", "The key store cannot be reached; retry after `Retry-After` seconds."),
 }
 _DESCRIPTION = """\
-Manage Keystile's principals (users and service accounts), their grants and their API keys, verify
-keys for services that are not behind the proxy, and read the audit trail.
+Manage Keystile's principals (users and service accounts), their grants and their API keys, each
+project's roles and key policy, verify keys for services that are not behind the proxy, and read
+the audit trail.
 
 Authenticate with an admin token (`KEYSTILE_ADMIN_TOKENS` or `admin.tokens_file`) as
 `Authorization: Bearer <token>`; this document and the health routes are public. A token has a
@@ -94,7 +103,7 @@ def _operation(ep: Endpoint[Any], components: dict[str, Any]) -> dict[str, Any]:
             "in": "path",
             "required": True,
             "description": _PATH_PARAMS[name],
-            "schema": {"type": "string"},
+            "schema": _PATH_SCHEMAS.get(name, {"type": "string"}),
         }
         for name in _PATH_PARAM.findall(ep.path)
     ]

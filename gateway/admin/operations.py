@@ -53,7 +53,9 @@ class Services(Protocol):
 @dataclass(frozen=True, slots=True)
 class Context:
     """One operation's surroundings: the lifecycle it writes through and the actor audited for
-    it; ``gateway`` is the running gateway (None in the CLI's store mode, which has no cache)."""
+    it (a ``gateway.models.Actor`` also names the source: api, cli or console; a plain name counts
+    as api); ``gateway`` is the running gateway (None in the CLI's store mode, which has no
+    cache)."""
 
     lifecycle: Lifecycle
     actor: str
@@ -95,6 +97,7 @@ async def create_principal(ctx: Context, body: s.PrincipalCreate) -> s.Principal
         kind=body.kind,
         grants=dict(body.grants),
         metadata=dict(body.metadata),
+        roles=dict(body.roles),
         actor=ctx.actor,
     )
     return s.principal_view(p)
@@ -110,11 +113,12 @@ async def get_principal(ctx: Context, principal: str) -> s.PrincipalView:
 
 
 async def update_principal(ctx: Context, principal: str, body: s.PrincipalUpdate) -> s.PrincipalView:
-    if body.grants is msgspec.UNSET and body.metadata is msgspec.UNSET:
+    if body.grants is msgspec.UNSET and body.metadata is msgspec.UNSET and body.roles is msgspec.UNSET:
         return await get_principal(ctx, principal)  # nothing to change: no write, no audit row
     p = await ctx.lifecycle.update_principal(
         principal,
         grants=body.grants if isinstance(body.grants, msgspec.UnsetType) else dict(body.grants),
+        roles=body.roles if isinstance(body.roles, msgspec.UnsetType) else dict(body.roles),
         metadata=body.metadata,
         actor=ctx.actor,
     )

@@ -18,7 +18,15 @@ from msgspec import UNSET, Meta, UnsetType
 
 from gateway.config import DURATION_PATTERN
 from gateway.lifecycle import MAX_NAME, MAX_TOKEN
-from gateway.models import AuditEvent, IdentityView, KeyRecord, KeyStatus, Principal, PrincipalKind
+from gateway.models import (
+    AuditEvent,
+    AuditSource,
+    IdentityView,
+    KeyRecord,
+    KeyStatus,
+    Principal,
+    PrincipalKind,
+)
 from gateway.store.sql import AUDIT_CURSOR, KEY_CURSOR, PRINCIPAL_CURSOR
 
 MAX_PAGE = 500
@@ -70,6 +78,23 @@ Scopes = Annotated[list[Scope], Meta(max_length=100)]
 Grants = Annotated[
     dict[Project, Scopes],
     Meta(max_length=200, description="project -> scopes granted in it; replaces every grant"),
+]
+RoleName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_TOKEN,
+        description="a role of the project (the rule of projects and scopes)",
+        extra_json_schema={"$ref": PROJECT_TEXT},
+    ),
+]
+Roles = Annotated[
+    dict[Project, Annotated[list[RoleName], Meta(max_length=100)]],
+    Meta(
+        max_length=200,
+        description="project -> roles held in it (each defined in that project); replaces every "
+        "role held; a project named here is one the principal is a member of",
+    ),
 ]
 Metadata = Annotated[
     dict[
@@ -124,6 +149,7 @@ class PrincipalCreate(_Request):
     kind: PrincipalKind = "user"
     grants: Grants = {}
     metadata: Metadata = {}
+    roles: Roles = {}
 
 
 class PrincipalUpdate(_Request):
@@ -131,6 +157,7 @@ class PrincipalUpdate(_Request):
 
     grants: Grants | UnsetType = UNSET
     metadata: Metadata | UnsetType = UNSET
+    roles: Roles | UnsetType = UNSET
 
 
 class PrincipalQuery(_Request):
@@ -151,8 +178,9 @@ class PrincipalView(_Response):
     kind: PrincipalKind
     disabled: bool
     created_at: UnixTime
-    grants: dict[str, list[str]]
+    grants: Annotated[dict[str, list[str]], Meta(description="project -> scopes granted directly")]
     metadata: dict[str, str]
+    roles: Annotated[dict[str, list[str]], Meta(description="project -> roles held")] = {}
 
 
 class PrincipalPage(_Response):
@@ -273,6 +301,7 @@ class VerifyResponse(_Response):
 class AuditQuery(_Request):
     key_id: Filter | None = None
     principal: Annotated[Filter, Meta(description="principal id or name")] | None = None
+    source: Annotated[AuditSource, Meta(description="where the change came from")] | None = None
     since: Annotated[float, Meta(description="at or after, UNIX seconds")] | None = None
     until: Annotated[float, Meta(description="before, UNIX seconds")] | None = None
     limit: Limit = 50
@@ -284,10 +313,11 @@ class AuditEventView(_Response):
     at: UnixTime
     actor: str
     action: str
-    target_type: Annotated[str, Meta(description="key or principal")]
+    target_type: Annotated[str, Meta(description="key, principal, role or project")]
     target_id: str
     before: dict[str, Any] | None
     after: dict[str, Any] | None
+    source: Annotated[AuditSource, Meta(description="api, cli or console")] = "api"
 
 
 class AuditPage(_Response):
@@ -337,6 +367,7 @@ def principal_view(p: Principal) -> PrincipalView:
         created_at=p.created_at,
         grants={project: list(scopes) for project, scopes in p.grants.items()},
         metadata=dict(p.metadata),
+        roles={project: list(names) for project, names in p.roles.items()},
     )
 
 

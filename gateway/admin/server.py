@@ -49,6 +49,7 @@ from gateway.admin.openapi import ALL_ENDPOINTS, document
 from gateway.admin.operations import Context, Services
 from gateway.admin.problems import Forbidden, InvalidInput, Unauthenticated, problem, validation_field
 from gateway.config import ADMIN_ROLES, Secrets, admin_token
+from gateway.models import Actor, AuditSource
 
 log = logging.getLogger("keystile.admin")
 
@@ -65,6 +66,7 @@ ACTOR: Final[web.RequestKey[str]] = web.RequestKey("actor", str)
 ROLE: Final[web.RequestKey[str]] = web.RequestKey("role", str)
 _RANK: Final = {role: rank for rank, role in enumerate(ADMIN_ROLES)}
 PUBLIC_PATHS: Final = frozenset({"/v1/openapi.json"})
+SOURCE_HEADER: Final = "X-Keystile-Source"
 
 _enc = msgspec.json.Encoder()
 _HEADERS: Final = {"Cache-Control": "no-store"}
@@ -99,11 +101,18 @@ def _handler(ep: Endpoint[Any]) -> WebHandler:
         body = await _read_body(request, ep.body) if request.method != "GET" else None
         query = _read_query(request.query, ep.query)
         deps = request.app[DEPS]
-        ctx = Context(deps.lifecycle, request.get(ACTOR, ""), deps)  # this generation's lifecycle
+        actor = Actor(request.get(ACTOR, ""), _source(request))
+        ctx = Context(deps.lifecycle, actor, deps)  # this generation's lifecycle
         return _respond(ep, await invoke(ep, ctx, request.match_info, body, query))
 
     handle.__name__ = ep.operation_id
     return handle
+
+
+def _source(request: web.Request) -> AuditSource:
+    """Where the change comes from, as the audit log records it: ``cli`` when the CLI says so
+    (``SOURCE_HEADER``), else ``api``. Only the console, in-process, records ``console``."""
+    return "cli" if request.headers.get(SOURCE_HEADER) == "cli" else "api"
 
 
 def _respond(ep: Endpoint[Any], result: Any) -> web.Response:

@@ -44,7 +44,7 @@ from gateway.cli.output import (
 from gateway.cli.runner import Fail, load, run, with_store
 from gateway.config import Config
 from gateway.lifecycle import Lifecycle
-from gateway.models import Invalidation
+from gateway.models import Actor, Invalidation
 from gateway.store import Store
 
 T = TypeVar("T")
@@ -126,7 +126,7 @@ def with_admin(
 
     async def main() -> T:
         if target is not None:
-            async with AdminClient(*target) as client:
+            async with AdminClient(*target, source="cli") as client:
                 return await fn(client)
         assert loaded is not None
         cfg, secrets = loaded
@@ -140,7 +140,7 @@ def with_admin(
             lifecycle = Lifecycle(
                 cfg, secrets.hash_secret, store, invalidate=publish if cfg.redis.url else None
             )
-            return await fn(StoreAdmin(ops.Context(lifecycle, "cli")))
+            return await fn(StoreAdmin(ops.Context(lifecycle, Actor("cli", "cli"))))
 
         return await with_store(cfg, on_store)
 
@@ -265,6 +265,7 @@ def cmd_principals_create(args: argparse.Namespace) -> int:
         kind=args.kind,
         grants=flags.grants(args.grant) or {},
         metadata=flags.pairs(args.metadata, "--metadata") or {},
+        roles=flags.grants(args.role, "--role") or {},
     )
     show(call(args, ops.create_principal, body=body), args.json, principal_fields)
     return 0
@@ -273,12 +274,16 @@ def cmd_principals_create(args: argparse.Namespace) -> int:
 def cmd_principals_update(args: argparse.Namespace) -> int:
     grants: Any = {} if args.no_grants else flags.grants(args.grant)
     metadata = flags.pairs(args.metadata, "--metadata")
-    if grants is None and metadata is None:
-        raise Fail("keystile: nothing to change: give --grant, --no-grants or --metadata", 2)
+    roles: Any = {} if args.no_roles else flags.grants(args.role, "--role")
+    if grants is None and metadata is None and roles is None:
+        raise Fail(
+            "keystile: nothing to change: give --grant, --no-grants, --role, --no-roles or --metadata", 2
+        )
     body = build(
         schemas.PrincipalUpdate,
         grants=msgspec.UNSET if grants is None else grants,
         metadata=msgspec.UNSET if metadata is None else metadata,
+        roles=msgspec.UNSET if roles is None else roles,
     )
     show(call(args, ops.update_principal, body=body, principal=args.principal), args.json, principal_fields)
     return 0

@@ -119,7 +119,7 @@ def key_row(k: schemas.KeyView) -> list[str]:
 
 
 def audit_row(e: schemas.AuditEventView) -> list[str]:
-    return [fmt_time(e.at), e.actor, e.action, e.target_id]
+    return [fmt_time(e.at), e.actor, e.source, e.action, e.target_id]
 
 
 PRINCIPAL_COLUMNS = ("name", "id", "kind", "status", "created (UTC)", "grants")
@@ -134,7 +134,7 @@ KEY_COLUMNS = (
     "last used (UTC)",
     "status",
 )
-AUDIT_COLUMNS = ("time (UTC)", "actor", "action", "target")
+AUDIT_COLUMNS = ("time (UTC)", "actor", "source", "action", "target")
 
 
 def show(view: V, as_json: bool, fields: Callable[[V], list[tuple[str, str]]]) -> None:
@@ -154,6 +154,8 @@ def principal_fields(p: schemas.PrincipalView) -> list[tuple[str, str]]:
         ("created", utc(p.created_at)),
         ("grants", grants_text(p.grants)),
     ]
+    if p.roles:
+        pairs.append(("roles", "; ".join(f"{proj}: {','.join(r)}" for proj, r in p.roles.items())))
     return pairs + [(f"metadata.{k}", v) for k, v in p.metadata.items()]
 
 

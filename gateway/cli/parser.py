@@ -12,7 +12,7 @@ from typing import Any
 
 from gateway import __version__
 from gateway import config as config_mod
-from gateway.cli import flags
+from gateway.cli import access_commands, flags
 from gateway.cli.admin_commands import (
     ADMIN_MODES,
     cmd_audit,
@@ -42,6 +42,7 @@ from gateway.cli.server_commands import (
     cmd_serve,
 )
 from gateway.keys import ENVIRONMENTS
+from gateway.models import AUDIT_SOURCES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -129,6 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     pc.add_argument("--kind", choices=["user", "service"], default="user", help="default: user")
     pc.add_argument("--grant", action="append", metavar="PROJECT=SCOPES", help="repeatable; SCOPES a,b,c")
     pc.add_argument("--metadata", action="append", metavar="NAME=VALUE", help="repeatable free-form pairs")
+    pc.add_argument("--role", action="append", metavar="PROJECT=ROLES", help="repeatable; ROLES a,b")
     pl = admin_command(pr, "list", cmd_principals_list, "list principals by name")
     pl.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     pl.add_argument("--cursor", help="continue a listing where the previous page ended")
@@ -145,6 +147,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pu.add_argument("--no-grants", action="store_true", help="remove every grant")
     pu.add_argument("--metadata", action="append", metavar="NAME=VALUE", help="replaces all metadata")
+    pu.add_argument(
+        "--role", action="append", metavar="PROJECT=ROLES", help="repeatable; replaces every role held"
+    )
+    pu.add_argument("--no-roles", action="store_true", help="give up every role")
     admin_command(pr, "disable", cmd_principals_disable, "disable: all its keys stop working").add_argument(
         "principal", help="id or name"
     )
@@ -202,10 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     au = admin_command(sub, "audit", cmd_audit, "list lifecycle changes, newest first")
     au.add_argument("--key", help="key id")
     au.add_argument("--principal", help="principal id or name")
+    au.add_argument("--source", choices=AUDIT_SOURCES, help="where the change came from")
     au.add_argument("--since", help="UNIX seconds, ISO 8601 time, or a duration ago (2h)")
     au.add_argument("--until", help="UNIX seconds, ISO 8601 time, or a duration ago")
     au.add_argument("--limit", type=int, default=100, help="at most this many (default 100)")
     au.add_argument("--cursor", help="continue a listing where the previous page ended")
+    access_commands.add_commands(sub, admin_command, ADMIN_MODES)
     _own_usage(p)
     return p
 

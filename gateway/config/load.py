@@ -27,6 +27,7 @@ from gateway.config.schema import (
     Config,
     ConfigError,
     PolicyConfig,
+    ProjectPolicyConfig,
     RouteConfig,
     parse_duration,
 )
@@ -59,12 +60,27 @@ def _each_problem(
         if field not in typ.__struct_fields__:
             out.append(f"{base}.{field}: unknown field")
             continue
+        if typ is PolicyConfig and field == "projects" and isinstance(item, dict):
+            out.extend(_project_problems(item, f"{base}.projects"))
+            continue
         try:
             msgspec.convert({**placeholders, field: item}, typ, strict=False)
         except msgspec.ValidationError as e:
             out.append(_msgspec_problem(e, base))
     out += [f"{base}.{f}: required field is missing" for f in placeholders if f not in value]
     return out or [_msgspec_problem(first, base)]
+
+
+def _project_problems(projects: dict[str, Any], base: str) -> list[str]:
+    """``[policy.projects.<name>]`` tables one by one, so a problem names its project (msgspec
+    would say ``projects[...]``)."""
+    out = []
+    for name, table in projects.items():
+        try:
+            msgspec.convert(table, ProjectPolicyConfig, strict=False)
+        except msgspec.ValidationError as e:
+            out += _each_problem(table, ProjectPolicyConfig, f"{base}.{name}", e)
+    return out
 
 
 def _env_value(raw: str) -> Any:

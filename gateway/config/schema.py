@@ -145,12 +145,24 @@ class RedisConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     channel: str = "keystile:invalidate"
 
 
+class ProjectPolicyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[policy.projects.<project>]``: a field left out falls back to ``[policy]``; a value the
+    admin API stored for the project wins over both (``gateway.policies``)."""
+
+    max_active_keys: Count | None = None
+    default_lifetime: str | None = None
+    max_lifetime: str | None = None
+    max_rotation_grace: str | None = None
+
+
 class PolicyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     max_active_keys: Count = 10
     # Lifetimes as durations ("30d", "12h", "90m", "45s"); empty: no default / no maximum.
     default_lifetime: str = ""
     max_lifetime: str = ""
     max_rotation_grace: str = "24h"
+    # Per-project values, by project name.
+    projects: dict[str, ProjectPolicyConfig] = {}
 
 
 class UsageConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

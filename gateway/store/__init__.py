@@ -20,7 +20,13 @@ Errors::
         ├── NameTaken      a principal name, or a key name within principal+project, is in use
         ├── LimitExceeded  the principal already has the maximum of active keys in the project
         ├── HasKeys        a principal with keys cannot be deleted without ``with_keys``
-        └── KeyNotActive   only an active key can be rotated
+        ├── KeyNotActive   only an active key can be rotated
+        └── UnknownRole    a grant names a role its project does not define
+
+Roles (``gateway.models.Role``) are named scope sets of a project; a grant names roles besides its
+own scopes. Changing or deleting a role changes what every key of every principal holding it
+resolves to: the write records all of their digests in the outbox, like a grant change.
+Per-project policies (``ProjectPolicy``) change no key's identity and record no invalidation.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from gateway.keys import KeyDigest
 from gateway.limits.policy import Policy
 from gateway.models import (
     AuditEvent,
+    AuditSource,
     CreditState,
     IdentityRecord,
     Invalidation,
@@ -42,7 +49,9 @@ from gateway.models import (
     KeyStatus,
     NewKey,
     Principal,
+    ProjectPolicy,
     Refill,
+    Role,
     UsageUpdate,
 )
 
@@ -83,6 +92,10 @@ class KeyNotActive(Conflict):
     code = "key_not_active"
 
 
+class UnknownRole(Conflict):
+    code = "unknown_role"
+
+
 class KeyFilter(msgspec.Struct, frozen=True, kw_only=True):
     principal_id: str | None = None
     project: str | None = None
@@ -102,7 +115,11 @@ class KeyChanges(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PrincipalChanges(msgspec.Struct, frozen=True, kw_only=True):
+    """``grants`` replaces the scopes granted directly, ``roles`` the roles held (project ->
+    names); a project named by either is one the principal is a member of."""
+
     grants: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
+    roles: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
     disabled: bool | msgspec.UnsetType = msgspec.UNSET
     metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
 
@@ -110,6 +127,7 @@ class PrincipalChanges(msgspec.Struct, frozen=True, kw_only=True):
 class AuditFilter(msgspec.Struct, frozen=True, kw_only=True):
     key_id: str | None = None
     principal_id: str | None = None
+    source: AuditSource | None = None
     since: float | None = None
     until: float | None = None
     limit: int = 100
@@ -226,6 +244,34 @@ class Store(ABC):
         digest_secret: str | None = None,
     ) -> tuple[KeyRecord, Invalidation]:
         """Give the key a new secret; the old digest stays valid until ``previous_valid_until``."""
+
+    # roles
+    @abstractmethod
+    async def list_roles(self, project: str) -> list[Role]:
+        """The project's roles by name."""
+
+    @abstractmethod
+    async def get_role(self, project: str, name: str) -> Role: ...
+
+    @abstractmethod
+    async def put_role(self, role: Role, actor: str) -> tuple[Role, Invalidation]:
+        """Create or replace a role; the invalidation names the keys of every principal holding it."""
+
+    @abstractmethod
+    async def delete_role(self, project: str, name: str, actor: str) -> Invalidation:
+        """Delete a role and take it out of every grant naming it."""
+
+    # per-project policies
+    @abstractmethod
+    async def get_project_policy(self, project: str) -> ProjectPolicy | None:
+        """The project's stored policy values; None when it has none."""
+
+    @abstractmethod
+    async def put_project_policy(self, project: str, policy: ProjectPolicy, actor: str) -> ProjectPolicy: ...
+
+    @abstractmethod
+    async def delete_project_policy(self, project: str, actor: str) -> None:
+        """Forget the project's stored values (NotFound when it has none)."""
 
     # usage and audit
     @abstractmethod

@@ -32,6 +32,7 @@ from gateway.models import (
     KeyRecord,
     Principal,
     UsageUpdate,
+    source_of,
 )
 from gateway.store import (
     NameTaken,
@@ -110,7 +111,7 @@ _PRINCIPAL_COLS = "id, name, kind, disabled, created_at, metadata"
 _IDENTITY_SELECT = (
     "SELECT k.id, k.digest, k.previous_digest, k.previous_valid_until, k.start, "
     "k.principal_id, p.name, k.project, k.scopes, k.expires_at, k.env, g.scopes, "
-    "k.limits, p.limits, kc.epoch, pc.epoch "
+    "k.limits, p.limits, kc.epoch, pc.epoch, g.roles "
     "FROM keys k JOIN principals p ON p.id = k.principal_id LEFT JOIN grants g "
     "ON g.principal_id = k.principal_id AND g.project = k.project "
     "LEFT JOIN credits kc ON kc.owner = k.id LEFT JOIN credits pc ON pc.owner = k.principal_id"
@@ -210,16 +211,17 @@ class SQLBase(Store):
         after: dict[str, Any] | None,
     ) -> None:
         await conn.execute(
-            "INSERT INTO audit (at, actor, action, target_type, target_id, principal_id, before, after) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO audit (at, actor, action, target_type, target_id, principal_id, before, after, "
+            "source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             at,
-            actor,
+            str(actor),
             action,
             target_type,
             target_id,
             principal_id,
             None if before is None else _j(before),
             None if after is None else _j(after),
+            source_of(actor),
         )
 
     async def _invalidation(self, conn: Conn, digests: Sequence[KeyDigest]) -> Invalidation:
@@ -249,7 +251,7 @@ class SQLBase(Store):
         if row is None:
             raise NotFound(f"principal {ref!r} not found")
         grants = await conn.fetch(
-            "SELECT project, scopes FROM grants WHERE principal_id = $1 ORDER BY project", row[0]
+            "SELECT project, scopes, roles FROM grants WHERE principal_id = $1 ORDER BY project", row[0]
         )
         return Principal(
             id=row[0],
@@ -259,6 +261,7 @@ class SQLBase(Store):
             created_at=row[4],
             metadata=_meta_dec.decode(row[5]),
             grants={g[0]: _scopes_dec.decode(g[1]) for g in grants},
+            roles={g[0]: held for g in grants if (held := _scopes_dec.decode(g[2]))},
             limits=policy_codec.decode(row[6]),
         )
 

@@ -31,6 +31,8 @@ from gateway.store.sql_base import (
     _IDENTITY_SELECT,
     _KEY_COLS,
     _KEY_FROM,
+    Conn,
+    Row,
     SQLBase,
     _j,
     _key,
@@ -64,8 +66,15 @@ class KeyQueries(SQLBase):
                     *params,
                 )
                 wanted = set(chunk)
+                role_scopes = await self._role_scopes(conn, rows)
                 for r in rows:
                     granted = None if r[11] is None else _scopes_dec.decode(r[11])
+                    roles = () if r[16] is None else _scopes_dec.decode(r[16])
+                    if roles and granted is not None:
+                        # The grant's own scopes and those of its roles (only roles that exist).
+                        roles = tuple(n for n in roles if (r[7], n) in role_scopes)
+                        extra = [s for n in roles for s in role_scopes[r[7], n]]
+                        granted = tuple(sorted({*granted, *extra}))
                     own = None if r[8] is None else _scopes_dec.decode(r[8])
                     if granted is None:
                         scopes: tuple[str, ...] = ()
@@ -82,6 +91,7 @@ class KeyQueries(SQLBase):
                         scopes=scopes,
                         env=r[10],
                         member=granted is not None,
+                        roles=roles,
                         limits=policy_codec.decode(r[12]),
                         pool_limits=policy_codec.decode(r[13]),
                         credits=int(r[14] or 0),
@@ -95,7 +105,19 @@ class KeyQueries(SQLBase):
                         out[prev] = IdentityRecord(digest=prev, expires_at=until, grace_until=r[3], **base)
         return out
 
-    # -- principals ------------------------------------------------------------------------
+    async def _role_scopes(self, conn: Conn, rows: Sequence[Row]) -> dict[tuple[str, str], tuple[str, ...]]:
+        """(project, role) -> scopes, for the roles the grants of ``rows`` name: one query, and
+        none when no grant names a role."""
+        projects = sorted({r[7] for r in rows if r[16] is not None and r[16] != "[]"})
+        if not projects:
+            return {}
+        marks = ", ".join(f"${n}" for n in range(1, len(projects) + 1))
+        found = await conn.fetch(
+            f"SELECT project, name, scopes FROM roles WHERE project IN ({marks})", *projects
+        )
+        return {(f[0], f[1]): _scopes_dec.decode(f[2]) for f in found}
+
+    # -- keys ------------------------------------------------------------------------------
 
     async def create_key(self, new: NewKey, *, max_active: int, actor: str) -> KeyRecord:
         async with self._tx(new.principal_id) as conn:
