@@ -88,6 +88,7 @@ class Gateway:
         self.access_log = AccessLog()
         self.proxy_port = 0
         self.admin_port = 0
+        self.console_port = 0  # 0: no console ([console] listen unset)
         self.started_at = 0.0
         self.stop_stalls: list[str] = []  # shutdown steps that had to be abandoned
         self.stop_step_timeout = STOP_STEP_TIMEOUT
@@ -232,6 +233,13 @@ class Gateway:
         await admin_site.start()
         self._sites.append(admin_site)
         self.admin_port = _bound_port(admin_runner)
+        if cfg.console.listen:
+            from gateway.console import ConsoleListener
+
+            console = ConsoleListener(self, cfg.console)
+            self._runners.append(console.runner)
+            await console.start(reuse_port=reuse_port)
+            self.console_port = console.port
         self.started_at = time.time()
         log.info(
             "keystile started",
@@ -568,6 +576,7 @@ def _restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:
         ("proxy.header_timeout", a.proxy.header_timeout, b.proxy.header_timeout),
         ("proxy.max_connections", a.proxy.max_connections, b.proxy.max_connections),
         ("admin", a.admin, b.admin),
+        ("console", a.console, b.console),
         ("security", a.security, b.security),
         ("store", a.store, b.store),
         ("redis", a.redis, b.redis),
