@@ -16,8 +16,13 @@
   });
 
   // Expiry inputs: the server fills them in UTC; edit them in local time and say the offset.
+  // The offset is the one in force on the chosen date (summer time differs from today's).
   document.querySelectorAll("input[name=tz_offset]").forEach(function (el) {
-    el.value = String(new Date().getTimezoneOffset());
+    el.form.addEventListener("submit", function () {
+      var when = el.form.querySelector("input[name=expires_at]");
+      var d = when && when.value ? new Date(when.value) : new Date();
+      el.value = String(isNaN(d.getTime()) ? new Date().getTimezoneOffset() : d.getTimezoneOffset());
+    });
   });
   document.querySelectorAll("input[type=datetime-local][data-utc]").forEach(function (el) {
     var utc = el.getAttribute("data-utc");
