@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run Keystile in front of a built-in echo upstream")
     d.add_argument("--port", type=int, default=8080)
     d.add_argument("--admin-port", type=int, default=8081)
+    d.add_argument("--console-port", type=int, default=8082)
     d.set_defaults(fn=cmd_demo)
 
     def admin_command(

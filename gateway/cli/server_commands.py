@@ -196,6 +196,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "proxy": {"listen": f"127.0.0.1:{args.port}"},
                 "admin": {"listen": f"127.0.0.1:{args.admin_port}"},
                 "store": {"url": f"sqlite:///{tmp.name}/demo.db"},
+                # Plain HTTP on this machine only: the session cookie cannot be Secure here.
+                "console": {"listen": f"127.0.0.1:{args.console_port}", "cookie_secure": False},
             },
             "(demo)",
         )
@@ -206,7 +208,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 RouteConfig(prefix="/", upstream=f"http://127.0.0.1:{echo_port}", scopes=("read",)),
             ),
         )
-        secrets = Secrets(pysecrets.token_bytes(32), ())
+        admin_token = pysecrets.token_urlsafe(24)  # for the console's sign-in form
+        secrets = Secrets(pysecrets.token_bytes(32), (admin_token.encode(),))
         store = await open_store(cfg.store.url)
         await store.migrate()
         lc = Lifecycle(cfg, secrets.hash_secret, store)
@@ -231,6 +234,10 @@ Who am I:
 Without a key (401), and a public route (no key needed):
   curl -si {base}/hello
   curl -s {base}/public/hello
+
+The key-management console (sign in with the admin token below):
+  http://127.0.0.1:{gw.console_port}/
+  admin token:       {admin_token}
 
 Ctrl-C stops the demo and deletes its data.""",
             flush=True,

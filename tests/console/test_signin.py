@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, expect
 
+from gateway.store import NotFound
 from tests.conftest import ADMIN_TOKEN
 from tests.console.harness import Harness, Served
 
@@ -86,7 +87,7 @@ def test_identity_header_from_an_untrusted_address_is_refused(untrusting: Served
     response = page.goto(untrusting.console + "/keys")
     assert response is not None and response.status == 403
     expect(page.get_by_test_id("message")).to_contain_text("sign-in is refused")
-    with pytest.raises(Exception, match="not found|NotFound"):
+    with pytest.raises(NotFound):
         untrusting.run(untrusting.store.get_principal("alice"))  # nobody was created
 
 
