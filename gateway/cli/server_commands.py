@@ -62,6 +62,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.worker_of is None:
         from gateway.workers import Supervisor
 
+        if cfg.console.listen:
+            # Console sessions live in one process's memory; workers would each hold their own.
+            raise Fail("console.listen: the console runs in one process: serve it without --workers")
         if not cfg.redis.url and cfg.cache.local_ttl > 0:
             logging.getLogger("keystile").warning(
                 "--workers %d without redis.url: a key revoked or changed through one worker is "
