@@ -213,7 +213,7 @@ async def render_keys(
     target: KeyRecord | None = None
     target_scopes: list[str] = []
     if dialog is not None:
-        target = await _managed_key(request, query.get("key", ""))
+        target = await managed_key(request, query.get("key", ""))
         owner = await lifecycle.store.get_principal(target.principal_id)
         target_scopes = sorted(owner.grants.get(target.project, ()))
     notice, session.notice = session.notice, None
@@ -249,7 +249,7 @@ async def render_keys(
     )
 
 
-async def _managed_key(request: web.Request, key_id: str) -> KeyRecord:
+async def managed_key(request: web.Request, key_id: str) -> KeyRecord:
     """The key of that id when the viewer may manage it; 404 alike for a key that does not exist
     and one that belongs to someone else (its existence is not revealed)."""
     store = _console(request).deps.lifecycle.store
@@ -260,9 +260,6 @@ async def _managed_key(request: web.Request, key_id: str) -> KeyRecord:
     if key is None or not may_manage(request[VIEWER], key):
         raise web.HTTPNotFound(text="There is no such key among the keys you can manage.")
     return key
-
-
-managed_key = _managed_key
 
 
 def _console(request: web.Request) -> Console:

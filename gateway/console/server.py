@@ -32,7 +32,6 @@ from gateway.console import access, pages
 from gateway.console.access import Viewer
 from gateway.console.sessions import Session, SessionStore
 from gateway.lifecycle import Lifecycle
-from gateway.store import NotFound
 from gateway.usage import UsageRecorder
 
 log = logging.getLogger("keystile.console")
@@ -243,4 +242,4 @@ class ConsoleListener:
                 break
 
 
-__all__ = ["CONSOLE", "ConsoleDeps", "ConsoleListener", "NotFound", "create_console_app"]
+__all__ = ["CONSOLE", "ConsoleDeps", "ConsoleListener", "create_console_app"]
