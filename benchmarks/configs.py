@@ -202,6 +202,9 @@ def keystile_config(
     for prefix, auth in (("/open", "none"), ("/", "required")):
         lines += ["", "[[routes]]", f"prefix = {_toml(prefix)}", f"upstream = {_toml(upstream)}"]
         lines.append(f"auth = {_toml(auth)}")
+    # The `limited` scenarios: the same upstream behind a limit no run can reach.
+    lines += ["", "[[routes]]", 'prefix = "/limited"', f"upstream = {_toml(upstream)}"]
+    lines.append('limits = [{ name = "never", limit = 1000000000, window = "1d" }]')
     conf = tmp / f"{name}.toml"
     conf.write_text("\n".join(lines) + "\n")
     return conf

@@ -90,6 +90,13 @@ def scenarios(key_counts: list[int]) -> list[Scenario]:
         Scenario("hello", "peer", "hello", "aiohttp `web.Server` hello world, no upstream", "fixed",
                  proxied=False),
         Scenario("valid", "keystile", base, "valid key, in-process cache hit", "fixed"),
+        Scenario("limited", "keystile", base, "`valid` on a route with a never-hit limit, in-process",
+                 "fixed", path="/limited/"),
+        Scenario("valid_rl", "keystile", f"ks:rlimit:{BASE_KEYS}:1",
+                 "valid key, in-process hit, Redis configured (no limit on the route)", "fixed"),
+        Scenario("limited_redis", "keystile", f"ks:rlimit:{BASE_KEYS}:1",
+                 "`valid_rl` on a route with a never-hit limit, decided in Redis", "fixed",
+                 path="/limited/"),
         # Zipf over many keys, not one: concurrent requests for one key share a lookup, so a
         # single key would measure one Redis (or store) read per event-loop turn, not per request.
         Scenario("redis_only", "keystile", f"ks:redis:{BASE_KEYS}:1",
@@ -151,7 +158,8 @@ class Outcome:
 # state drifts over a minute), and every other round runs in reverse, so neither side of a pair
 # is always first. The table keeps the scenario order above.
 RUN_ORDER = (
-    "nginx", "valid", "auth_none", "workers_2", "redis_only", "store_only", "hello", "malformed",
+    "nginx", "valid", "limited", "valid_rl", "limited_redis",
+    "auth_none", "workers_2", "redis_only", "store_only", "hello", "malformed",
     "missing", "unknown", "store_1m_hot_1k", "keys_1k", "keys_1m", "keys_100k", "upstream", "haproxy",
     "plain_aiohttp",
 )
@@ -349,7 +357,7 @@ class Bench:
         # A 5th part names a separate instance.
         _, tier, count_s, workers_s, *_ = sid.removesuffix(BASE_SUFFIX).split(":")
         count, workers = int(count_s), int(workers_s)
-        if tier == "redis" and not self.redis_ok:
+        if tier in ("redis", "rlimit") and not self.redis_ok:
             raise ServerFailed(f"Redis is not reachable at {self.args.redis_url}")
         exe = shutil.which("keystile", path=str(Path(sys.executable).parent)) or shutil.which(
             "keystile"

@@ -1,15 +1,18 @@
 """Wiring: the one place that builds the pieces from a Config and starts and stops them.
 
-Owns: the ``Gateway`` lifecycle (store, cache, usage flusher, upstream client, both listeners) and
-start-up checks. Must not: contain request logic; each piece owns its own.
+Owns: the ``Gateway`` lifecycle (store, cache tiers, invalidation delivery, usage flusher, both
+listeners), swapping config generations (``gateway.generation`` builds them) and start-up checks.
+Must not: contain request logic or metric definitions; each piece owns its own.
 
 Shutdown order: stop accepting, let in-flight requests finish (up to ``proxy.shutdown_timeout``),
-write the last usage batch, then close the upstream client and the store.
+close the upstream pools, write the last usage batch, then close the invalidation delivery, Redis
+and the store.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -19,8 +22,8 @@ from typing import Any, cast
 import aiohttp
 import msgspec
 from aiohttp import http_parser, web
-from prometheus_client.core import Metric
 
+from gateway import state_metrics
 from gateway.admin import create_admin_app
 from gateway.auth import Authenticator
 from gateway.cache import IdentityCache, LocalTier
@@ -29,19 +32,25 @@ from gateway.cache.ledger import Ledger, remember_for
 from gateway.cache.redis_tier import RedisTier, tombstone_ttl
 from gateway.cache.tiers import TieredLoader
 from gateway.config import Config, ConfigError, Secrets, parse_listen
+from gateway.generation import Base, Generation, restart_notes, retune
+from gateway.generation import build as build_generation
+from gateway.generation import in_force as in_force  # the CLI's and workers' way to it
+from gateway.generation import restart_only as _restart_only  # noqa: F401 (tests read the list here)
 from gateway.handler import ProxyHandler
-from gateway.keys import KeyDigest
+from gateway.hash_secrets import PreviousSecrets
+from gateway.hash_secrets import check as check_hash_secret
+from gateway.hash_secrets import fits as hash_secret_fits
+from gateway.keys import KeyDigest, secret_fingerprint
 from gateway.lifecycle import Lifecycle
+from gateway.limits.wiring import build_limits, limit_metrics
 from gateway.listener import AdminRunner, ProxyServer
 from gateway.models import IdentityRecord, Invalidation
-from gateway.observability import AccessLog, Metrics, counter, gauge
+from gateway.observability import AccessLog, Metrics
 from gateway.proxy import Forwarder
-from gateway.routing import RouteTable
+from gateway.readiness import readiness
 from gateway.store import Store, open_store
-from gateway.store.migrations import latest_version
 from gateway.throttle import FailureThrottle
-from gateway.tls import LISTENERS, ListenerTLS
-from gateway.tls import files as tls_files
+from gateway.tls import ListenerTLS
 from gateway.usage import STOP_WAIT as USAGE_STOP_WAIT
 from gateway.usage import UsageRecorder
 from gateway.wire import Answer
@@ -74,6 +83,24 @@ def check_runtime() -> None:
 
 
 class Gateway:
+    """One running Keystile: the long-lived pieces, the current config generation, both listeners.
+
+    Every long-lived resource is entered on one exit stack as it is made, so ``stop`` (also after
+    a start that failed half-way) closes exactly what exists, in reverse: listeners (the proxy's
+    first; in-flight requests finish), retiring upstream pools, the current generation's pool,
+    the last usage batch, the subscriber, the outbox poller, cache loads, the publisher, Redis,
+    the metrics sync and, if it opened it, the store.
+    """
+
+    # Set by start (absent before it, as is everything start builds).
+    _gen: Generation
+    cache: IdentityCache
+    ledger: Ledger
+    loader: TieredLoader
+    poller: OutboxPoller
+    usage: UsageRecorder
+    throttle: FailureThrottle
+
     def __init__(
         self, cfg: Config, secrets: Secrets, *, store: Store | None = None, metrics_dir: str | None = None
     ) -> None:
@@ -82,8 +109,11 @@ class Gateway:
         self.store: Store | None = store
         self._own_store = store is None
         self.metrics = Metrics((r.prefix for r in cfg.routes), multiprocess_dir=metrics_dir)
+        self.redis: RedisTier | None = None
+        self.publisher: Publisher | None = None
+        self.subscriber: Subscriber | None = None
+        self._resources = contextlib.AsyncExitStack()
         self._runners: list[web.BaseRunner] = []
-        self._sites: list[web.TCPSite | web.SockSite] = []
         self._background: set[asyncio.Task[None]] = set()
         self.access_log = AccessLog()
         self.proxy_port = 0
@@ -94,18 +124,90 @@ class Gateway:
         self.stop_step_timeout = STOP_STEP_TIMEOUT
         # Further /readyz lines, name -> text read at request time (e.g. the supervisor's workers).
         self.readiness_notes: dict[str, Callable[[], str]] = {}
+        # Previous hash secrets, tried on a miss while a rotation re-keys the store.
+        self.previous = PreviousSecrets(secrets.previous_hash_secrets, cfg.cache.negative_max_entries)
+        self._on_miss = self.previous.note if self.previous else None
+        self._rekeying: set[str] = set()
+        self.rekeyed = 0
+
+    # The current generation's pieces (a reload replaces them together).
+    @property
+    def generation(self) -> Generation:
+        return self._gen
+
+    @property
+    def handler(self) -> ProxyHandler:
+        return self.generation.handler
+
+    @property
+    def authenticator(self) -> Authenticator:
+        return self.generation.authenticator
+
+    @property
+    def forwarder(self) -> Forwarder:
+        return self.generation.forwarder
+
+    @property
+    def lifecycle(self) -> Lifecycle:
+        return self.generation.lifecycle
 
     async def _store_load(self, digests: Sequence[KeyDigest]) -> dict[KeyDigest, IdentityRecord]:
         assert self.store is not None
+        # The digests of these keys under previous secrets ride in the same query.
+        alternates = self.previous.take(digests) if self.previous else {}
         try:
             # asyncio.timeout, not wait_for: no task of its own per lookup batch.
             async with asyncio.timeout(self.cfg.store.timeout):
-                return await self.store.find_identities(digests, time.time())
+                found = await self.store.find_identities(
+                    [*digests, *alternates] if alternates else digests, time.time()
+                )
+            return self._found_by_previous(found, alternates) if alternates else found
         except Exception:
             # The store fails from here: the outbox poller cannot vouch for the in-process cache
             # either. Withdraw its trust now rather than at the next poll.
             self.cache.confirm_synced(0.0)
             raise
+
+    def _on_stop(self, name: str, close: Callable[[], Awaitable[object]], extra: float = 0.0) -> None:
+        """Enter a shutdown step: ``close()`` under a bound of ``extra`` plus the step timeout
+        (read at stop time); one that overruns is abandoned, named in ``stop_stalls``."""
+
+        async def step() -> None:
+            await self._stop_step(name, close(), extra + self.stop_step_timeout)
+
+        self._resources.push_async_callback(step)
+
+    def _found_by_previous(
+        self, found: dict[KeyDigest, IdentityRecord], alternates: dict[KeyDigest, KeyDigest]
+    ) -> dict[KeyDigest, IdentityRecord]:
+        """Identities found under a previous secret answer for the current digest, and their keys
+        are re-keyed to it in the background (the request does not wait)."""
+        for alt, current in alternates.items():
+            ident = found.pop(alt, None)
+            if ident is None or current in found:
+                continue
+            found[current] = msgspec.structs.replace(ident, digest=current)
+            if ident.key_id not in self._rekeying:
+                self._rekeying.add(ident.key_id)
+                task = asyncio.get_running_loop().create_task(
+                    self._rekey(ident.key_id, alt, current, previous=ident.grace_until is not None)
+                )
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+        return found
+
+    async def _rekey(self, key_id: str, old: KeyDigest, new: KeyDigest, *, previous: bool) -> None:
+        assert self.store is not None
+        try:
+            async with asyncio.timeout(self.cfg.store.timeout):
+                change = await self.store.rekey(key_id, old, new, self.fingerprint, previous=previous)
+            if change.digests:
+                self.rekeyed += 1
+                await self.invalidate(change)
+        except Exception as e:  # the next use tries again
+            log.warning("re-keying %s to the current hash secret failed: %s: %s", key_id, type(e).__name__, e)
+        finally:
+            self._rekeying.discard(key_id)
 
     async def start(self, proxy_sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
         check_runtime()
@@ -120,18 +222,24 @@ class Gateway:
                 timeout=cfg.store.timeout,
                 pool_min=cfg.store.pool_min,
                 pool_max=cfg.store.pool_max,
+                create=False,
             )
-        await self.store.check_schema()
+            self._on_stop("store", self.store.close)
+        store = self.store
+        sync = asyncio.get_running_loop().create_task(self._sync_metrics(), name="keystile-metrics-sync")
+        self._resources.push_async_callback(_cancel, sync)
+        await store.check_schema()
+        await check_hash_secret(store, self.secrets, time.time())
+        self.fingerprint = secret_fingerprint(self.secrets.hash_secret)
         self.ledger = Ledger(remember_for(cfg.cache.redis_ttl))
-        self.redis: RedisTier | None = None
-        self.publisher: Publisher | None = None
-        self.subscriber: Subscriber | None = None
         if cfg.redis.url:
             ttl = tombstone_ttl(cfg.store.timeout, cfg.redis.socket_timeout)
-            self.redis = RedisTier(cfg.redis, cfg.cache, ttl, self.ledger)
-            self.publisher = Publisher(self.redis)
+            redis = self.redis = RedisTier(cfg.redis, cfg.cache, ttl, self.ledger)
+            self._on_stop("redis tier", redis.aclose)
+            publisher = self.publisher = Publisher(redis)
+            self._on_stop("invalidation publisher", publisher.aclose)
         self.loader = TieredLoader(self.redis, self._store_load)
-        self.cache = IdentityCache(
+        cache = self.cache = IdentityCache(
             LocalTier(
                 cfg.cache.local_ttl,
                 cfg.cache.negative_ttl,
@@ -140,99 +248,68 @@ class Gateway:
                 cfg.cache.negative_max_entries,
             ),
             self.loader,
-            self.store.lookup_concurrency,
+            store.lookup_concurrency,
         )
+        self._on_stop("cache loads", lambda: cache.aclose())
         # Invalidations: the store's outbox every sync_interval (the backstop, which vouches for
         # the in-process cache), Redis pub/sub at once (the fast path).
-        self.poller = OutboxPoller(
-            self.store,
+        poller = self.poller = OutboxPoller(
+            store,
             self.ledger,
-            self.cache.apply,
-            self.cache.confirm_synced,
+            cache.apply,
+            cache.confirm_synced,
             interval=cfg.cache.sync_interval,
             timeout=cfg.store.timeout,
             retention=retention_for(cfg.cache.redis_ttl),
             tombstone=self.publisher.tombstone_later if self.publisher is not None else None,
         )
-        await self.poller.load()
-        self.poller.start()
+        self._on_stop("outbox poller", poller.aclose)
+        await poller.load()
+        poller.start()
         if self.redis is not None:
-            self.subscriber = Subscriber(
+            subscriber = self.subscriber = Subscriber(
                 self.redis,
-                self.cache.apply,
+                cache.apply,
                 self.ledger,
                 cfg.redis.url,
                 cfg.redis.connect_timeout,
                 cfg.cache.sync_interval,
             )
-            self.subscriber.start()
-        self.authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
-        self.lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
-        self.forwarder = Forwarder(cfg)
-        await self.forwarder.start()
-        self.usage = UsageRecorder(self.store, cfg.usage.flush_interval, cfg.usage.max_pending)
-        self.usage.start()
+            self._on_stop("invalidation subscriber", subscriber.aclose)
+            subscriber.start()
+        usage = self.usage = UsageRecorder(store, cfg.usage.flush_interval, cfg.usage.max_pending)
+        # Its own bound: a flush in progress, then up to three tries of the final one.
+        self._on_stop("usage flush", usage.aclose, USAGE_STOP_WAIT + 3 * cfg.store.timeout)
+        usage.start()
         self.throttle = FailureThrottle(cfg.throttle, cfg.proxy.trusted_proxies)
-        self.handler = ProxyHandler(
-            cfg,
-            RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),
-            self.authenticator,
-            self.forwarder,
-            self.usage,
-            self.metrics,
-            self.last_used,
-            self.access_log,
-            self.throttle,
-        )
-
-        server = ProxyServer(
-            # aiohttp awaits the handler, then calls prepare/write_eof and reads keep_alive on
-            # what it returns: a StreamResponse, or a wire.RawResponse offering exactly those.
-            cast(Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], self._dispatch),
-            handler_cancellation=True,
-            keepalive_timeout=cfg.proxy.keepalive_timeout,
-            access_log=None,
-            header_timeout=cfg.proxy.header_timeout,
-            max_connections=cfg.proxy.max_connections,
-        )
-        self.metrics.add_state(server.stats.metrics)
-        proxy_runner = web.ServerRunner(server, shutdown_timeout=cfg.proxy.shutdown_timeout)
-        await proxy_runner.setup()
-        self._runners.append(proxy_runner)
-        if proxy_sock is not None:
-            site: web.TCPSite | web.SockSite = web.SockSite(
-                proxy_runner, proxy_sock, ssl_context=self.tls.context("proxy")
+        limits = self.limits = await build_limits(cfg, store)
+        self._on_stop("limits", limits.aclose)
+        if limits.credits is not None:
+            limits.credits.invalidate = self.invalidate
+            limits.credits.start()
+        self._gen = await build_generation(cfg, self._base())
+        self._on_stop("upstream pool", lambda: self._gen.forwarder.close())
+        self._resources.push_async_callback(self._end_background)
+        self.metrics.add_state(
+            state_metrics.collector(
+                state_metrics.Sources(
+                    cache.local,
+                    self.loader,
+                    poller,
+                    self.throttle,
+                    usage,
+                    self.redis,
+                    self.publisher,
+                    self.subscriber,
+                )
             )
-        else:
-            host, port = parse_listen(cfg.proxy.listen)
-            site = web.TCPSite(
-                proxy_runner,
-                host,
-                port,
-                backlog=1024,
-                reuse_port=reuse_port or None,
-                ssl_context=self.tls.context("proxy"),
-            )
-        await site.start()
-        self._sites.append(site)
-        self.proxy_port = _bound_port(proxy_runner)
-
-        self.metrics.add_state(self._state_metrics)
-        self._metrics_sync = asyncio.get_running_loop().create_task(
-            self._sync_metrics(), name="keystile-metrics-sync"
         )
-        admin_app = create_admin_app(self)
-        admin_app.router.add_get("/metrics", self._metrics_endpoint)
-        admin_runner = AdminRunner(admin_app, access_log=None, shutdown_timeout=5)
-        await admin_runner.setup()
-        self._runners.append(admin_runner)
-        host, port = parse_listen(cfg.admin.listen)
-        admin_site = web.TCPSite(
-            admin_runner, host, port, reuse_port=reuse_port or None, ssl_context=self.tls.context("admin")
-        )
-        await admin_site.start()
-        self._sites.append(admin_site)
-        self.admin_port = _bound_port(admin_runner)
+        self.metrics.add_state(lambda: limit_metrics(limits))
+        # Listeners close in the order they opened: the proxy's first, so the admin API still
+        # answers (/readyz, /metrics) while proxied requests drain.
+        self._resources.push_async_callback(self._close_listeners)
+        await self._listen_proxy(proxy_sock, reuse_port)
+        await self._listen_admin(reuse_port)
         if cfg.console.listen:
             from gateway.console import ConsoleListener
 
@@ -248,10 +325,79 @@ class Gateway:
                     "proxy_port": self.proxy_port,
                     "admin_port": self.admin_port,
                     "routes": len(cfg.routes),
-                    "store": self.store.backend,
+                    "store": store.backend,
                 }
             },
         )
+
+    def _base(self) -> Base:
+        assert self.store is not None
+        return Base(
+            self.secrets.hash_secret,
+            self.store,
+            self.cache,
+            self.usage,
+            self.metrics,
+            self.access_log,
+            self.throttle,
+            self.limits,
+            self.last_used,
+            self.invalidate,
+            self._on_miss,
+        )
+
+    async def _listen_proxy(self, sock: socket.socket | None, reuse_port: bool) -> None:
+        cfg = self.cfg
+        server = ProxyServer(
+            # aiohttp awaits the handler, then calls prepare/write_eof and reads keep_alive on
+            # what it returns: a StreamResponse, or a wire.RawResponse offering exactly those.
+            cast(Callable[[web.BaseRequest], Awaitable[web.StreamResponse]], self._dispatch),
+            handler_cancellation=True,
+            keepalive_timeout=cfg.proxy.keepalive_timeout,
+            access_log=None,
+            header_timeout=cfg.proxy.header_timeout,
+            max_connections=cfg.proxy.max_connections,
+        )
+        self.metrics.add_state(server.stats.metrics)
+        runner = web.ServerRunner(server, shutdown_timeout=cfg.proxy.shutdown_timeout)
+        await runner.setup()
+        self._runners.append(runner)
+        if sock is not None:
+            site: web.TCPSite | web.SockSite = web.SockSite(
+                runner, sock, ssl_context=self.tls.context("proxy")
+            )
+        else:
+            host, port = parse_listen(cfg.proxy.listen)
+            site = web.TCPSite(
+                runner,
+                host,
+                port,
+                backlog=1024,
+                reuse_port=reuse_port or None,
+                ssl_context=self.tls.context("proxy"),
+            )
+        await site.start()
+        self.proxy_port = _bound_port(runner)
+
+    async def _listen_admin(self, reuse_port: bool) -> None:
+        app = create_admin_app(self)
+        app.router.add_get("/metrics", self._metrics_endpoint)
+        runner = AdminRunner(app, access_log=None, shutdown_timeout=5)
+        await runner.setup()
+        self._runners.append(runner)
+        host, port = parse_listen(self.cfg.admin.listen)
+        tls = self.tls.context("admin")
+        await web.TCPSite(runner, host, port, reuse_port=reuse_port or None, ssl_context=tls).start()
+        self.admin_port = _bound_port(runner)
+
+    async def _close_listeners(self) -> None:
+        # runner.cleanup() stops accepting, then waits for in-flight handlers up to
+        # shutdown_timeout. Each listener is a step of its own: one that hangs does not hold the other.
+        runners, self._runners = self._runners, []
+        for runner in runners:
+            await self._stop_step(
+                "listener", runner.cleanup(), self.cfg.proxy.shutdown_timeout + self.stop_step_timeout
+            )
 
     async def invalidate(self, change: Invalidation) -> None:
         """After a committed admin write: forget its digests here, tombstone them in Redis and tell
@@ -270,44 +416,15 @@ class Gateway:
         once they can no longer need it. Returns one note per changed setting that only takes
         effect after a restart.
         """
-        notes = [
-            f"{name}: changed; takes effect after a restart"
-            for name, old, new in _restart_only(self.cfg, cfg)
-            if old != new
-        ]
+        notes = restart_notes(self.cfg, cfg)
         cfg = in_force(self.cfg, cfg)  # what needs a restart stays as it runs
         self.tls.reload(cfg)  # first: a certificate that cannot be loaded refuses the whole reload
-        forwarder = Forwarder(cfg)
-        await forwarder.start()
-        authenticator = Authenticator(cfg, self.secrets.hash_secret, self.cache)
-        local = self.cache.local
-        local.ttl, local.negative_ttl, local.max_entries, local.synced_ttl = (
-            cfg.cache.local_ttl,
-            cfg.cache.negative_ttl,
-            cfg.cache.local_max_entries,
-            cfg.cache.local_ttl_synced,
-        )
-        local.negative_max_entries = cfg.cache.negative_max_entries
-        self.throttle.configure(cfg.throttle, cfg.proxy.trusted_proxies)
-        self.metrics.add_routes(r.prefix for r in cfg.routes)
-        handler = ProxyHandler(
-            cfg,
-            RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),
-            authenticator,
-            forwarder,
-            self.usage,
-            self.metrics,
-            self.last_used,
-            self.access_log,
-            self.throttle,
-        )
-        assert self.store is not None
-        lifecycle = Lifecycle(cfg, self.secrets.hash_secret, self.store, invalidate=self.invalidate)
-        retired = self.forwarder
-        self.cfg, self.handler, self.forwarder = cfg, handler, forwarder
-        self.authenticator, self.lifecycle = authenticator, lifecycle
+        base = self._base()
+        generation = await build_generation(cfg, base)
+        retune(cfg, base)
+        retired, self._gen, self.cfg = self._gen, generation, cfg
         task = asyncio.get_running_loop().create_task(
-            self._retire(retired, self.cfg.upstream.read_timeout + self.cfg.proxy.shutdown_timeout)
+            self._retire(retired.forwarder, cfg.upstream.read_timeout + cfg.proxy.shutdown_timeout)
         )
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -321,6 +438,11 @@ class Gateway:
             await asyncio.sleep(after)
         finally:
             await forwarder.close()
+
+    async def _end_background(self) -> None:
+        for task in list(self._background):
+            task.cancel()  # retiring forwarders close at once
+            await self._stop_step(task.get_name(), asyncio.gather(task, return_exceptions=True))
 
     async def last_used(self, key_id: str) -> float | None:
         """A key's last use: the unflushed one in memory, else the stored one."""
@@ -339,222 +461,32 @@ class Gateway:
             self.metrics.sync()
 
     def _dispatch(self, request: web.BaseRequest) -> Coroutine[Any, Any, Answer]:
-        # The current handler (a reload swaps it; connections keep this entry point). Returns the
-        # handler's coroutine rather than awaiting it: one coroutine per request, not two.
-        return self.handler(request)
+        # The current generation's handler (a reload swaps it; connections keep this entry point).
+        # Returns the handler's coroutine rather than awaiting it: one coroutine per request, not two.
+        return self._gen.handler(request)
 
     async def readiness(self) -> tuple[bool, dict[str, str]]:
-        """Ready when the store answers and the schema is migrated. Redis is reported, not
-        required: without it Keystile falls back to the store."""
-        checks: dict[str, str] = {}
-        ready = True
         assert self.store is not None
-        try:
-            version = await asyncio.wait_for(self.store.schema_version(), self.cfg.store.timeout)
-            checks["store"] = "ok"
-            latest = latest_version(self.store.backend)
-            if version < latest:
-                ready = False
-                checks["schema"] = f"version {version}, needs {latest}: run keystile migrate"
-            elif version > latest:
-                # A rolling upgrade migrated ahead of this instance; migrations are additive, so
-                # it keeps serving until it is replaced (a new start would refuse).
-                checks["schema"] = f"version {version}, newer than this instance ({latest})"
-            else:
-                checks["schema"] = f"version {version}"
-        except Exception as e:
-            ready = False
-            # Public: the kind of failure only; its text (hosts, users, SQL) goes to the log.
-            checks["store"] = f"unavailable: {type(e).__name__}"
-            log.warning("readiness: store unavailable: %s: %s", type(e).__name__, e)
-        if self.redis is None:
-            checks["redis"] = "disabled"
-        else:
-            sub = self.subscriber
-            checks["redis"] = f"breaker {self.redis.breaker.state}, subscription " + (
-                "connected" if sub is not None and sub.connected else "down"
-            )
-        for name, note in self.readiness_notes.items():
-            checks[name] = note()
-        return ready, checks
+        return await readiness(
+            self.store,
+            self.cfg.store.timeout,
+            self.redis,
+            self.subscriber,
+            self.readiness_notes,
+            key_hashing=lambda recorded: hash_secret_fits(recorded, self.secrets),
+        )
 
     async def _metrics_endpoint(self, request: web.Request) -> web.Response:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
-    def _state_metrics(self) -> list[Metric]:
-        local = self.cache.local
-        tiers = [
-            ({"tier": "local", "result": "hit"}, local.hits),
-            ({"tier": "local", "result": "miss"}, local.misses),
-            ({"tier": "local", "result": "negative_hit"}, local.negative_hits),
-            ({"tier": "store", "result": "load"}, self.loader.store_loads),
-            ({"tier": "store", "result": "error"}, self.loader.store_errors),
-        ]
-        out: list[Metric] = []
-        if self.redis is not None:
-            r = self.redis
-            tiers += [
-                ({"tier": "redis", "result": "hit"}, r.hits),
-                ({"tier": "redis", "result": "miss"}, r.misses),
-                ({"tier": "redis", "result": "negative_hit"}, r.negative_hits),
-                ({"tier": "redis", "result": "stale"}, r.stale),
-                ({"tier": "redis", "result": "error"}, r.errors),
-            ]
-            state = {"closed": 0, "half_open": 1, "open": 2}[r.breaker.state]
-            out.append(
-                gauge("keystile_redis_breaker_state", "Redis breaker: 0 closed, 1 half-open, 2 open.", state)
-            )
-            out.append(
-                counter(
-                    "keystile_redis_breaker_opens", "Times the Redis breaker opened.", [({}, r.breaker.opens)]
-                )
-            )
-        if self.publisher is not None:
-            out.append(
-                counter(
-                    "keystile_invalidations_unpublished",
-                    "Invalidations this process could not publish (instances applied them from the store).",
-                    [({}, self.publisher.failures)],
-                )
-            )
-        if self.subscriber is not None:
-            sub = self.subscriber
-            out.append(
-                counter(
-                    "keystile_invalidations_received", "Invalidation messages applied.", [({}, sub.received)]
-                )
-            )
-            out.append(
-                gauge(
-                    "keystile_invalidation_subscription_up", "1 when subscribed.", 1 if sub.connected else 0
-                )
-            )
-            out.append(
-                counter(
-                    "keystile_invalidations_lost",
-                    "Invalidation messages found missing (each cleared the in-process cache).",
-                    [({}, sub.lost)],
-                )
-            )
-        poller = self.poller
-        out.append(
-            counter(
-                "keystile_invalidation_outbox_reads",
-                "Reads of the store's invalidation outbox, by result.",
-                [({"result": "ok"}, poller.polls), ({"result": "error"}, poller.failures)],
-            )
-        )
-        out.append(
-            counter(
-                "keystile_invalidations_from_store",
-                "Invalidations first learned from the store's outbox (no message had brought them).",
-                [({}, poller.delivered)],
-            )
-        )
-        out.append(
-            gauge(
-                "keystile_invalidation_lag_seconds",
-                "Seconds since this process last read the store's invalidation outbox to its end.",
-                poller.lag(),
-            )
-        )
-        out.append(
-            gauge(
-                "keystile_cache_in_sync",
-                "1 while this process can confirm it missed no invalidation.",
-                1 if local.trusted_until > time.monotonic() else 0,
-            )
-        )
-        out.append(counter("keystile_cache_lookups", "Identity lookups by tier and result.", tiers))
-        out.append(gauge("keystile_cache_local_entries", "Entries in the in-process cache.", len(local)))
-        out.append(
-            gauge(
-                "keystile_cache_local_negative_entries",
-                "Unknown keys remembered in the in-process cache.",
-                local.negatives,
-            )
-        )
-        out.extend(self._throttle_metrics())
-        u = self.usage
-        out.append(
-            counter("keystile_usage_flushes", "Usage batches written to the store.", [({}, u.flushes)])
-        )
-        out.append(
-            counter(
-                "keystile_usage_flush_failures",
-                "Usage batches that failed and were kept.",
-                [({}, u.flush_failures)],
-            )
-        )
-        out.append(gauge("keystile_usage_pending_keys", "Keys with unflushed usage.", u.pending))
-        out.append(
-            gauge("keystile_usage_flush_lag_seconds", "Age of the oldest unflushed use.", u.lag(time.time()))
-        )
-        out.append(
-            counter("keystile_usage_dropped", "Usage bumps dropped at the pending bound.", [({}, u.dropped)])
-        )
-        return out
-
-    def _throttle_metrics(self) -> list[Metric]:
-        t = self.throttle
-        return [
-            counter(
-                "keystile_throttle_refused",
-                "Keyed requests refused with 429 before any lookup: their client was blocked.",
-                [({}, t.refused)],
-            ),
-            counter(
-                "keystile_throttle_blocks", "Times a client was blocked after failed keys.", [({}, t.blocks)]
-            ),
-            counter(
-                "keystile_throttle_forgotten",
-                "Clients whose failure count was dropped at throttle.max_clients while counting.",
-                [({}, t.forgotten)],
-            ),
-            gauge("keystile_throttle_blocked_clients", "Clients blocked now.", len(t.blocked)),
-            gauge(
-                "keystile_throttle_counting_clients", "Clients with failed keys being counted.", t.counting
-            ),
-        ]
-
     async def stop(self) -> None:
-        # runner.cleanup() stops accepting, then waits for in-flight handlers up to
-        # shutdown_timeout; the proxy runner goes first.
-        drain = self.cfg.proxy.shutdown_timeout + self.stop_step_timeout
-        for runner in self._runners:
-            await self._stop_step("listener", runner.cleanup(), drain)
-        self._sites.clear()
-        self._runners.clear()
-        for task in list(self._background):
-            task.cancel()  # retiring forwarders close at once
-            await self._stop_step(task.get_name(), asyncio.gather(task, return_exceptions=True))
-        if hasattr(self, "usage"):
-            # Its own bound: a flush in progress, then up to three tries of the final one.
-            limit = USAGE_STOP_WAIT + 3 * self.cfg.store.timeout + self.stop_step_timeout
-            await self._stop_step("usage flush", self.usage.aclose(), limit)
-        if hasattr(self, "cache"):
-            await self._stop_step("cache loads", self.cache.aclose())
-        if getattr(self, "poller", None) is not None:
-            await self._stop_step("outbox poller", self.poller.aclose())
-        if getattr(self, "subscriber", None) is not None:
-            assert self.subscriber is not None
-            await self._stop_step("invalidation subscriber", self.subscriber.aclose())
-        if getattr(self, "publisher", None) is not None:
-            assert self.publisher is not None
-            await self._stop_step("invalidation publisher", self.publisher.aclose())
-        if getattr(self, "redis", None) is not None:
-            assert self.redis is not None
-            await self._stop_step("redis tier", self.redis.aclose())
-        if hasattr(self, "forwarder"):
-            await self._stop_step("upstream pool", self.forwarder.close())
-        if self.store is not None and self._own_store:
-            await self._stop_step("store", self.store.close())
-        self.access_log.flush()
-        sync: asyncio.Task[None] | None = getattr(self, "_metrics_sync", None)
-        if sync is not None:
-            sync.cancel()
-            await asyncio.gather(sync, return_exceptions=True)
-        self.metrics.sync()  # with workers, the last tallies reach the shared files
+        """Close what ``start`` opened, in reverse (see the class docstring); safe to call twice,
+        and after a start that failed."""
+        try:
+            await self._resources.aclose()
+        finally:
+            self.access_log.flush()
+            self.metrics.sync()  # with workers, the last tallies reach the shared files
         if self.started_at:
             log.info("keystile stopped")
 
@@ -568,52 +500,9 @@ class Gateway:
             log.error("shutdown: %s did not finish within %g s; going on without it", name, seconds)
 
 
-def _restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:
-    return [
-        ("proxy.listen", a.proxy.listen, b.proxy.listen),
-        ("proxy.keepalive_timeout", a.proxy.keepalive_timeout, b.proxy.keepalive_timeout),
-        ("proxy.shutdown_timeout", a.proxy.shutdown_timeout, b.proxy.shutdown_timeout),
-        ("proxy.header_timeout", a.proxy.header_timeout, b.proxy.header_timeout),
-        ("proxy.max_connections", a.proxy.max_connections, b.proxy.max_connections),
-        ("admin", a.admin, b.admin),
-        ("console", a.console, b.console),
-        ("security", a.security, b.security),
-        ("store", a.store, b.store),
-        ("redis", a.redis, b.redis),
-        ("cache.redis_ttl", a.cache.redis_ttl, b.cache.redis_ttl),
-        ("cache.sync_interval", a.cache.sync_interval, b.cache.sync_interval),
-        ("usage", a.usage, b.usage),
-        ("logging.level", a.logging.level, b.logging.level),
-        ("tls.min_version", a.tls.min_version, b.tls.min_version),
-        *_tls_switches(a, b),
-    ]
-
-
-def _tls_switches(a: Config, b: Config) -> list[tuple[str, object, object]]:
-    """A listener's TLS files as restart-only settings when TLS is turned on or off for it; new
-    files for a listener that stays on TLS are loaded by the reload (listed as unchanged here)."""
-    out: list[tuple[str, object, object]] = []
-    for name in LISTENERS:
-        switched = (tls_files(a.tls, name) is None) != (tls_files(b.tls, name) is None)
-        for part in ("cert", "key"):
-            field = f"{name}_{part}_file"
-            old = getattr(a.tls, field)
-            out.append((f"tls.{field}", old, getattr(b.tls, field) if switched else old))
-    return out
-
-
-def in_force(running: Config, new: Config) -> Config:
-    """``new`` with every setting that needs a restart (``_restart_only``) as ``running`` has it:
-    what a process started with ``running`` serves once it has reloaded ``new``. A worker started
-    later from the two files runs exactly what the workers that reloaded run."""
-    cfg = new
-    for name, old, changed in _restart_only(running, new):
-        if old == changed:
-            continue
-        section, _, field = name.partition(".")
-        value = msgspec.structs.replace(getattr(cfg, section), **{field: old}) if field else old
-        cfg = msgspec.structs.replace(cfg, **{section: value})
-    return cfg
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

@@ -18,7 +18,7 @@ passed to the upstream. Ambiguous credentials are refused with 400 before any ro
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from hashlib import sha256
 from hmac import compare_digest
 from typing import Final
@@ -45,6 +45,10 @@ from gateway.decision import (
     validity,
 )
 from gateway.keys import Digester, KeyDigest, KeyFormat
+
+# Told of every in-process miss (its digest and key) during a hash-secret rotation: the store
+# lookup then also tries the key's digests under the previous secrets (gateway.hash_secrets).
+MissNote = Callable[[KeyDigest, str], None]
 
 # The outcomes and the decision are gateway.decision's; they are named here too, where the
 # callers of authentication (the handler, the admin API) look for them.
@@ -94,7 +98,14 @@ class KeyMemory:
 
 
 class Authenticator:
-    def __init__(self, cfg: Config, secret: bytes, cache: IdentityCache, clock: Clock = SYSTEM) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        secret: bytes,
+        cache: IdentityCache,
+        clock: Clock = SYSTEM,
+        on_miss: MissNote | None = None,
+    ) -> None:
         self._headers = tuple(cfg.proxy.key_headers)
         self._bearer = cfg.proxy.bearer
         self._query = cfg.proxy.query_param
@@ -110,6 +121,8 @@ class Authenticator:
         self.cache = cache
         self._peek = cache.peek
         self._now = clock.time  # expiry is wall time (the store's)
+        # Set during a hash-secret rotation only; never called on a hit.
+        self._on_miss = on_miss
 
     def presented(self, headers: CIMultiDictProxy[str], query: MultiMapping[str] | None) -> Presented:
         """The key a request carries, or ``Presented(None)``; ``""`` means "sent but unusable".
@@ -172,6 +185,8 @@ class Authenticator:
                 conn.key, conn.digest, conn.by = key, d, self
         ident = self._peek(d)
         if ident is MISS:
+            if self._on_miss is not None:
+                self._on_miss(d, key)
             return d
         return decide(ident, scopes, self._now())
 

@@ -23,11 +23,13 @@ from gateway.wire import ClosingResponse, RawResponse, status_tail
 _enc = msgspec.json.Encoder()
 
 
-def json_block(body: bytes, headers: Mapping[str, str] | None = None) -> bytes:
+def json_block(
+    body: bytes, headers: Mapping[str, str] | None = None, content_type: str = "application/json"
+) -> bytes:
     """The header block of a JSON answer: its type, ``Cache-Control: no-store`` (answers about a
     key are never cached), ``headers``, its length. Raises ValueError on CR, LF or NUL."""
     fields = {
-        "Content-Type": "application/json",
+        "Content-Type": content_type,
         "Cache-Control": "no-store",
         **(headers or {}),
         "Content-Length": str(len(body)),
@@ -48,6 +50,18 @@ def json_answer(status: int, body: bytes, headers: Mapping[str, str] | None = No
     if tail is None:
         tail = _TAILS[status] = status_tail(status)  # status codes are few: bounded
     return RawResponse(status, tail, json_block(body, headers), body)
+
+
+def problem_answer(
+    status: int, problem: Mapping[str, object], headers: Mapping[str, str] | None = None
+) -> RawResponse:
+    """An RFC 9457 problem (``application/problem+json``) made per request: the limiter's 429s,
+    whose body names the policy. ``problem`` holds names and numbers, never request input."""
+    tail = _TAILS.get(status)
+    if tail is None:
+        tail = _TAILS[status] = status_tail(status)
+    body = _enc.encode(problem)
+    return RawResponse(status, tail, json_block(body, headers, "application/problem+json"), body)
 
 
 class ErrorSpec:
@@ -161,6 +175,14 @@ def throttled(retry_after: int) -> ErrorSpec:
             _THROTTLED[retry_after] = spec
     return spec
 
+
+# Rate limits cannot be decided (Redis unreachable) and limits.on_redis_failure = "closed".
+LIMITS_UNAVAILABLE: Final = ErrorSpec(
+    503,
+    "limits_unavailable",
+    "Rate limits cannot be checked right now; retry shortly.",
+    {"Retry-After": "1"},
+)
 
 # A request with two Host headers (RFC 9112 §3.2: a server must answer 400).
 MULTIPLE_HOSTS: Final = ErrorSpec(400, "bad_request", "more than one Host header")

@@ -19,6 +19,7 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 from gateway import auth, errors
 from gateway.auth import Authenticator
 from gateway.config import Config
+from gateway.limits.gate import LimitGate
 from gateway.listener import key_memory
 from gateway.models import IdentityRecord, IdentityView
 from gateway.observability import AccessLog, Metrics
@@ -78,6 +79,7 @@ class ProxyHandler:
         last_used: LastUsed | None = None,
         access_log: AccessLog | None = None,
         throttle: FailureThrottle | None = None,
+        limits: LimitGate | None = None,
     ) -> None:
         self.cfg = cfg
         self.routes = routes
@@ -95,6 +97,7 @@ class ProxyHandler:
         # Shared across reloads (the Gateway owns it), so a reload lifts no block.
         self.throttle = throttle or FailureThrottle(cfg.throttle, cfg.proxy.trusted_proxies)
         self._blocked = self.throttle.blocked  # tested for emptiness on every keyed request
+        self.limits = limits
 
     async def __call__(self, request: web.BaseRequest) -> Answer:
         started = time.perf_counter()
@@ -145,6 +148,7 @@ class ProxyHandler:
             return errors.NO_ROUTE.response()
         seen.route = route.name
         ident = None
+        extra: tuple[tuple[str, str], ...] = ()
         if route.auth != "none" and not (route.auth == "optional" and presented.key is None):
             # No await on an in-process answer.
             known = self.auth.check(presented.key, route.scopes, key_memory(request))
@@ -167,6 +171,14 @@ class ProxyHandler:
             seen.outcome, seen.ident = auth.OK, known
             ident = known
             self.usage.bump(ident.key_id, time.time())
+            # After authentication: whatever the limiter's state, no invalid key passes here.
+            if self.limits is not None and (
+                route.limits or ident.limits or ident.pool_limits or ident.credits or ident.pool_credits
+            ):
+                admitted = await self.limits.admit(route, ident)
+                if not isinstance(admitted, tuple):  # the key passed: its auth outcome stays "ok"
+                    return admitted
+                extra = admitted
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         headers = self.forwarder.upstream_headers(request, route, presented.from_bearer)
@@ -174,7 +186,7 @@ class ProxyHandler:
         resp: Answer
         try:
             resp, seen.upstream_status = await self.forwarder.forward(
-                request, route, target, headers, ident, strip_query_key=presented.key is not None
+                request, route, target, headers, ident, strip_query_key=presented.key is not None, extra=extra
             )
         except UpstreamFailure as e:
             log.warning("upstream failure on route %s: %s", route.name, e)

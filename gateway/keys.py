@@ -13,8 +13,12 @@ carry 178 bits of entropy, so plain SHA-256 would already resist brute force; th
 chosen because digests do not stay in the database: they are Redis keys, cache keys and
 invalidation messages. With a keyed hash, someone who reads Redis or a database dump cannot even
 confirm whether a key found elsewhere (a paste, a log) is a live Keystile key, and a digest copied
-between deployments is worthless. The cost is one secret every instance must share, and rotating it
-invalidates every key — documented in the README.
+between deployments is worthless. The cost is one secret every instance must share. Rotating it
+re-keys the store as keys are used (previous secrets are tried on a miss, ``gateway.hash_secrets``),
+documented in the README.
+
+Fingerprint: HMAC-SHA256 of a fixed label under the secret, recorded in the store so an instance
+started with another secret is refused; it says nothing of the secret or of any key.
 """
 
 from __future__ import annotations
@@ -146,6 +150,15 @@ class Digester:
         outer = self._outer.copy()
         outer.update(inner.digest())
         return outer.digest()
+
+
+_FINGERPRINT_LABEL: Final = b"keystile hash-secret fingerprint v1"
+
+
+def secret_fingerprint(secret: bytes) -> str:
+    """The recorded, comparable form of a hash secret: 32 hex characters of an HMAC of a fixed
+    label (never the secret, and never a digest a key could have)."""
+    return hmac.digest(secret, _FINGERPRINT_LABEL, "sha256")[:16].hex()
 
 
 def same_digest(a: KeyDigest, b: KeyDigest) -> bool:

@@ -7,13 +7,20 @@ The store records each change's invalidation in the write's own transaction (the
 instance reads), so telling the cache afterwards is the fast path only: if it fails, or the
 process dies first, instances still learn of the change from the store.
 
-Policies (``[policy]``): at most ``max_active_keys`` active keys per principal and project (1 gives
-the "one key, rotate to replace it" model); ``default_lifetime`` applies when no expiry is asked
-for; ``max_lifetime`` caps any expiry; names are unique per principal and project, at most 200
-characters, and default to ``API Key name YYYYMMDDHHMMSS`` (UTC; `` (2)``, `` (3)``... when keys
-are made within one second).
+Policies (``[policy]``, per project ``[policy.projects.<name>]`` and the values stored for a project,
+resolved by ``gateway.policies``; ``policy(project)`` is the one answer every caller gets): at most
+``max_active_keys`` active keys per principal and project (1 gives the "one key, rotate to replace
+it" model); ``default_lifetime`` applies when no expiry is asked for; ``max_lifetime`` caps any
+expiry; ``max_rotation_grace`` caps a rotation's grace. Names are unique per principal and project,
+at most 200 characters, and default to ``API Key name YYYYMMDDHHMMSS`` (UTC; `` (2)``, `` (3)``...
+when keys are made within one second).
 
-Characters (``gateway.text``): names, projects, scopes and metadata keys refuse control, format
+Roles: a role is a named set of scopes in a project (``put_role``); a principal's grant in a project
+names roles besides scopes, and its keys act with the union of both (narrowed by a key's own
+scopes). A role change reaches every key of every holder at once (the store's outbox, then the
+cache).
+
+Characters (``gateway.text``): names, projects, scopes, roles and metadata keys refuse control, format
 (bidi, zero-width), separator and unassigned characters; projects and scopes also spaces and
 commas. Names lose surrounding spaces and must keep at least one other character.
 """
@@ -27,13 +34,23 @@ from datetime import UTC, datetime
 import msgspec
 
 from gateway import keys, text
-from gateway.config import Config, durations
-from gateway.models import Invalidation, KeyRecord, NewKey, Principal, PrincipalKind
-from gateway.store import KeyChanges, NameTaken, PrincipalChanges, Store
+from gateway.config import Config, format_duration, parse_duration
+from gateway.models import (
+    Invalidation,
+    KeyRecord,
+    NewKey,
+    Principal,
+    PrincipalKind,
+    ProjectPolicy,
+    Role,
+)
+from gateway.policies import EffectivePolicy, duration_text, resolve
+from gateway.store import KeyChanges, NameTaken, NotFound, PrincipalChanges, Store
 
 MAX_NAME = 200
 MAX_TOKEN = 100  # projects and scopes
 MAX_NAME_ATTEMPTS = 20  # generated names tried before a NameTaken is reported
+MAX_GRACE = 86400  # the longest rotation grace any policy may allow
 Invalidate = Callable[[Invalidation], Awaitable[object]]
 
 
@@ -88,18 +105,32 @@ def check_project(project: str, field: str = "project") -> str:
     return project
 
 
-def _check_grants(grants: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+def check_role_name(name: str, field: str = "role") -> str:
+    if not _is_token(name):
+        raise PolicyError(
+            field,
+            f"invalid role name {name!r} (1-{MAX_TOKEN} characters; no spaces, commas, control or "
+            "invisible characters)",
+        )
+    return name
+
+
+def _check_grants(grants: Mapping[str, Sequence[str]], what: str = "grants") -> dict[str, tuple[str, ...]]:
+    """Project -> scopes (or, with ``what="roles"``, role names), each checked."""
     out = {}
     for project, scopes in grants.items():
         # The field names the project, unless printing it could do harm (repr escapes it).
-        field = f"grants.{project}" if project.isprintable() else "grants"
+        field = f"{what}.{project}" if project.isprintable() else what
         if not _is_token(project):
             raise PolicyError(
                 field,
                 f"invalid project {project!r} (1-{MAX_TOKEN} characters; no spaces, commas, "
                 "control or invisible characters)",
             )
-        out[project] = check_scopes(scopes, field)
+        if what == "roles":
+            out[project] = tuple(sorted({check_role_name(r, field) for r in scopes}))
+        else:
+            out[project] = check_scopes(scopes, field)
     return out
 
 
@@ -112,6 +143,27 @@ def check_metadata(metadata: Mapping[str, str], field: str = "metadata") -> dict
     return dict(metadata)
 
 
+def _seconds(value: float | str, field: str) -> float:
+    """A duration as the API takes it: seconds, or text such as ``"30d"`` (``parse_duration``)."""
+    if isinstance(value, str):
+        try:
+            return parse_duration(value)
+        except ValueError as e:
+            raise PolicyError(field, str(e)) from None
+    return value
+
+
+def _limit_text(cfg: Config, pol: EffectivePolicy, field: str) -> str:
+    """Which setting sets ``field`` in ``pol`` and its value, for refusals: ``policy.max_lifetime
+    is 30d``, ``policy.projects.p1.max_lifetime is 7d`` or the value stored for the project."""
+    source = pol.sources[field]
+    if source == "config":
+        return f"policy.{field} is {getattr(cfg.policy, field) or '0s'}"
+    if source == "config.project":
+        return f"policy.projects.{pol.project}.{field} is {getattr(cfg.policy.projects[pol.project], field)}"
+    return f"the {field} stored for project {pol.project} is {duration_text(getattr(pol, field)) or '0s'}"
+
+
 def default_name(now: float) -> str:
     return "API Key name " + datetime.fromtimestamp(now, UTC).strftime("%Y%m%d%H%M%S")
 
@@ -122,9 +174,9 @@ class Lifecycle:
     ) -> None:
         self.cfg = cfg
         self._secret = secret
+        self._fingerprint = keys.secret_fingerprint(secret)
         self.store = store
         self._invalidate = invalidate
-        self.default_lifetime, self.max_lifetime, self.max_grace = durations(cfg.policy)
 
     async def _changed(self, change: Invalidation) -> None:
         """After a committed write: tell every instance at once (awaited, bounded by the Redis
@@ -132,28 +184,60 @@ class Lifecycle:
         if self._invalidate is not None and change.seq:
             await self._invalidate(change)
 
+    async def _check_granted(self, principal: Principal, project: str, scopes: Sequence[str] | None) -> None:
+        """A key's scopes narrow what its owner holds in the project (granted scopes and those of
+        the roles it holds): a scope outside it is refused, by name."""
+        if scopes is None:
+            return
+        allowed = set(principal.grants.get(project, ()))
+        for role in principal.roles.get(project, ()):
+            try:
+                allowed.update((await self.store.get_role(project, role)).scopes)
+            except NotFound:  # deleted meanwhile: it grants nothing
+                continue
+        missing = sorted(set(scopes) - allowed)
+        if missing:
+            raise PolicyError(
+                "scopes", f"not granted to {principal.name} in project {project}: {', '.join(missing)}"
+            )
+
+    async def publish(self, change: Invalidation) -> None:
+        """Tell every instance of a change committed outside these methods (limits, credits)."""
+        await self._changed(change)
+
+    async def policy(self, project: str) -> EffectivePolicy:
+        """The policy values that apply in ``project`` (``gateway.policies``): what the admin API,
+        the CLI and the console enforce and show."""
+        return resolve(self.cfg, project, await self.store.get_project_policy(project))
+
     def _expiry(
-        self, now: float, expires_at: float | None, expires_in: float | None, field: str
+        self,
+        now: float,
+        expires_at: float | None,
+        expires_in: float | str | None,
+        field: str,
+        pol: EffectivePolicy,
     ) -> float | None:
         if expires_at is not None and expires_in is not None:
             raise PolicyError(field, "give expires_at or expires_in, not both")
         explicit = expires_at is not None
         if expires_in is not None:
+            expires_in = _seconds(expires_in, field)
             if expires_in <= 0:
                 raise PolicyError(field, "must be positive")
             # Any positive lifetime is accepted, however short (even one that rounds to now).
             expires_at = now + expires_in
-        if expires_at is None and self.default_lifetime is not None:
-            expires_at = now + self.default_lifetime
+        if expires_at is None and pol.default_lifetime is not None:
+            expires_at = now + pol.default_lifetime
         if expires_at is not None:
             if explicit and expires_at <= now:
                 raise PolicyError(field, "must be in the future")
-            if self.max_lifetime is not None and expires_at - now > self.max_lifetime + 1:
+            if pol.max_lifetime is not None and expires_at - now > pol.max_lifetime + 1:
                 raise PolicyError(
-                    field, f"exceeds the maximum key lifetime of {self.cfg.policy.max_lifetime}"
+                    field, "exceeds the maximum key lifetime: " + _limit_text(self.cfg, pol, "max_lifetime")
                 )
-        elif self.max_lifetime is not None:
-            expires_at = now + self.max_lifetime
+        elif pol.max_lifetime is not None:
+            expires_at = now + pol.max_lifetime
         return expires_at
 
     # -- principals ------------------------------------------------------------------------
@@ -165,10 +249,12 @@ class Lifecycle:
         kind: PrincipalKind = "user",
         grants: dict[str, Sequence[str]] | None = None,
         metadata: dict[str, str] | None = None,
+        roles: dict[str, Sequence[str]] | None = None,
         actor: str,
     ) -> Principal:
         name = _check_name(name)
         g = _check_grants(grants or {})
+        held = await self._check_roles(roles or {})
         return await self.store.create_principal(
             Principal(
                 id=keys.generate_id("prn"),
@@ -176,11 +262,23 @@ class Lifecycle:
                 kind=kind,
                 disabled=False,
                 created_at=time.time(),
-                grants=g,
+                grants={**dict.fromkeys(held, ()), **g},
                 metadata=check_metadata(metadata or {}),
+                roles={p: r for p, r in held.items() if r},
             ),
             actor,
         )
+
+    async def _check_roles(self, roles: Mapping[str, Sequence[str]]) -> dict[str, tuple[str, ...]]:
+        """Project -> role names, each a role its project defines (422 naming the project)."""
+        held = _check_grants(roles, "roles")
+        for project, names in held.items():
+            defined = {r.name for r in await self.store.list_roles(project)}
+            for n in names:
+                if n not in defined:
+                    field = f"roles.{project}" if project.isprintable() else "roles"
+                    raise PolicyError(field, f"project {project!r} has no role {n!r}")
+        return held
 
     async def update_principal(
         self,
@@ -189,15 +287,21 @@ class Lifecycle:
         grants: dict[str, Sequence[str]] | msgspec.UnsetType = msgspec.UNSET,
         disabled: bool | msgspec.UnsetType = msgspec.UNSET,
         metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET,
+        roles: dict[str, Sequence[str]] | msgspec.UnsetType = msgspec.UNSET,
         actor: str,
     ) -> Principal:
         checked: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
         if not isinstance(grants, msgspec.UnsetType):
             checked = _check_grants(grants)
+        held: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
+        if not isinstance(roles, msgspec.UnsetType):
+            held = await self._check_roles(roles)
         if not isinstance(metadata, msgspec.UnsetType):
             metadata = check_metadata(metadata)
         principal, change = await self.store.update_principal(
-            ref, PrincipalChanges(grants=checked, disabled=disabled, metadata=metadata), actor
+            ref,
+            PrincipalChanges(grants=checked, roles=held, disabled=disabled, metadata=metadata),
+            actor,
         )
         await self._changed(change)
         return principal
@@ -215,7 +319,7 @@ class Lifecycle:
         name: str | None = None,
         scopes: Sequence[str] | None = None,
         expires_at: float | None = None,
-        expires_in: float | None = None,
+        expires_in: float | str | None = None,
         env: str | None = None,
         metadata: dict[str, str] | None = None,
         actor: str,
@@ -229,10 +333,12 @@ class Lifecycle:
         name = _check_name(name) if name is not None else default_name(now)
         narrowed = None if scopes is None else check_scopes(scopes, "scopes")
         metadata = check_metadata(metadata or {})
+        pol = await self.policy(project)
         expiry = self._expiry(
-            now, expires_at, expires_in, "expires_at" if expires_at is not None else "expires_in"
+            now, expires_at, expires_in, "expires_at" if expires_at is not None else "expires_in", pol
         )
         principal = await self.store.get_principal(owner)
+        await self._check_granted(principal, project, narrowed)
         secret = keys.generate_key(self.cfg.keys.prefix, env)
         new = NewKey(
             id=keys.generate_id("key"),
@@ -246,14 +352,13 @@ class Lifecycle:
             created_at=now,
             expires_at=expiry,
             metadata=metadata or {},
+            digest_secret=self._fingerprint,
         )
         # A generated name is unique to the second; keys made within one second get " (2)", ...
         attempt = 1
         while True:
             try:
-                record = await self.store.create_key(
-                    new, max_active=self.cfg.policy.max_active_keys, actor=actor
-                )
+                record = await self.store.create_key(new, max_active=pol.max_active_keys, actor=actor)
                 return CreatedKey(record, secret)
             except NameTaken:
                 attempt += 1
@@ -267,22 +372,43 @@ class Lifecycle:
         *,
         name: str | msgspec.UnsetType = msgspec.UNSET,
         expires_at: float | msgspec.UnsetType | None = msgspec.UNSET,
+        expires_in: float | str | msgspec.UnsetType = msgspec.UNSET,
         scopes: Sequence[str] | msgspec.UnsetType | None = msgspec.UNSET,
         metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET,
         actor: str,
     ) -> KeyRecord:
         now = time.time()
-        if isinstance(expires_at, float | int) and not isinstance(expires_at, bool):
-            if expires_at <= now:
-                raise PolicyError("expires_at", "must be in the future")
-            if self.max_lifetime is not None:
-                created = (await self.store.get_key(key_id)).created_at
-                if expires_at - created > self.max_lifetime + 1:
-                    raise PolicyError(
-                        "expires_at", f"exceeds the maximum key lifetime of {self.cfg.policy.max_lifetime}"
-                    )
-        elif expires_at is None and self.max_lifetime is not None:
-            raise PolicyError("expires_at", "cannot be cleared: keys must expire (policy.max_lifetime)")
+        current = await self.store.get_key(key_id)
+        pol = await self.policy(current.project)
+        expire_now, field = False, "expires_at"
+        if not isinstance(expires_in, msgspec.UnsetType):
+            field = "expires_in"
+            if not isinstance(expires_at, msgspec.UnsetType):
+                raise PolicyError("expires_in", "give expires_at or expires_in, not both")
+            seconds = _seconds(expires_in, "expires_in")
+            if seconds < 0:
+                raise PolicyError("expires_in", "must not be negative")
+            # 0 expires the key now; any positive time is accepted, however short.
+            expires_at, expire_now = now + seconds, seconds == 0
+        if expire_now:
+            pass  # at once: neither in the future nor beyond any lifetime
+        elif isinstance(expires_at, float | int) and not isinstance(expires_at, bool):
+            if expires_at <= now and field == "expires_at":
+                raise PolicyError(field, "must be in the future")
+            if pol.max_lifetime is not None and expires_at - current.created_at > pol.max_lifetime + 1:
+                raise PolicyError(
+                    field, "exceeds the maximum key lifetime: " + _limit_text(self.cfg, pol, "max_lifetime")
+                )
+        elif expires_at is None and pol.max_lifetime is not None:
+            raise PolicyError(
+                "expires_at",
+                "cannot be cleared: keys must expire (" + _limit_text(self.cfg, pol, "max_lifetime") + ")",
+            )
+        if not isinstance(scopes, msgspec.UnsetType) and scopes is not None:
+            scopes = check_scopes(scopes, "scopes")
+            await self._check_granted(
+                await self.store.get_principal(current.principal_id), current.project, scopes
+            )
         changes = KeyChanges(
             name=name if isinstance(name, msgspec.UnsetType) else _check_name(name),
             expires_at=expires_at,
@@ -292,7 +418,7 @@ class Lifecycle:
             metadata=metadata if isinstance(metadata, msgspec.UnsetType) else check_metadata(metadata),
         )
         record, change = await self.store.update_key(
-            key_id, changes, actor, max_active=self.cfg.policy.max_active_keys, now=now
+            key_id, changes, actor, max_active=pol.max_active_keys, now=now
         )
         await self._changed(change)
         return record
@@ -308,10 +434,15 @@ class Lifecycle:
     async def rotate_key(self, key_id: str, *, grace: float = 0.0, actor: str) -> CreatedKey:
         if grace < 0:
             raise PolicyError("grace_seconds", "must not be negative")
-        if grace > self.max_grace:
-            raise PolicyError("grace_seconds", f"must be at most {int(self.max_grace)} seconds")
         now = time.time()
         current = await self.store.get_key(key_id)
+        pol = await self.policy(current.project)
+        if grace > pol.max_rotation_grace:
+            raise PolicyError(
+                "grace_seconds",
+                f"{format_duration(grace)} is longer than allowed: "
+                + _limit_text(self.cfg, pol, "max_rotation_grace"),
+            )
         secret = keys.generate_key(self.cfg.keys.prefix, current.env)
         record, change = await self.store.rotate_key(
             key_id,
@@ -320,6 +451,70 @@ class Lifecycle:
             previous_valid_until=now + grace if grace > 0 else None,
             actor=actor,
             now=now,
+            digest_secret=self._fingerprint,
         )
         await self._changed(change)
         return CreatedKey(record, secret)
+
+    # -- roles -----------------------------------------------------------------------------
+
+    async def put_role(
+        self, project: str, name: str, *, scopes: Sequence[str], description: str = "", actor: str
+    ) -> Role:
+        """Create or replace a role; every key of every principal holding it changes at once."""
+        project = check_project(project)
+        name = check_role_name(name)
+        checked = check_scopes(scopes, "scopes")  # the description is free text, like metadata values
+        now = time.time()
+        try:
+            created = (await self.store.get_role(project, name)).created_at
+        except NotFound:
+            created = now
+        role, change = await self.store.put_role(
+            Role(
+                project=project,
+                name=name,
+                scopes=checked,
+                description=description.strip(),
+                created_at=created,
+                updated_at=now,
+            ),
+            actor,
+        )
+        await self._changed(change)
+        return role
+
+    async def delete_role(self, project: str, name: str, *, actor: str) -> None:
+        """Delete a role: every grant naming it loses it, every key of its holders changes."""
+        await self._changed(await self.store.delete_role(project, name, actor))
+
+    # -- per-project policies --------------------------------------------------------------
+
+    async def set_project_policy(self, project: str, values: ProjectPolicy, *, actor: str) -> EffectivePolicy:
+        """Store ``project``'s own policy values (replacing any before); UNSET fields fall back to
+        the config. Refused (422, naming the field) when a value, or the result, breaks a rule."""
+        project = check_project(project)
+        if values.max_active_keys is not msgspec.UNSET and values.max_active_keys < 1:
+            raise PolicyError("max_active_keys", "must be at least 1")
+        for field in ("default_lifetime", "max_lifetime"):
+            value = getattr(values, field)
+            if isinstance(value, float | int) and value <= 0:
+                raise PolicyError(field, "must be positive (null: no default / no maximum)")
+        grace = values.max_rotation_grace
+        if grace is not msgspec.UNSET and not 0 <= grace <= MAX_GRACE:
+            raise PolicyError("max_rotation_grace", f"must be 0-{MAX_GRACE} seconds")
+        result = resolve(self.cfg, project, values)
+        default = values.default_lifetime
+        longest = result.max_lifetime
+        if isinstance(default, float | int) and longest is not None and default > longest:
+            raise PolicyError(
+                "default_lifetime",
+                f"longer than the maximum lifetime that applies ({duration_text(result.max_lifetime)})",
+            )
+        await self.store.put_project_policy(project, values, actor)
+        return result
+
+    async def clear_project_policy(self, project: str, *, actor: str) -> EffectivePolicy:
+        """Forget ``project``'s stored values: the config's apply again."""
+        await self.store.delete_project_policy(check_project(project), actor)
+        return resolve(self.cfg, project, None)

@@ -10,8 +10,32 @@ from typing import Literal, Self
 
 import msgspec
 
+from gateway.limits.policy import Policy
+
 KeyStatus = Literal["active", "expired", "revoked"]
 PrincipalKind = Literal["user", "service"]
+# Where an admin change came from, as the audit log records it.
+AuditSource = Literal["api", "cli", "console"]
+AUDIT_SOURCES: tuple[AuditSource, ...] = ("api", "cli", "console")
+
+
+class Actor(str):
+    """Who makes a change (a token id, ``cli``, a signed-in principal) and through what.
+
+    A ``str`` carrying its ``source``, so every call that takes an actor's name takes an ``Actor``
+    as well and the store's audit row records both; a plain ``str`` counts as source ``api``.
+    """
+
+    source: AuditSource
+
+    def __new__(cls, name: str, source: AuditSource = "api") -> Actor:
+        self = super().__new__(cls, name)
+        self.source = source
+        return self
+
+
+def source_of(actor: str) -> AuditSource:
+    return actor.source if isinstance(actor, Actor) else "api"
 
 
 class IdentityRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -39,6 +63,15 @@ class IdentityRecord(msgspec.Struct, frozen=True, array_like=True, gc=False):
     # Set only on the identity of a rotated-out secret: the end of its grace. From then on the old
     # secret is answered exactly like an unknown key, also while this record is still cached.
     grace_until: float | None = None
+    # The principal's roles in the key's project (their scopes are already in ``scopes``).
+    roles: tuple[str, ...] = ()
+    # Rate limits of the key itself and of its principal's pool (shared by all its keys).
+    limits: tuple[Policy, ...] = ()
+    pool_limits: tuple[Policy, ...] = ()
+    # Credit epochs (0: no credits): the key's own and its principal's. A "set" starts a new
+    # epoch, so a counter is named by owner and epoch (see gateway.limits.credits).
+    credits: int = 0
+    pool_credits: int = 0
 
     def expired(self, now: float) -> bool:
         return self.expires_at is not None and now >= self.expires_at
@@ -56,6 +89,7 @@ class IdentityView(msgspec.Struct, frozen=True, kw_only=True):
     env: str
     expires_at: float | None
     last_used_at: float | None = None
+    roles: list[str] = []
 
     @classmethod
     def of(cls, ident: IdentityRecord, last_used_at: float | None) -> Self:
@@ -69,6 +103,7 @@ class IdentityView(msgspec.Struct, frozen=True, kw_only=True):
             env=ident.env,
             expires_at=ident.expires_at,
             last_used_at=last_used_at,
+            roles=list(ident.roles),
         )
 
 
@@ -80,6 +115,10 @@ class Principal(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     grants: dict[str, tuple[str, ...]]  # project -> scopes
     metadata: dict[str, str] = {}
+    # project -> names of the project's roles the principal holds; a project here is always in
+    # ``grants`` too (with the scopes granted directly, perhaps none).
+    roles: dict[str, tuple[str, ...]] = {}
+    limits: tuple[Policy, ...] = ()
 
 
 class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
@@ -101,6 +140,7 @@ class KeyRecord(msgspec.Struct, frozen=True, kw_only=True):
     metadata: dict[str, str] = {}
     # After a rotation with grace, the previous secret keeps working until this time.
     previous_valid_until: float | None = None
+    limits: tuple[Policy, ...] = ()
 
     def status(self, now: float) -> KeyStatus:
         if self.revoked_at is not None:
@@ -124,6 +164,8 @@ class NewKey(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float
     expires_at: float | None
     metadata: dict[str, str] = {}
+    # Fingerprint of the hash secret ``digest`` was made with (gateway.keys.secret_fingerprint).
+    digest_secret: str | None = None
 
 
 class UsageUpdate(msgspec.Struct, frozen=True, array_like=True, gc=False):
@@ -146,6 +188,29 @@ class AuditEvent(msgspec.Struct, frozen=True, kw_only=True):
     target_id: str
     before: dict[str, object] | None
     after: dict[str, object] | None
+    source: AuditSource = "api"
+
+
+class Role(msgspec.Struct, frozen=True, kw_only=True):
+    """A named set of scopes in one project; a grant naming it grants its scopes."""
+
+    project: str
+    name: str
+    scopes: tuple[str, ...]
+    description: str = ""
+    created_at: float
+    updated_at: float
+
+
+class ProjectPolicy(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+    """One project's own policy values, as stored; a field left ``UNSET`` falls back to the
+    config (``[policy.projects.<name>]``, then ``[policy]``). Lifetimes in seconds, ``None``: no
+    default / no maximum; a grace of 0 allows none."""
+
+    max_active_keys: int | msgspec.UnsetType = msgspec.UNSET
+    default_lifetime: float | msgspec.UnsetType | None = msgspec.UNSET
+    max_lifetime: float | msgspec.UnsetType | None = msgspec.UNSET
+    max_rotation_grace: float | msgspec.UnsetType = msgspec.UNSET
 
 
 class Invalidation(msgspec.Struct, frozen=True):
@@ -158,3 +223,28 @@ class Invalidation(msgspec.Struct, frozen=True):
 
     seq: int
     digests: tuple[bytes, ...] | None
+
+
+class Refill(msgspec.Struct, frozen=True, kw_only=True):
+    """A calendar refill of credits, in UTC: ``daily`` at midnight, or ``monthly`` at midnight
+    starting day ``day`` (1-28). ``replace`` sets the balance to ``amount``; ``add`` adds it."""
+
+    amount: int
+    every: Literal["daily", "monthly"]
+    mode: Literal["replace", "add"] = "replace"
+    day: int = 1
+
+
+class CreditState(msgspec.Struct, frozen=True, kw_only=True):
+    """A key's or a principal's credits as the store holds them (spends are written in batches).
+
+    ``epoch`` grows with every set and refill: counters of spending are named by owner and epoch,
+    so spends counted against an older balance never reach a newer one."""
+
+    owner: str
+    principal_id: str
+    remaining: int
+    epoch: int
+    refill: Refill | None
+    next_refill_at: float | None
+    updated_at: float

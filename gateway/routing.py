@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from gateway.config import RouteConfig
+from gateway.limits.policy import Policy, check_policy
 from gateway.paths import Target
 
 
@@ -36,6 +37,8 @@ class Route:
     upstream_origin: str  # scheme://host:port
     upstream_host: str  # Host header value for the upstream
     upstream_base: str  # path prefix on the upstream, "" or "/v1"
+    limits: tuple[Policy, ...] = ()  # applied per key on this route
+    cost: int = 1  # credits a request spends
 
     def upstream_path(self, target: Target) -> str:
         path = target.forward_path(len(self.segments) if self.strip_prefix else 0)
@@ -72,6 +75,8 @@ def _compile(i: int, rc: RouteConfig, fold: bool) -> Route:
         upstream_origin=f"{u.scheme}://{host_hdr}",
         upstream_host=host_hdr,
         upstream_base=u.path.rstrip("/"),
+        limits=tuple(check_policy(lim.name, lim.limit, lim.window) for lim in rc.limits),
+        cost=rc.cost,
     )
 
 

@@ -69,6 +69,10 @@ class RawResponse:
         self._add_date = add_date
         self.keep_alive = False
 
+    def add_headers(self, headers: tuple[tuple[str, str], ...]) -> None:
+        """Append header lines Keystile built itself (names and values free of CR, LF, NUL)."""
+        self._headers += "".join(f"{k}: {v}\r\n" for k, v in headers).encode("latin-1")
+
     async def prepare(self, request: web.BaseRequest) -> None:
         keep = self.keep_alive = request.keep_alive
         if request.version.minor == 1:

@@ -70,6 +70,16 @@ def current_config(runtime: Path) -> Path:
     return runtime / "current.toml"
 
 
+def config_base(runtime: Path) -> Path | None:
+    """The directory of the operator's config file: its relative paths are relative to it, not to
+    the copies in ``runtime`` (the current directory when the supervisor read no file)."""
+    try:
+        text = (runtime / "config-dir").read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    return Path(text) if text else None
+
+
 def status_file(runtime: Path) -> Path:
     return runtime / "status.json"
 
@@ -269,6 +279,8 @@ class Supervisor:
         self._stopping = False
         self._hup = False
         self._published: WorkerStatus | None = None
+        # Told each reload's outcome (applied, problems): ``keystile reload`` waits for it.
+        self.on_reload: Callable[[bool, list[str]], None] | None = None
 
     # configuration generations
 
@@ -286,6 +298,9 @@ class Supervisor:
 
     def _accept(self, data: bytes) -> None:
         if self.generation == 0:
+            # Without a file, relative paths (from the environment) follow the current directory.
+            base = str(Path(self.config_path).parent.absolute() if self.config_path else Path.cwd())
+            _write_atomically(self.runtime / "config-dir", base.encode("utf-8"))
             _write_atomically(startup_config(self.runtime), data)
         _write_atomically(current_config(self.runtime), data)
         self.generation += 1
@@ -298,8 +313,12 @@ class Supervisor:
             for problem in e.problems:
                 log.error("reload refused: %s", problem)
             log.error("reload refused; the previous configuration keeps serving")
+            if self.on_reload is not None:
+                self.on_reload(False, e.problems)
             return
         self._accept(data)
+        if self.on_reload is not None:
+            self.on_reload(True, [])
         fields = {"generation": self.generation}
         log.info("configuration accepted; workers reload it", extra={"fields": fields})
         for slot in self.slots:

@@ -8,7 +8,9 @@ operation is one function in ``operations`` and one entry here. Must not: import
 what an operation does.
 
 Routes: ``/healthz``, ``/readyz`` and ``/v1/openapi.json`` (``openapi.ENDPOINT``) are public;
-every other ``/v1`` route needs an admin bearer token (``server``).
+every other ``/v1`` route needs an admin bearer token (``server``). Changes are audited with the
+token's id and the source ``api``, or ``cli`` when the request says ``X-Keystile-Source: cli``
+(the CLI does); the roles and policy routes are ``access_operations``'.
 """
 
 from __future__ import annotations
@@ -20,12 +22,16 @@ from typing import Any, Final, Generic, TypeVar
 
 import msgspec
 
+from gateway.admin import access_operations as acc
+from gateway.admin import access_schemas as a
+from gateway.admin import limit_operations as lops
+from gateway.admin import limit_schemas as ls
 from gateway.admin import operations as ops
 from gateway.admin import schemas as s
 from gateway.admin.operations import VERIFY_CODES, Context
 from gateway.store import NotFound
 
-__all__ = ["BY_OPERATION", "ENDPOINTS", "VERIFY_CODES", "Endpoint", "invoke"]
+__all__ = ["BY_OPERATION", "ENDPOINTS", "VERIFY_CODES", "Endpoint", "invoke", "required_role"]
 
 R = TypeVar("R")
 _PATH_PARAM: Final = re.compile(r"\{(\w+)\}")
@@ -55,11 +61,28 @@ class Endpoint(Generic[R]):
     status_of: Callable[[R], tuple[int, Mapping[str, str]] | None] | None = None
     description: str = ""
     public: bool = False
+    # The least admin-token role that may call it (``config.ADMIN_ROLES``); empty: by method and
+    # tag (``required_role``).
+    role: str = ""
     cache_control: str = "no-store"
     params: tuple[str, ...] = field(init=False)  # the path's parameters, in order
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", tuple(_PATH_PARAM.findall(self.path)))
+
+
+# Tags whose changes are the ``admin`` role's: who exists and what they may be granted.
+ADMIN_TAGS: Final = frozenset({"principals", "roles", "policies", "projects"})
+
+
+def required_role(ep: Endpoint[Any]) -> str:
+    """The least role of an admin token that may call ``ep``: its own, else ``read`` for reads,
+    ``admin`` for changes to principals, grants, roles and policies, ``write`` for other changes."""
+    if ep.role:
+        return ep.role
+    if ep.method in ("GET", "HEAD"):
+        return "read"
+    return "admin" if ep.tag in ADMIN_TAGS else "write"
 
 
 async def invoke(
@@ -92,6 +115,8 @@ def _unavailable(result: s.VerifyResponse) -> tuple[int, Mapping[str, str]] | No
 
 
 _P = "/v1/principals/{principal}"
+_ROLE = "/v1/projects/{project}/roles/{role}"
+_POLICY = "/v1/projects/{project}/policy"
 _K = "/v1/keys/{key_id}"
 _W = (401, 422, 503)  # every write can meet these; 400 too where there is a body to parse
 _R = (401, 503)
@@ -227,6 +252,7 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
         ops.verify_key,
         response=s.VerifyResponse,
         body=s.VerifyRequest,
+        role="verify",
         errors=(400, 401, 422),
         extra={503: s.VerifyResponse},
         status_of=_unavailable,
@@ -291,6 +317,72 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
     ),
     Endpoint(
         "GET",
+        _K + "/limits",
+        "getKeyLimits",
+        "limits",
+        "A key's rate limits and its principal's, what is left of each, and their credits",
+        lops.get_key_limits,
+        response=ls.LimitsView,
+        errors=(*_R, 404),
+    ),
+    Endpoint(
+        "PATCH",
+        _K + "/limits",
+        "setKeyLimits",
+        "limits",
+        "Replace a key's rate limits",
+        lops.set_key_limits,
+        response=ls.LimitsView,
+        body=ls.LimitsBody,
+        errors=(400, *_W, 404),
+        description="Every instance applies the change within a second. Each limit allows `limit` "
+        "requests at once, refilled at `limit` per `window` (GCRA).",
+    ),
+    Endpoint(
+        "POST",
+        _K + "/credits",
+        "changeKeyCredits",
+        "limits",
+        "Set, top up or remove a key's credits, or its calendar refill",
+        lops.set_key_credits,
+        response=ls.LimitsView,
+        body=ls.CreditsBody,
+        errors=(400, *_W, 404),
+    ),
+    Endpoint(
+        "GET",
+        _P + "/limits",
+        "getPrincipalLimits",
+        "limits",
+        "A principal's rate limits (a pool shared by its keys) and credits",
+        lops.get_principal_limits,
+        response=ls.LimitsView,
+        errors=(*_R, 404),
+    ),
+    Endpoint(
+        "PATCH",
+        _P + "/limits",
+        "setPrincipalLimits",
+        "limits",
+        "Replace a principal's rate limits (a pool shared by all its keys)",
+        lops.set_principal_limits,
+        response=ls.LimitsView,
+        body=ls.LimitsBody,
+        errors=(400, *_W, 404),
+    ),
+    Endpoint(
+        "POST",
+        _P + "/credits",
+        "changePrincipalCredits",
+        "limits",
+        "Set, top up or remove a principal's credits (shared by its keys), or its calendar refill",
+        lops.set_principal_credits,
+        response=ls.LimitsView,
+        body=ls.CreditsBody,
+        errors=(400, *_W, 404),
+    ),
+    Endpoint(
+        "GET",
         "/v1/audit",
         "listAudit",
         "audit",
@@ -299,7 +391,86 @@ ENDPOINTS: Final[tuple[Endpoint[Any], ...]] = (
         response=s.AuditPage,
         query=s.AuditQuery,
         errors=(*_R, 422),
-        description="Every lifecycle change, with its actor and the record before and after.",
+        description="Every lifecycle change, with its actor, its source (api, cli, console) and "
+        "the record before and after.",
+    ),
+    Endpoint(
+        "GET",
+        "/v1/projects/{project}/roles",
+        "listRoles",
+        "projects",
+        "List a project's roles",
+        acc.list_roles,
+        response=a.RoleList,
+        errors=(*_R, 422),
+    ),
+    Endpoint(
+        "GET",
+        _ROLE,
+        "getRole",
+        "projects",
+        "Get a role",
+        acc.get_role,
+        response=a.RoleView,
+        errors=(*_R, 404, 422),
+    ),
+    Endpoint(
+        "PUT",
+        _ROLE,
+        "putRole",
+        "projects",
+        "Create a role or replace its scopes",
+        acc.put_role,
+        response=a.RoleView,
+        body=a.RolePut,
+        errors=(400, *_W),
+        description="A role is a named set of scopes in a project; a principal's `roles` name the "
+        "roles it holds. A key acts with its owner's granted scopes and those of its roles "
+        "(narrowed by the key's own scopes); a change here reaches every key of every holder at once.",
+    ),
+    Endpoint(
+        "DELETE",
+        _ROLE,
+        "deleteRole",
+        "projects",
+        "Delete a role: every holder loses it, and its scopes, at once",
+        acc.delete_role,
+        status=204,
+        errors=(*_W, 404),
+    ),
+    Endpoint(
+        "GET",
+        _POLICY,
+        "getProjectPolicy",
+        "projects",
+        "The key policy that applies in a project, and where each value comes from",
+        acc.get_project_policy,
+        response=a.PolicyView,
+        errors=(*_R, 422),
+    ),
+    Endpoint(
+        "PUT",
+        _POLICY,
+        "setProjectPolicy",
+        "projects",
+        "Set a project's own key policy values",
+        acc.set_project_policy,
+        response=a.PolicyView,
+        body=a.ProjectPolicyPut,
+        errors=(400, *_W),
+        description="Stored values win over `[policy.projects.<project>]` in the config, which wins "
+        "over `[policy]`; a field left out falls back. The values apply to every later write in "
+        "the project (create, update, rotate).",
+    ),
+    Endpoint(
+        "DELETE",
+        _POLICY,
+        "clearProjectPolicy",
+        "projects",
+        "Forget a project's own key policy values: the config's apply again",
+        acc.clear_project_policy,
+        response=a.PolicyView,
+        errors=(*_W, 404),
     ),
 )
 # operation -> its entry: how the clients find the route of the operation they are asked for.

@@ -84,15 +84,17 @@ def _query_params(query: Input) -> dict[str, str]:
 class AdminClient(Admin):
     """The admin API over HTTP; use as ``async with AdminClient(url, token) as admin``."""
 
-    def __init__(self, base_url: str, token: str, *, timeout: float = 30.0) -> None:
+    def __init__(self, base_url: str, token: str, *, timeout: float = 30.0, source: str = "api") -> None:
         self.base_url = base_url.rstrip("/")
         self._token = token
+        self._source = source  # recorded in the audit log (the server takes "cli", else "api")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AdminClient:
         self._session = aiohttp.ClientSession(
-            timeout=self._timeout, headers={"Authorization": f"Bearer {self._token}"}
+            timeout=self._timeout,
+            headers={"Authorization": f"Bearer {self._token}", "X-Keystile-Source": self._source},
         )
         return self
 

@@ -16,30 +16,43 @@ import msgspec
 
 from gateway import __version__, text
 from gateway.admin import schemas as s
-from gateway.admin.api import ENDPOINTS, Endpoint
+from gateway.admin.api import ENDPOINTS, Endpoint, required_role
 from gateway.admin.operations import Context
+from gateway.lifecycle import MAX_TOKEN
 
 REF: Final = "#/components/schemas/{name}"
 _PATH_PARAM = re.compile(r"\{(\w+)\}")
 _PATH_PARAMS: Final = {
     "principal": "the principal's id (`prn_...`) or name",
     "key_id": "the key's id (`key_...`)",
+    "project": "a project's name",
+    "role": "a role's name within the project",
+}
+# Path parameters with a rule of their own (the lifecycle enforces the same, naming the field).
+_PATH_SCHEMAS: Final = {
+    name: {"type": "string", "minLength": 1, "maxLength": MAX_TOKEN, "$ref": s.PROJECT_TEXT}
+    for name in ("project", "role")
 }
 # Error statuses: component name and when they happen.
 _ERRORS: Final = {
     400: ("MalformedJSON", "The request body is not valid JSON."),
     401: ("Unauthenticated", "No admin token, or not a valid one."),
-    404: ("NotFound", "The principal or key named in the path does not exist."),
+    403: ("Forbidden", "The admin token's role does not allow this operation."),
+    404: ("NotFound", "The principal, key, role or project policy named in the path does not exist."),
     409: ("Conflict", "The change would break a rule: `error` says which."),
     422: ("InvalidRequest", "Invalid input or a broken policy; `field` names the input."),
     503: ("StoreUnavailable", "The key store cannot be reached; retry after `Retry-After` seconds."),
 }
 _DESCRIPTION = """\
-Manage Keystile's principals (users and service accounts), their grants and their API keys, verify
-keys for services that are not behind the proxy, and read the audit trail.
+Manage Keystile's principals (users and service accounts), their grants and their API keys, each
+project's roles and key policy, verify keys for services that are not behind the proxy, and read
+the audit trail.
 
 Authenticate with an admin token (`KEYSTILE_ADMIN_TOKENS` or `admin.tokens_file`) as
-`Authorization: Bearer <token>`; this document and the health routes are public. Times are UNIX
+`Authorization: Bearer <token>`; this document and the health routes are public. A token has a
+role, each allowing what the ones before it allow: `verify` (check keys), `read` (list and read
+keys, principals and the audit log), `write` (the key lifecycle), `admin` (principals, grants and
+policies too); each operation names its least role in `x-keystile-role`. Times are UNIX
 seconds (UTC). Request bodies reject unknown fields. Every error is
 `{"error": code, "message": text, "field": input or null}`. Lists are newest first (principals:
 by name) and page with `limit` and `next_cursor`."""
@@ -90,7 +103,7 @@ def _operation(ep: Endpoint[Any], components: dict[str, Any]) -> dict[str, Any]:
             "in": "path",
             "required": True,
             "description": _PATH_PARAMS[name],
-            "schema": {"type": "string"},
+            "schema": _PATH_SCHEMAS.get(name, {"type": "string"}),
         }
         for name in _PATH_PARAM.findall(ep.path)
     ]
@@ -123,6 +136,13 @@ def _operation(ep: Endpoint[Any], components: dict[str, Any]) -> dict[str, Any]:
         responses[str(status)] = {"$ref": f"#/components/responses/{_ERRORS[status][0]}"}
     op["responses"] = dict(sorted(responses.items()))
     op["security"] = [] if ep.public else [{"adminToken": []}]
+    if not ep.public:
+        role = required_role(ep)
+        op["x-keystile-role"] = role
+        responses["403"] = {"$ref": f"#/components/responses/{_ERRORS[403][0]}"}
+        op["responses"] = dict(sorted(responses.items()))
+        note = f"Needs an admin token of role `{role}` or above."
+        op["description"] = f"{op['description']}\n\n{note}" if op.get("description") else note
     return op
 
 
@@ -140,10 +160,13 @@ def build(endpoints: tuple[Endpoint[Any], ...]) -> dict[str, Any]:
     components["ProjectText"] = {"type": "string", "pattern": text.token_pattern()}
     components["MetadataKeyText"] = {"type": "string", "pattern": text.text_pattern()}
     # A rule between two fields, which a Struct cannot say: one expiry, not both.
-    components["KeyCreate"]["anyOf"] = [
-        {"properties": {"expires_at": {"type": "null"}}},
-        {"properties": {"expires_in": {"type": "null"}}},
-    ]
+    # (Said as "not both set" rather than "one of them null": the generators of the schema tests
+    # cannot combine the latter with a field that is a number or a text.)
+    components["KeyCreate"]["not"] = {  # null is "not given" in a create
+        "required": ["expires_at", "expires_in"],
+        "properties": {"expires_at": {"type": "number"}, "expires_in": {"type": ["number", "string"]}},
+    }
+    components["KeyUpdate"]["not"] = {"required": ["expires_at", "expires_in"]}  # null clears in an update
     paths: dict[str, dict[str, Any]] = {}
     for ep in endpoints:
         paths.setdefault(ep.path, {})[ep.method.lower()] = _operation(ep, components)

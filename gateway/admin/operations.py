@@ -54,7 +54,9 @@ class Services(Protocol):
 @dataclass(frozen=True, slots=True)
 class Context:
     """One operation's surroundings: the lifecycle it writes through and the actor audited for
-    it; ``gateway`` is the running gateway (None in the CLI's store mode, which has no cache)."""
+    it (a ``gateway.models.Actor`` also names the source: api, cli or console; a plain name counts
+    as api); ``gateway`` is the running gateway (None in the CLI's store mode, which has no
+    cache)."""
 
     lifecycle: Lifecycle
     actor: str
@@ -92,6 +94,7 @@ async def create_principal(ctx: Context, body: s.PrincipalCreate) -> s.Principal
         kind=body.kind,
         grants=dict(body.grants),
         metadata=dict(body.metadata),
+        roles=dict(body.roles),
         actor=ctx.actor,
     )
     return s.principal_view(p)
@@ -107,11 +110,12 @@ async def get_principal(ctx: Context, principal: str) -> s.PrincipalView:
 
 
 async def update_principal(ctx: Context, principal: str, body: s.PrincipalUpdate) -> s.PrincipalView:
-    if body.grants is msgspec.UNSET and body.metadata is msgspec.UNSET:
+    if body.grants is msgspec.UNSET and body.metadata is msgspec.UNSET and body.roles is msgspec.UNSET:
         return await get_principal(ctx, principal)  # nothing to change: no write, no audit row
     p = await ctx.lifecycle.update_principal(
         principal,
         grants=body.grants if isinstance(body.grants, msgspec.UnsetType) else dict(body.grants),
+        roles=body.roles if isinstance(body.roles, msgspec.UnsetType) else dict(body.roles),
         metadata=body.metadata,
         actor=ctx.actor,
     )
@@ -169,6 +173,7 @@ async def update_key(ctx: Context, key_id: str, body: s.KeyUpdate) -> s.KeyView:
         key_id,
         name=body.name,
         expires_at=body.expires_at,
+        expires_in=body.expires_in,
         scopes=body.scopes,
         metadata=body.metadata,
         actor=ctx.actor,

@@ -6,12 +6,13 @@ it and the CLI's store mode refuses with it, so both refuse alike), the admin la
 Must not: speak HTTP (no aiohttp), log, or put a store failure's detail in a body.
 
 Errors, always ``{"error", "message", "field"}``: 400 ``malformed_json``; 401 ``unauthenticated``;
-404 ``not_found`` (also for an id that cannot exist, e.g. one holding a NUL); 405
-``method_not_allowed`` with the path's own ``Allow``; 409 ``name_taken`` / ``key_limit_reached`` /
-``principal_has_keys`` / ``conflict``; 422 ``invalid_request`` (wrong types, unknown fields, broken
-policies, bad cursors, with ``field`` naming the input); 503 ``store_unavailable`` with
-``Retry-After``; 500 ``store_error`` for any other store failure, whose detail goes to the log only
-(it may name the database or echo input).
+403 ``forbidden`` (the admin token's role does not allow the operation); 404 ``not_found`` (also
+for an id that cannot exist, e.g. one holding a NUL); 405 ``method_not_allowed`` with the path's
+own ``Allow``; 409 ``name_taken`` / ``key_limit_reached`` / ``principal_has_keys`` /
+``conflict``; 422 ``invalid_request`` (wrong types, unknown fields, broken policies, bad cursors,
+with ``field`` naming the input); 503 ``store_unavailable`` with ``Retry-After``; 500
+``store_error`` for any other store failure, whose detail goes to the log only (it may name the
+database or echo input).
 """
 
 from __future__ import annotations
@@ -35,6 +36,10 @@ class InvalidInput(Exception):
 
 class Unauthenticated(Exception):
     """No usable admin token (HTTP 401)."""
+
+
+class Forbidden(Exception):
+    """A valid admin token whose role does not allow the operation (HTTP 403)."""
 
 
 _AT = re.compile(r" - at `(?:key` in `)?\$(?P<path>[^`]*)`$")
@@ -66,6 +71,8 @@ def problem(exc: BaseException) -> tuple[int, s.ErrorBody, dict[str, str]] | Non
     if isinstance(exc, Unauthenticated):
         challenge = {"WWW-Authenticate": 'Bearer realm="keystile-admin"'}
         return 401, s.ErrorBody(error="unauthenticated", message=str(exc)), challenge
+    if isinstance(exc, Forbidden):
+        return 403, s.ErrorBody(error="forbidden", message=str(exc)), {}
     if isinstance(exc, NotFound):
         return 404, s.ErrorBody(error="not_found", message=str(exc)), {}
     if isinstance(exc, Conflict):

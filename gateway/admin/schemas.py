@@ -16,12 +16,20 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import UNSET, Meta, UnsetType
 
+from gateway.config import DURATION_PATTERN
 from gateway.lifecycle import MAX_NAME, MAX_TOKEN
-from gateway.models import AuditEvent, IdentityView, KeyRecord, KeyStatus, Principal, PrincipalKind
+from gateway.models import (
+    AuditEvent,
+    AuditSource,
+    IdentityView,
+    KeyRecord,
+    KeyStatus,
+    Principal,
+    PrincipalKind,
+)
 from gateway.store.sql import AUDIT_CURSOR, KEY_CURSOR, PRINCIPAL_CURSOR
 
 MAX_PAGE = 500
-MAX_GRACE_SECONDS = 86400
 # String schemas whose patterns (``gateway.text``) are long: the document holds each once, under
 # components, and the fields refer to it. The lifecycle enforces the same rules with messages
 # that name the field.
@@ -53,6 +61,14 @@ Project = Token
 Scope = Token
 Filter = Annotated[str, Meta(pattern=NO_NUL)]
 UnixTime = Annotated[float, Meta(description="UNIX seconds, UTC")]
+Duration = Annotated[
+    str,
+    Meta(
+        pattern=DURATION_PATTERN,
+        max_length=32,
+        description='a duration as in the config: seconds, or a number with s, m, h or d ("30d")',
+    ),
+]
 Limit = Annotated[int, Meta(ge=1, le=MAX_PAGE, description=f"page size, 1-{MAX_PAGE}")]
 _CURSOR = "`next_cursor` of the previous page (a position in the listing); omit for the first page"
 PrincipalCursor = Annotated[str, Meta(max_length=512, pattern=PRINCIPAL_CURSOR, description=_CURSOR)]
@@ -62,6 +78,23 @@ Scopes = Annotated[list[Scope], Meta(max_length=100)]
 Grants = Annotated[
     dict[Project, Scopes],
     Meta(max_length=200, description="project -> scopes granted in it; replaces every grant"),
+]
+RoleName = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=MAX_TOKEN,
+        description="a role of the project (the rule of projects and scopes)",
+        extra_json_schema={"$ref": PROJECT_TEXT},
+    ),
+]
+Roles = Annotated[
+    dict[Project, Annotated[list[RoleName], Meta(max_length=100)]],
+    Meta(
+        max_length=200,
+        description="project -> roles held in it (each defined in that project); replaces every "
+        "role held; a project named here is one the principal is a member of",
+    ),
 ]
 Metadata = Annotated[
     dict[
@@ -116,6 +149,7 @@ class PrincipalCreate(_Request):
     kind: PrincipalKind = "user"
     grants: Grants = {}
     metadata: Metadata = {}
+    roles: Roles = {}
 
 
 class PrincipalUpdate(_Request):
@@ -123,6 +157,7 @@ class PrincipalUpdate(_Request):
 
     grants: Grants | UnsetType = UNSET
     metadata: Metadata | UnsetType = UNSET
+    roles: Roles | UnsetType = UNSET
 
 
 class PrincipalQuery(_Request):
@@ -143,8 +178,9 @@ class PrincipalView(_Response):
     kind: PrincipalKind
     disabled: bool
     created_at: UnixTime
-    grants: dict[str, list[str]]
+    grants: Annotated[dict[str, list[str]], Meta(description="project -> scopes granted directly")]
     metadata: dict[str, str]
+    roles: Annotated[dict[str, list[str]], Meta(description="project -> roles held")] = {}
 
 
 class PrincipalPage(_Response):
@@ -167,17 +203,21 @@ class KeyCreate(_Request):
         Scopes | None, Meta(description="narrow the owner's grant to these; null: all of it")
     ] = None
     expires_at: UnixTime | None = None
-    expires_in: Annotated[float, Meta(gt=0, description="seconds from now")] | None = None
+    expires_in: Annotated[float, Meta(gt=0, description="seconds from now")] | Duration | None = None
     env: Literal["live", "test"] | None = None
     metadata: Metadata = {}
 
 
 class KeyUpdate(_Request):
     """Fields left out are unchanged; ``expires_at: null`` removes the expiry, ``scopes: null`` the
-    narrowing (the key then has all of its owner's grant in its project)."""
+    narrowing (the key then has all of its owner's grant in its project). ``expires_in`` sets the
+    expiry from now; ``0`` expires the key at once."""
 
     name: Name | UnsetType = UNSET
     expires_at: UnixTime | UnsetType | None = UNSET
+    expires_in: (
+        Annotated[float, Meta(ge=0, description="seconds from now; 0: expire now")] | Duration | UnsetType
+    ) = UNSET
     scopes: Scopes | UnsetType | None = UNSET
     metadata: Metadata | UnsetType = UNSET
 
@@ -187,7 +227,7 @@ class KeyRotate(_Request):
 
     grace_seconds: Annotated[
         float,
-        Meta(ge=0, le=MAX_GRACE_SECONDS, description="seconds the old secret keeps working (0-86400)"),
+        Meta(ge=0, description="seconds the old secret keeps working (at most policy.max_rotation_grace)"),
     ] = 0
 
 
@@ -195,9 +235,9 @@ class KeyQuery(_Request):
     owner: Annotated[Filter, Meta(description="principal id or name")] | None = None
     project: Filter | None = None
     status: KeyStatus | None = None
-    q: (
-        Annotated[Filter, Meta(max_length=MAX_NAME, description="name contains (case-insensitive)")] | None
-    ) = None
+    q: Annotated[Filter, Meta(max_length=MAX_NAME, description="name contains (case-insensitive)")] | None = (
+        None
+    )
     limit: Limit = 50
     cursor: KeyCursor | None = None
 
@@ -261,6 +301,7 @@ class VerifyResponse(_Response):
 class AuditQuery(_Request):
     key_id: Filter | None = None
     principal: Annotated[Filter, Meta(description="principal id or name")] | None = None
+    source: Annotated[AuditSource, Meta(description="where the change came from")] | None = None
     since: Annotated[float, Meta(description="at or after, UNIX seconds")] | None = None
     until: Annotated[float, Meta(description="before, UNIX seconds")] | None = None
     limit: Limit = 50
@@ -272,10 +313,11 @@ class AuditEventView(_Response):
     at: UnixTime
     actor: str
     action: str
-    target_type: Annotated[str, Meta(description="key or principal")]
+    target_type: Annotated[str, Meta(description="key, principal, role or project")]
     target_id: str
     before: dict[str, Any] | None
     after: dict[str, Any] | None
+    source: Annotated[AuditSource, Meta(description="api, cli or console")] = "api"
 
 
 class AuditPage(_Response):
@@ -325,6 +367,7 @@ def principal_view(p: Principal) -> PrincipalView:
         created_at=p.created_at,
         grants={project: list(scopes) for project, scopes in p.grants.items()},
         metadata=dict(p.metadata),
+        roles={project: list(names) for project, names in p.roles.items()},
     )
 
 

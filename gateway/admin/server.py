@@ -10,8 +10,10 @@ request body.
 Authentication: every ``/v1`` route except ``/v1/openapi.json`` needs ``Authorization: Bearer
 <admin token>`` (``KEYSTILE_ADMIN_TOKENS`` or ``admin.tokens_file``). The presented token is hashed
 and compared with every configured token in constant time; with no tokens configured every ``/v1``
-request is refused. The OpenAPI document is public: it describes the API and holds no data. Writes
-are audited with the actor ``admin:<first 8 hex of sha256(token)>``, never the token itself.
+request is refused. The OpenAPI document is public: it describes the API and holds no data. A
+token's role (``label:role:token`` entries; a bare token is ``admin``) must reach the operation's
+(``api.required_role``), else 403. Writes are audited with the token's label as the actor, or
+``admin:<first 8 hex of sha256(token)>`` for an unlabelled one, never the token itself.
 
 Routing: one resource per path, in table order (a literal path such as ``/v1/keys/verify`` before
 ``/v1/keys/{key_id}``); a method a path does not have is answered 405 with that path's own
@@ -42,11 +44,12 @@ from aiohttp.typedefs import Middleware
 from multidict import MultiMapping
 
 from gateway.admin import schemas as s
-from gateway.admin.api import Endpoint, invoke
+from gateway.admin.api import Endpoint, invoke, required_role
 from gateway.admin.openapi import ALL_ENDPOINTS, document
 from gateway.admin.operations import Context, Services
-from gateway.admin.problems import InvalidInput, Unauthenticated, problem, validation_field
-from gateway.config import Secrets
+from gateway.admin.problems import Forbidden, InvalidInput, Unauthenticated, problem, validation_field
+from gateway.config import ADMIN_ROLES, Secrets, admin_token
+from gateway.models import Actor, AuditSource
 
 log = logging.getLogger("keystile.admin")
 
@@ -60,7 +63,10 @@ class AdminDeps(Services, Protocol):
 
 DEPS: Final[web.AppKey[AdminDeps]] = web.AppKey("admin_deps")
 ACTOR: Final[web.RequestKey[str]] = web.RequestKey("actor", str)
+ROLE: Final[web.RequestKey[str]] = web.RequestKey("role", str)
+_RANK: Final = {role: rank for rank, role in enumerate(ADMIN_ROLES)}
 PUBLIC_PATHS: Final = frozenset({"/v1/openapi.json"})
+SOURCE_HEADER: Final = "X-Keystile-Source"
 
 _enc = msgspec.json.Encoder()
 _HEADERS: Final = {"Cache-Control": "no-store"}
@@ -85,15 +91,28 @@ def create_admin_app(deps: AdminDeps) -> web.Application:
 
 
 def _handler(ep: Endpoint[Any]) -> WebHandler:
+    needed = required_role(ep)
+
     async def handle(request: web.Request) -> web.StreamResponse:
+        if not ep.public:
+            role = request.get(ROLE, "")  # set by auth_middleware for every /v1 route
+            if _RANK.get(role, -1) < _RANK[needed]:
+                raise Forbidden(f"this admin token's role is {role}; {ep.operation_id} needs {needed}")
         body = await _read_body(request, ep.body) if request.method != "GET" else None
         query = _read_query(request.query, ep.query)
         deps = request.app[DEPS]
-        ctx = Context(deps.lifecycle, request.get(ACTOR, ""), deps)  # this generation's lifecycle
+        actor = Actor(request.get(ACTOR, ""), _source(request))
+        ctx = Context(deps.lifecycle, actor, deps)  # this generation's lifecycle
         return _respond(ep, await invoke(ep, ctx, request.match_info, body, query))
 
     handle.__name__ = ep.operation_id
     return handle
+
+
+def _source(request: web.Request) -> AuditSource:
+    """Where the change comes from, as the audit log records it: ``cli`` when the CLI says so
+    (``SOURCE_HEADER``), else ``api``. Only the console, in-process, records ``console``."""
+    return "cli" if request.headers.get(SOURCE_HEADER) == "cli" else "api"
 
 
 def _respond(ep: Endpoint[Any], result: Any) -> web.Response:
@@ -229,8 +248,14 @@ def _token_digest(token: bytes) -> bytes:
 
 
 def auth_middleware(tokens: tuple[bytes, ...]) -> Middleware:
-    """Admin bearer tokens for ``/v1``; the actor recorded for a request names the token by hash."""
-    digests = tuple(_token_digest(t) for t in tokens)
+    """Admin bearer tokens for ``/v1``: sets the request's role and its actor (the token's label,
+    else ``admin:`` and a hash prefix of the token). Entries were validated by ``load_secrets``."""
+    known = []
+    for entry in tokens:
+        parsed = admin_token(entry)
+        digest = _token_digest(parsed.token)
+        known.append((digest, parsed.role, parsed.label or "admin:" + digest.hex()[:8]))
+    digests = tuple(known)
 
     @web.middleware
     async def middleware(request: web.Request, handler: WebHandler) -> web.StreamResponse:
@@ -247,12 +272,13 @@ def auth_middleware(tokens: tuple[bytes, ...]) -> Middleware:
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("an admin token is required: Authorization: Bearer <token>")
         presented = _token_digest(token.encode("utf-8", "surrogateescape"))
-        matched = False
-        for d in digests:  # every token is compared: no early exit reveals which one matched
-            matched |= hmac.compare_digest(presented, d)
-        if not matched:
+        found = None
+        for entry in digests:  # every token is compared: no early exit reveals which one matched
+            if hmac.compare_digest(presented, entry[0]):
+                found = entry
+        if found is None:
             raise Unauthenticated("the admin token is not valid")
-        request[ACTOR] = "admin:" + presented.hex()[:8]
+        request[ROLE], request[ACTOR] = found[1], found[2]
         return await handler(request)
 
     return middleware

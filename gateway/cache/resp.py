@@ -192,6 +192,14 @@ class LeanRedis:
         if commands:  # a call expecting no reply would never end, and would take the next one's
             await self._call(b"".join(commands), len(commands))
 
+    async def replies(self, commands: Sequence[bytes]) -> list[Reply]:
+        """Encoded commands, pipelined in one write; their replies in order, an error reply
+        (``hiredis.ReplyError``) among them returned, not raised. Raises RespError only when the
+        call as a whole fails (connection, deadline)."""
+        if not commands:
+            return []
+        return await self._call(b"".join(commands), len(commands), check_from=len(commands))
+
     async def _call(self, payload: bytes, expected: int, check_from: int = 0) -> list[Reply]:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._deadline

@@ -26,7 +26,14 @@ __all__ = ["build_parser", "main"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv:  # bare ``keystile``: what it can do
+        parser.print_help()
+        return 0
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # told with the usage of the command they were given to
+        args.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         code: int = args.fn(args)
         return code

@@ -19,6 +19,7 @@ import aiohttp
 import msgspec
 
 from gateway import config as config_mod
+from gateway import hash_secrets
 from gateway.admin import operations as ops
 from gateway.admin import schemas
 from gateway.admin.client import Admin, AdminClient, AdminError, Operation, StoreAdmin
@@ -43,7 +44,7 @@ from gateway.cli.output import (
 from gateway.cli.runner import Fail, load, run, with_store
 from gateway.config import Config
 from gateway.lifecycle import Lifecycle
-from gateway.models import Invalidation
+from gateway.models import Actor, Invalidation
 from gateway.store import Store
 
 T = TypeVar("T")
@@ -72,8 +73,44 @@ def _admin_target(args: argparse.Namespace) -> tuple[str, str] | None:
     return url, token
 
 
+# An API field -> the flag an operator gave it with: refusals name what was typed.
+FLAG_OF = {
+    "grace_seconds": "--grace",
+    "expires_in": "--expires-in",
+    "expires_at": "--expires-in",
+    "scopes": "--scopes",
+    "grants": "--grant",
+    "metadata": "--metadata",
+    "owner": "--owner",
+    "project": "--project",
+    "env": "--env",
+    "q": "--search",
+    "key_id": "--key",
+    "with_keys": "--with-keys",
+    "since": "--since",
+    "until": "--until",
+    "limit": "--limit",
+    "cursor": "--cursor",
+}
+_API_WORDS = {"with_keys=true": "--with-keys", "expires_at or expires_in": "--expires-in or --no-expiry"}
+
+
+def _flag(field: str | None) -> str | None:
+    """``grace_seconds`` -> ``--grace``; ``grants.billing`` -> ``--grant billing``."""
+    if field is None:
+        return None
+    head, dot, rest = field.partition(".")
+    flag = FLAG_OF.get(head)
+    if flag is None:
+        return field
+    return f"{flag} {rest}" if dot else flag
+
+
 def _refusal(e: AdminError) -> str:
-    return refusal(e.field, str(e), e.error)
+    message = str(e)
+    for api, cli in _API_WORDS.items():
+        message = message.replace(api, cli)
+    return refusal(_flag(e.field), message, e.error)
 
 
 def with_admin(
@@ -89,7 +126,7 @@ def with_admin(
 
     async def main() -> T:
         if target is not None:
-            async with AdminClient(*target) as client:
+            async with AdminClient(*target, source="cli") as client:
                 return await fn(client)
         assert loaded is not None
         cfg, secrets = loaded
@@ -98,10 +135,12 @@ def with_admin(
             await _publish(cfg, change)
 
         async def on_store(store: Store) -> T:
+            if need_secret:  # keys are hashed here: with the store's secret only
+                await hash_secrets.check(store, secrets, time.time())
             lifecycle = Lifecycle(
                 cfg, secrets.hash_secret, store, invalidate=publish if cfg.redis.url else None
             )
-            return await fn(StoreAdmin(ops.Context(lifecycle, "cli")))
+            return await fn(StoreAdmin(ops.Context(lifecycle, Actor("cli", "cli"))))
 
         return await with_store(cfg, on_store)
 
@@ -226,6 +265,7 @@ def cmd_principals_create(args: argparse.Namespace) -> int:
         kind=args.kind,
         grants=flags.grants(args.grant) or {},
         metadata=flags.pairs(args.metadata, "--metadata") or {},
+        roles=flags.grants(args.role, "--role") or {},
     )
     show(call(args, ops.create_principal, body=body), args.json, principal_fields)
     return 0
@@ -234,12 +274,16 @@ def cmd_principals_create(args: argparse.Namespace) -> int:
 def cmd_principals_update(args: argparse.Namespace) -> int:
     grants: Any = {} if args.no_grants else flags.grants(args.grant)
     metadata = flags.pairs(args.metadata, "--metadata")
-    if grants is None and metadata is None:
-        raise Fail("keystile: nothing to change: give --grant, --no-grants or --metadata", 2)
+    roles: Any = {} if args.no_roles else flags.grants(args.role, "--role")
+    if grants is None and metadata is None and roles is None:
+        raise Fail(
+            "keystile: nothing to change: give --grant, --no-grants, --role, --no-roles or --metadata", 2
+        )
     body = build(
         schemas.PrincipalUpdate,
         grants=msgspec.UNSET if grants is None else grants,
         metadata=msgspec.UNSET if metadata is None else metadata,
+        roles=msgspec.UNSET if roles is None else roles,
     )
     show(call(args, ops.update_principal, body=body, principal=args.principal), args.json, principal_fields)
     return 0
@@ -273,19 +317,11 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
             principal = await admin.call(ops.create_principal, body=grant)
             granted_text = ",".join(scopes or []) or "(no scopes)"
             notes.append(f"created principal {principal.name} with grant {args.project}: {granted_text}")
-        granted = principal.grants.get(args.project)
-        if granted is None:
+        if args.project not in principal.grants and scopes is None:
             notes.append(
                 f"warning: {principal.name} has no grant in project {args.project}; "
                 "the key will get 403 on routes that require one"
             )
-        elif scopes:
-            missing = sorted(set(scopes) - set(granted))
-            if missing:
-                notes.append(
-                    f"warning: scopes not granted to {principal.name} in {args.project} "
-                    f"have no effect: {','.join(missing)}"
-                )
         body = build(
             schemas.KeyCreate,
             owner=principal.id,
@@ -313,10 +349,23 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
     changes: dict[str, Any] = {}
     if args.name is not None:
         changes["name"] = args.name
+    given = [
+        f
+        for f, on in (
+            ("--no-expiry", args.no_expiry),
+            ("--expire-now", args.expire_now),
+            ("--expires-in", args.expires_in is not None),
+        )
+        if on
+    ]
+    if len(given) > 1:
+        raise Fail(f"keystile: give one of {', '.join(given)}", 2)
     if args.no_expiry:
         changes["expires_at"] = None
+    elif args.expire_now:
+        changes["expires_in"] = 0
     elif args.expires_in is not None:
-        changes["expires_at"] = time.time() + (flags.duration(args.expires_in, "--expires-in") or 0)
+        changes["expires_in"] = flags.duration(args.expires_in, "--expires-in")
     if args.all_scopes:
         changes["scopes"] = None
     elif args.scopes is not None:
@@ -324,7 +373,11 @@ def cmd_keys_update(args: argparse.Namespace) -> int:
     if args.metadata is not None:
         changes["metadata"] = flags.pairs(args.metadata, "--metadata")
     if not changes:
-        raise Fail("keystile: nothing to change: give --name, --expires-in, --no-expiry, --scopes, ...", 2)
+        raise Fail(
+            "keystile: nothing to change: give --name, --expires-in, --expire-now, --no-expiry, --scopes, "
+            "--all-scopes or --metadata",
+            2,
+        )
     body = build(schemas.KeyUpdate, **changes)
     show(call(args, ops.update_key, body=body, key_id=args.key_id), args.json, key_fields)
     return 0

@@ -47,8 +47,9 @@ def pairs(items: Sequence[str] | None, flag: str) -> dict[str, str] | None:
     return out
 
 
-def grants(items: Sequence[str] | None) -> dict[str, list[str]] | None:
-    given = pairs(items, "--grant")
+def grants(items: Sequence[str] | None, flag: str = "--grant") -> dict[str, list[str]] | None:
+    """``PROJECT=a,b`` flags (``--grant`` scopes, ``--role`` roles) -> project -> names."""
+    given = pairs(items, flag)
     return None if given is None else {p: csv_list(scopes) or [] for p, scopes in given.items()}
 
 

@@ -35,9 +35,15 @@ class Page(Protocol[T_co]):
 
 
 def fmt_time(t: float | None) -> str:
+    """A time as tables show it: UTC, which their column headers say (``(UTC)``)."""
     if t is None:
         return "-"
     return datetime.fromtimestamp(t, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def utc(t: float) -> str:
+    """A time on its own (field lists, messages), saying its zone."""
+    return fmt_time(t) + " UTC"
 
 
 def shown(text: str) -> str:
@@ -113,12 +119,22 @@ def key_row(k: schemas.KeyView) -> list[str]:
 
 
 def audit_row(e: schemas.AuditEventView) -> list[str]:
-    return [fmt_time(e.at), e.actor, e.action, e.target_id]
+    return [fmt_time(e.at), e.actor, e.source, e.action, e.target_id]
 
 
-PRINCIPAL_COLUMNS = ("name", "id", "kind", "status", "created", "grants")
-KEY_COLUMNS = ("id", "name", "start", "owner", "project", "created", "expires", "last used", "status")
-AUDIT_COLUMNS = ("time", "actor", "action", "target")
+PRINCIPAL_COLUMNS = ("name", "id", "kind", "status", "created (UTC)", "grants")
+KEY_COLUMNS = (
+    "id",
+    "name",
+    "start",
+    "owner",
+    "project",
+    "created (UTC)",
+    "expires (UTC)",
+    "last used (UTC)",
+    "status",
+)
+AUDIT_COLUMNS = ("time (UTC)", "actor", "source", "action", "target")
 
 
 def show(view: V, as_json: bool, fields: Callable[[V], list[tuple[str, str]]]) -> None:
@@ -135,9 +151,11 @@ def principal_fields(p: schemas.PrincipalView) -> list[tuple[str, str]]:
         ("name", p.name),
         ("kind", p.kind),
         ("status", "disabled" if p.disabled else "enabled"),
-        ("created", fmt_time(p.created_at)),
+        ("created", utc(p.created_at)),
         ("grants", grants_text(p.grants)),
     ]
+    if p.roles:
+        pairs.append(("roles", "; ".join(f"{proj}: {','.join(r)}" for proj, r in p.roles.items())))
     return pairs + [(f"metadata.{k}", v) for k, v in p.metadata.items()]
 
 
@@ -151,15 +169,15 @@ def key_fields(k: schemas.KeyView) -> list[tuple[str, str]]:
         ("project", k.project),
         ("scopes", "(all of the owner's grant)" if k.scopes is None else ",".join(k.scopes) or "(none)"),
         ("env", k.env),
-        ("created", fmt_time(k.created_at)),
-        ("expires", fmt_time(k.expires_at) if k.expires_at is not None else "never"),
-        ("last used", fmt_time(k.last_used_at) if k.last_used_at is not None else "never"),
+        ("created", utc(k.created_at)),
+        ("expires", utc(k.expires_at) if k.expires_at is not None else "never"),
+        ("last used", utc(k.last_used_at) if k.last_used_at is not None else "never"),
         ("requests", str(k.request_count)),
     ]
     if k.revoked_at is not None:
-        pairs.append(("revoked", fmt_time(k.revoked_at)))
+        pairs.append(("revoked", utc(k.revoked_at)))
     if k.previous_valid_until is not None and k.previous_valid_until > time.time():
-        pairs.append(("previous secret valid until", fmt_time(k.previous_valid_until)))
+        pairs.append(("previous secret valid until", utc(k.previous_valid_until)))
     return pairs + [(f"metadata.{m}", v) for m, v in k.metadata.items()]
 
 

@@ -41,7 +41,7 @@ def load(args: argparse.Namespace, *, need_secret: bool = True) -> tuple[Config,
 
 
 async def with_store(cfg: Config, fn: Callable[[Store], Awaitable[T]]) -> T:
-    store = await open_store(cfg.store.url, timeout=cfg.store.timeout, pool_min=1, pool_max=2)
+    store = await open_store(cfg.store.url, timeout=cfg.store.timeout, pool_min=1, pool_max=2, create=False)
     try:
         await store.check_schema()
         return await fn(store)

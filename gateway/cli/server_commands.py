@@ -15,14 +15,17 @@ import logging
 import os
 import secrets as pysecrets
 import signal
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import msgspec
 
 from gateway import config as config_mod
+from gateway import reload_outcome
 from gateway.cli.output import print_json
-from gateway.cli.runner import Fail, load, run
+from gateway.cli.runner import Fail, load, run, with_store
 from gateway.config import ConfigError, Secrets
 from gateway.lifecycle import Lifecycle
 from gateway.store import StoreError, open_store
@@ -33,18 +36,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.observability import configure_logging
 
     runtime = Path(args.runtime_dir) if args.runtime_dir else None
+    base: Path | None = None
     if runtime is None:
         path = config_mod.config_path(args.config)
         cfg = config_mod.load(path)
     else:
         # A supervisor's worker: the generation the supervisor accepted, never the operator's file.
         from gateway.app import in_force
-        from gateway.workers import current_config, startup_config
+        from gateway.workers import config_base, current_config, startup_config
 
         path = str(current_config(runtime))
-        cfg = in_force(config_mod.load(startup_config(runtime)), config_mod.load(path))
+        base = config_base(runtime)
+        cfg = in_force(
+            config_mod.load(startup_config(runtime), base_dir=base), config_mod.load(path, base_dir=base)
+        )
     secrets = config_mod.load_secrets(cfg)
     configure_logging(cfg.logging.level)
+    if not secrets.admin_tokens and args.worker_of is None:
+        logging.getLogger("keystile").warning(
+            "no admin token is configured (%s or admin.tokens_file): the admin API at %s refuses "
+            "every /v1 request; only /healthz and /readyz answer",
+            config_mod.ADMIN_TOKENS_ENV,
+            cfg.admin.listen,
+        )
     if args.worker_of is None:
         from gateway.workers import usable_cpus
 
@@ -74,9 +88,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 cfg.cache.sync_interval,
             )
 
+        supervisor = Supervisor(args.workers, path, cfg.proxy.shutdown_timeout)
         if args.pid_file:
             Path(args.pid_file).write_text(f"{os.getpid()}\n")
-        return Supervisor(args.workers, path, cfg.proxy.shutdown_timeout).run()
+            pid_file = args.pid_file
+            supervisor.on_reload = lambda applied, problems: reload_outcome.record(
+                pid_file, applied, problems, []
+            )
+        return supervisor.run()
 
     async def main() -> int:
         gw = create_app(cfg, secrets, metrics_dir=args.metrics_dir)
@@ -105,15 +124,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         async def reload() -> None:
             log = logging.getLogger("keystile")
+            answer = args.pid_file if args.worker_of is None else None  # a worker's supervisor answers
             try:
-                notes = await gw.reload(config_mod.load(path))  # raises for a certificate it cannot load too
+                # raises for a certificate it cannot load too
+                notes = await gw.reload(config_mod.load(path, base_dir=base))
             except ConfigError as e:
                 for problem in e.problems:
                     log.error("reload refused: %s", problem)
                 log.error("reload refused; the previous configuration keeps serving")
+                if answer:
+                    reload_outcome.record(answer, False, e.problems, [])
+                return
+            except Exception as e:  # a bug: logged with its traceback, the old config keeps serving
+                log.exception("reload failed; the previous configuration keeps serving")
+                if answer:
+                    reload_outcome.record(answer, False, [f"{type(e).__name__}: {e}"], [])
                 return
             for note in notes:
                 log.warning(note)
+            if answer:
+                reload_outcome.record(answer, True, [], notes)
 
         def on_hup() -> None:
             task = loop.create_task(reload())
@@ -147,18 +177,26 @@ def cmd_config_check(args: argparse.Namespace) -> int:
     cfg = config_mod.load(args.file)
     if args.quiet:
         return 0
-    print(f"{args.file}: ok")
-    print_json(config_mod.to_toml_dict(cfg))
+    from gateway.config.toml_text import dumps
+
+    # Valid TOML as a whole: the verdict is a comment, then the effective config, secrets masked.
+    print(f"# {args.file}: ok; the effective config (defaults and environment applied, secrets masked):")
+    print(dumps(config_mod.to_toml_dict(cfg)), end="")
     return 0
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    cfg, _ = load(args, need_secret=False)
+    from gateway import hash_secrets
+
+    cfg, secrets = load(args, need_secret=False)
 
     async def main() -> list[int]:
         store = await open_store(cfg.store.url, timeout=cfg.store.timeout, pool_min=1, pool_max=2)
         try:
-            return await store.migrate()
+            applied = await store.migrate()
+            if secrets.hash_secret:  # else the first instance to start records it
+                await hash_secrets.check(store, secrets, time.time())
+            return applied
         finally:
             await store.close()
 
@@ -168,18 +206,86 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    """Ask a running ``keystile serve`` to re-read its config (the same as SIGHUP)."""
+    """Ask a running ``keystile serve`` to re-read its config (SIGHUP) and wait for its answer:
+    exit 0 when the new config was applied, 1 with the server's reasons when it was refused."""
+    before = reload_outcome.read_raw(args.pid_file)
     try:
         pid = int(Path(args.pid_file).read_text().strip())
         os.kill(pid, signal.SIGHUP)
     except (OSError, ValueError) as e:
         raise Fail(f"keystile reload: cannot signal the server in {args.pid_file}: {e}") from None
-    print(f"sent SIGHUP to {pid}; the server logs whether the new config was applied")
+    deadline = time.monotonic() + args.timeout
+    while (raw := reload_outcome.read_raw(args.pid_file)) == before or raw is None:
+        if time.monotonic() >= deadline:
+            raise Fail(
+                f"keystile reload: sent SIGHUP to {pid}, but it did not answer within {args.timeout:g}s; "
+                "its log says whether the new config was applied"
+            )
+        time.sleep(0.05)
+    outcome = reload_outcome.decode(raw)
+    if not outcome.applied:
+        for problem in outcome.problems:
+            print(f"keystile reload: refused: {problem}", file=sys.stderr)
+        raise Fail("keystile reload: the server refused the new config; the previous one keeps serving")
+    print(f"reloaded: server {pid} applied the new config")
+    for note in outcome.notes:
+        print(f"note: {note}", file=sys.stderr)
     return 0
 
 
 def cmd_secret(args: argparse.Namespace) -> int:
+    if args.action == "status":
+        return _secret_status(args)
     print(pysecrets.token_hex(32))
+    return 0
+
+
+def cmd_echo(args: argparse.Namespace) -> int:
+    """A local upstream that answers every request with what it received (``gateway.echo``)."""
+    from gateway.echo import start_echo
+
+    async def main() -> int:
+        runner, port = await start_echo(args.host, args.port)
+        print(f"echo upstream listening on http://{args.host}:{port} (Ctrl-C stops it)", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await runner.cleanup()
+        return 0
+
+    try:
+        return run(main())
+    except OSError as e:
+        raise Fail(f"keystile echo: cannot listen: {e} (try --port)") from None
+
+
+def _secret_status(args: argparse.Namespace) -> int:
+    """How many usable keys still depend on a previous hash secret (read only)."""
+    from gateway import hash_secrets
+
+    cfg, secrets = load(args)
+    found = run(with_store(cfg, lambda store: hash_secrets.status(store, secrets, time.time())))
+    if args.json:
+        print_json(msgspec.to_builtins(found))
+        return 0
+    role = (
+        "the newest recorded"
+        if found.newest
+        else "recorded, not the newest"
+        if (found.fingerprint in found.recorded)
+        else "not recorded"
+    )
+    print(f"current secret: fingerprint {found.fingerprint[:12]} ({role})")
+    print(f"keys hashed with the current secret: {found.current_keys}")
+    print(f"keys hashed with a previous secret: {found.previous_keys}")
+    print(f"keys hashed with another or an unknown secret: {found.other_keys}")
+    if found.previous_keys or found.other_keys:
+        print(
+            f"keep {config_mod.PREVIOUS_HASH_SECRET_ENV} set until these are used (each is re-keyed "
+            "at its first use); a key not used by then stops working when it is removed"
+        )
     return 0
 
 
@@ -224,6 +330,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         except OSError as e:
             raise Fail(f"keystile demo: cannot listen: {e} (try --port)") from None
         base = f"http://127.0.0.1:{gw.proxy_port}"
+        admin = f"http://127.0.0.1:{gw.admin_port}"
         print(
             f"""Keystile demo is running (embedded store, built-in echo upstream).
 
@@ -237,6 +344,15 @@ Who am I:
 Without a key (401), and a public route (no key needed):
   curl -si {base}/hello
   curl -s {base}/public/hello
+
+The admin API (key lifecycle; its description: {admin}/v1/openapi.json):
+  admin URL:    {admin}
+  admin token:  {admin_token}
+  export {config_mod.ADMIN_URL_ENV}={admin} {config_mod.ADMIN_TOKEN_ENV}={admin_token}
+  keystile keys list
+  keystile keys create --owner demo-user --project demo --scopes read --expires-in 1h
+  keystile keys rotate {created.record.id} --grace 60
+  curl -s {admin}/v1/keys -H 'Authorization: Bearer {admin_token}'
 
 The key-management console (sign in with the admin token below):
   http://127.0.0.1:{gw.console_port}/

@@ -10,8 +10,10 @@ import ipaddress
 import re
 from urllib.parse import parse_qsl, urlsplit
 
-from gateway.config.schema import Config, parse_duration, parse_listen
+from gateway.config.schema import Config, RouteConfig, parse_duration, parse_listen
 from gateway.keys import valid_prefix
+from gateway.limits.policy import check_policy
+from gateway.text import is_token_char
 
 _HEADER_TOKEN = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
 
@@ -38,6 +40,59 @@ def _redis_url_problems(url: str) -> list[str]:
             out.append(f"redis.url: option {name!r}: use redis.socket_timeout / redis.connect_timeout")
         elif name not in REDIS_URL_OPTIONS:
             out.append(f"redis.url: unsupported option {name!r} (supported: {', '.join(REDIS_URL_OPTIONS)})")
+    return out
+
+
+_LIFETIMES = ("default_lifetime", "max_lifetime", "max_rotation_grace")
+
+
+def _durations(section: object, where: str, out: list[str]) -> dict[str, float | None]:
+    """The section's duration fields that are set, in seconds ("" -> None); bad ones reported."""
+    found: dict[str, float | None] = {}
+    for field in _LIFETIMES:
+        value = getattr(section, field)
+        if value is None:
+            continue
+        try:
+            found[field] = parse_duration(value) if value else None
+        except ValueError as e:
+            out.append(f"{where}.{field}: {e}")
+    return found
+
+
+def _policy_problems(cfg: Config) -> list[str]:
+    """``[policy]`` and each ``[policy.projects.<name>]``, the latter with ``[policy]``'s values
+    for the fields it leaves out (store values are checked when they are set)."""
+    out: list[str] = []
+    base = _durations(cfg.policy, "policy", out)
+    sections: list[tuple[str, dict[str, float | None]]] = [("policy", base)]
+    for project, pp in cfg.policy.projects.items():
+        where = f"policy.projects.{project}" if project.isprintable() else "policy.projects"
+        if not 0 < len(project) <= 100 or not all(map(is_token_char, project)):
+            out.append(f"{where}: {project!r} is not a project name (no spaces, commas, control characters)")
+            continue
+        sections.append((where, {**base, **_durations(pp, where, out)}))
+    for where, d in sections:
+        default, longest = d.get("default_lifetime"), d.get("max_lifetime")
+        if default is not None and longest is not None and default > longest:
+            out.append(f"{where}.default_lifetime: longer than the max_lifetime that applies")
+        if (d.get("max_rotation_grace") or 0) > 86400:
+            out.append(f"{where}.max_rotation_grace: at most 24h")
+    return out
+
+
+def _limit_problems(where: str, r: RouteConfig) -> list[str]:
+    out = []
+    for j, lim in enumerate(r.limits):
+        try:
+            check_policy(lim.name, lim.limit, lim.window)
+        except ValueError as e:
+            out.append(f"{where}.limits[{j}]: {e}")
+    names = [lim.name for lim in r.limits]
+    if len(set(names)) != len(names):
+        out.append(f"{where}.limits: names must be unique")
+    if r.limits and r.auth == "none":
+        out.append(f'{where}.limits: limits apply per key and need auth = "required" or "optional"')
     return out
 
 
@@ -76,19 +131,7 @@ def check_semantics(cfg: Config) -> list[str]:
         out.append("store.pool_min: must not exceed store.pool_max")
     if cfg.redis.url:
         out.extend(_redis_url_problems(cfg.redis.url))
-    durations = {}
-    for field in ("default_lifetime", "max_lifetime", "max_rotation_grace"):
-        value = getattr(cfg.policy, field)
-        if value:
-            try:
-                durations[field] = parse_duration(value)
-            except ValueError as e:
-                out.append(f"policy.{field}: {e}")
-    if "default_lifetime" in durations and "max_lifetime" in durations:
-        if durations["default_lifetime"] > durations["max_lifetime"]:
-            out.append("policy.default_lifetime: longer than policy.max_lifetime")
-    if durations.get("max_rotation_grace", 0) > 86400:
-        out.append("policy.max_rotation_grace: at most 24h")
+    out.extend(_policy_problems(cfg))
     for field in ("window", "block"):
         if getattr(cfg.throttle, field) > 86400:
             out.append(f"throttle.{field}: at most 86400 seconds")
@@ -113,6 +156,7 @@ def check_semantics(cfg: Config) -> list[str]:
                 out.append(f"{where}.methods[{j}]: {m!r} is not an upper-case method")
         if r.auth != "required" and r.scopes:
             out.append(f'{where}.scopes: scopes need auth = "required"')
+        out.extend(_limit_problems(where, r))
     out.extend(_console_problems(cfg))
     return out
 

@@ -27,10 +27,12 @@ from gateway.config.schema import (
     Config,
     ConfigError,
     PolicyConfig,
+    ProjectPolicyConfig,
     RouteConfig,
     parse_duration,
 )
 
+_ROUTE_INDEX = re.compile(r"^routes\[(\d+)\]")
 _AT = re.compile(r"^(?P<msg>.*?)(?: - at `\$(?P<path>[^`]*)`)?$", re.S)
 
 
@@ -58,12 +60,27 @@ def _each_problem(
         if field not in typ.__struct_fields__:
             out.append(f"{base}.{field}: unknown field")
             continue
+        if typ is PolicyConfig and field == "projects" and isinstance(item, dict):
+            out.extend(_project_problems(item, f"{base}.projects"))
+            continue
         try:
             msgspec.convert({**placeholders, field: item}, typ, strict=False)
         except msgspec.ValidationError as e:
             out.append(_msgspec_problem(e, base))
     out += [f"{base}.{f}: required field is missing" for f in placeholders if f not in value]
     return out or [_msgspec_problem(first, base)]
+
+
+def _project_problems(projects: dict[str, Any], base: str) -> list[str]:
+    """``[policy.projects.<name>]`` tables one by one, so a problem names its project (msgspec
+    would say ``projects[...]``)."""
+    out = []
+    for name, table in projects.items():
+        try:
+            msgspec.convert(table, ProjectPolicyConfig, strict=False)
+        except msgspec.ValidationError as e:
+            out += _each_problem(table, ProjectPolicyConfig, f"{base}.{name}", e)
+    return out
 
 
 def _env_value(raw: str) -> Any:
@@ -94,6 +111,7 @@ def decode(data: dict[str, Any], source: str, env: Mapping[str, str] | None = No
     if env is not None:
         _apply_env(data, env, problems)
     sections: dict[str, Any] = {}
+    failed: list[str] = []  # sections (and routes[i]) that did not decode: checked no further
     for name, value in data.items():
         if name == "routes":
             continue
@@ -104,8 +122,10 @@ def decode(data: dict[str, Any], source: str, env: Mapping[str, str] | None = No
         try:
             sections[name] = msgspec.convert(value, typ, strict=False)
         except msgspec.ValidationError as e:
+            failed.append(name)
             problems.extend(f"{source}: {p}" for p in _each_problem(value, typ, name, e))
     routes: list[RouteConfig] = []
+    decoded: list[int] = []  # the file's index of each route in ``routes``
     raw_routes = data.get("routes", [])
     if not isinstance(raw_routes, list):
         problems.append(f"{source}: routes: expected an array of tables ([[routes]])")
@@ -113,19 +133,29 @@ def decode(data: dict[str, Any], source: str, env: Mapping[str, str] | None = No
     for i, raw in enumerate(raw_routes):
         try:
             routes.append(msgspec.convert(raw, RouteConfig, strict=False))
+            decoded.append(i)
         except msgspec.ValidationError as e:
             problems.extend(f"{source}: {p}" for p in _each_problem(raw, RouteConfig, f"routes[{i}]", e))
+    cfg = Config(**sections, routes=tuple(routes))
+    # The rules between fields too, on what did decode, so that one run reports every problem.
+    for p in check_semantics(cfg):
+        p = _ROUTE_INDEX.sub(lambda m: f"routes[{decoded[int(m.group(1))]}]", p)
+        if not any(p.startswith(f"{s}.") or f" {s}." in p for s in failed):
+            problems.append(f"{source}: {p}")
     if problems:
         raise ConfigError(problems)
-    cfg = Config(**sections, routes=tuple(routes))
-    semantic = check_semantics(cfg)
-    if semantic:
-        raise ConfigError([f"{source}: {p}" for p in semantic])
     return cfg
 
 
-def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Config:
-    """Read ``path`` (TOML) and the environment; ``path=None`` means defaults plus environment."""
+def load(
+    path: str | Path | None, env: Mapping[str, str] | None = None, *, base_dir: str | Path | None = None
+) -> Config:
+    """Read ``path`` (TOML) and the environment; ``path=None`` means defaults plus environment.
+
+    Relative file paths in the config (a SQLite ``store.url``, the secret files) name files next
+    to the config file, whatever the current directory: they are made absolute against
+    ``base_dir``, by default the config file's own directory. Without a file they stay relative
+    to the current directory."""
     environ = os.environ if env is None else env
     if path is None:
         return decode({}, "(defaults)", environ)
@@ -134,7 +164,36 @@ def load(path: str | Path | None, env: Mapping[str, str] | None = None) -> Confi
         text = Path(path).read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError([f"{source}: cannot read: {e.strerror}"]) from None
-    return loads(text, source, environ)
+    base = Path(base_dir) if base_dir is not None else Path(path).parent
+    return relative_to(loads(text, source, environ), base)
+
+
+def _sqlite_path(url: str) -> str | None:
+    """The file part of a ``sqlite:`` URL (as ``gateway.store.sqlite.path_of`` reads it)."""
+    if not url.startswith("sqlite:"):
+        return None
+    rest = url.removeprefix("sqlite:")
+    return rest[3:] if rest.startswith("///") else rest[2:] if rest.startswith("//") else rest
+
+
+def relative_to(cfg: Config, base: Path) -> Config:
+    """``cfg`` with its relative file paths made absolute against ``base``."""
+    base = base.absolute()
+
+    def fix(p: str) -> str:
+        return p if not p or Path(p).is_absolute() else str(base / p)
+
+    store, security, admin = cfg.store, cfg.security, cfg.admin
+    db = _sqlite_path(store.url)
+    if db and db != ":memory:" and not db.startswith("file:") and not Path(db).is_absolute():
+        store = msgspec.structs.replace(store, url="sqlite:///" + fix(db))
+    security = msgspec.structs.replace(
+        security,
+        hash_secret_file=fix(security.hash_secret_file),
+        previous_hash_secret_files=tuple(fix(p) for p in security.previous_hash_secret_files),
+    )
+    admin = msgspec.structs.replace(admin, tokens_file=fix(admin.tokens_file))
+    return msgspec.structs.replace(cfg, store=store, security=security, admin=admin)
 
 
 def loads(text: str, source: str, env: Mapping[str, str] | None = None) -> Config:

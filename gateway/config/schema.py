@@ -14,6 +14,9 @@ from msgspec import Meta
 
 ENV_PREFIX = "KEYSTILE_"
 HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET"  # noqa: S105 - a variable name
+# Secrets keys were hashed with before the current one, comma-separated: tried on a miss while a
+# rotation re-keys the store (README, "Rotating the hash secret").
+PREVIOUS_HASH_SECRET_ENV = "KEYSTILE_KEY_HASH_SECRET_PREVIOUS"  # noqa: S105 - a variable name
 ADMIN_TOKENS_ENV = "KEYSTILE_ADMIN_TOKENS"
 CONFIG_ENV = "KEYSTILE_CONFIG"
 # Where the CLI finds a running admin API, and the admin token it presents there.
@@ -111,6 +114,8 @@ class KeysConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True
 
 class SecurityConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     hash_secret_file: str = ""
+    # Files holding previous hash secrets (one each), as KEYSTILE_KEY_HASH_SECRET_PREVIOUS.
+    previous_hash_secret_files: tuple[str, ...] = ()
 
 
 class StoreConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -159,12 +164,24 @@ class RedisConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     channel: str = "keystile:invalidate"
 
 
+class ProjectPolicyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    """``[policy.projects.<project>]``: a field left out falls back to ``[policy]``; a value the
+    admin API stored for the project wins over both (``gateway.policies``)."""
+
+    max_active_keys: Count | None = None
+    default_lifetime: str | None = None
+    max_lifetime: str | None = None
+    max_rotation_grace: str | None = None
+
+
 class PolicyConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     max_active_keys: Count = 10
     # Lifetimes as durations ("30d", "12h", "90m", "45s"); empty: no default / no maximum.
     default_lifetime: str = ""
     max_lifetime: str = ""
     max_rotation_grace: str = "24h"
+    # Per-project values, by project name.
+    projects: dict[str, ProjectPolicyConfig] = {}
 
 
 class UsageConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -191,6 +208,26 @@ class ThrottleConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=
     max_clients: Count = 100_000
 
 
+class LimitConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # One rate limit: at most ``limit`` requests at once, refilled at ``limit`` per ``window``
+    # (seconds, or a duration such as "1s", "10m", "1d").
+    name: str
+    limit: Annotated[int, Meta(ge=1, le=1_000_000_000)]
+    window: float | str
+
+
+class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # Send RateLimit-Policy and RateLimit on every response of a limited route.
+    headers: bool = True
+    # When Redis cannot decide: "open" lets requests pass unlimited, "closed" answers 503.
+    # Authentication never depends on this.
+    on_redis_failure: Literal["open", "closed"] = "open"
+    # Buckets held in-process without Redis (those full again are dropped first).
+    max_local_buckets: Count = 100_000
+    # Seconds between credit writes to the store, and between checks for due refills.
+    credits_flush_interval: Seconds = 1.0
+
+
 class RouteConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: str
     upstream: str
@@ -200,6 +237,10 @@ class RouteConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tru
     scopes: tuple[str, ...] = ()
     strip_prefix: bool = False
     preserve_host: bool = False
+    # Rate limits every key gets on this route (a bucket per key and route).
+    limits: tuple[LimitConfig, ...] = ()
+    # Credits a request on this route spends from a key or principal that has credits.
+    cost: Annotated[int, Meta(ge=0, le=1_000_000)] = 1
 
 
 class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
@@ -218,6 +259,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     throttle: ThrottleConfig = ThrottleConfig()
     tls: TLSConfig = TLSConfig()
     console: ConsoleConfig = ConsoleConfig()
+    limits: LimitsConfig = LimitsConfig()
 
 
 _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
@@ -235,19 +277,30 @@ _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
     "throttle": ThrottleConfig,
     "tls": TLSConfig,
     "console": ConsoleConfig,
+    "limits": LimitsConfig,
 }
 
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+# One reading of a duration everywhere (config, admin API, CLI): seconds, or a number with a unit.
+DURATION_PATTERN = r"^\s*\d+(\.\d+)?\s*[smhd]?\s*$"
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> float:
-    """``"30d"`` -> seconds. Raises ValueError naming the accepted forms."""
+    """``"30d"`` or ``"3600"`` (seconds) -> seconds. Raises ValueError naming the accepted forms."""
     m = _DURATION.match(text)
     if not m:
-        raise ValueError(f"invalid duration {text!r} (use a number with s, m, h or d, e.g. 30d)")
+        raise ValueError(f"invalid duration {text!r} (use seconds, or a number with s, m, h or d, e.g. 30d)")
     return float(m.group(1)) * _UNITS[m.group(2)]
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds as the largest whole unit that expresses them (``7200`` -> ``"2h"``)."""
+    for unit in ("d", "h", "m"):
+        if seconds >= _UNITS[unit] and seconds % _UNITS[unit] == 0:
+            return f"{int(seconds // _UNITS[unit])}{unit}"
+    return f"{seconds:g}s"
 
 
 def parse_listen(text: str) -> tuple[str, int]:

@@ -20,11 +20,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gateway.keys import KeyFormat
-from gateway.models import KeyRecord, Principal
+from gateway.models import Actor, KeyRecord, Principal
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
-# Audit rows have no source column yet: the actor string carries it ("console:...").
-SOURCE = "console"
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +33,10 @@ class Viewer:
     principal: Principal | None = None  # the user's own principal; None for operators
 
     @property
-    def actor(self) -> str:
-        """The audit actor of this viewer's actions."""
-        who = self.subject if self.kind == "operator" else f"principal:{self.subject}"
-        return f"{SOURCE}:{who}"
+    def actor(self) -> Actor:
+        """The audit actor of this viewer's actions: the admin token's name or the principal's,
+        with source ``console``."""
+        return Actor(self.subject, "console")
 
     @property
     def is_operator(self) -> bool:

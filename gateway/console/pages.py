@@ -23,6 +23,7 @@ from aiohttp import web
 from gateway.console.access import Viewer, may_add, may_manage
 from gateway.console.sessions import Session, ShownOnce
 from gateway.models import KeyRecord, Principal
+from gateway.policies import duration_text
 from gateway.store import KeyFilter, NotFound
 
 if TYPE_CHECKING:
@@ -162,9 +163,10 @@ async def render_keys(
     viewer = request[VIEWER]
     session = request[SESSION]
     lifecycle = console.deps.lifecycle
-    policy = lifecycle.cfg.policy
     now = time.time()
     listing = await listing_for(request, viewer, query)
+    # The policy of the project on screen (per-project values fall back to [policy]).
+    policy = await lifecycle.policy(listing.project) if listing.project is not None else None
     rows: list[KeyRow] = []
     next_cursor = None
     if viewer.is_operator or listing.project is not None:
@@ -191,6 +193,7 @@ async def render_keys(
     elif not may_add(viewer, listing.principal, listing.project):
         add_reason = "This principal holds no grant in this project."
     else:
+        assert policy is not None  # a project is on screen
         active_page = await lifecycle.store.list_keys(
             KeyFilter(
                 principal_id=listing.principal.id,
@@ -217,7 +220,8 @@ async def render_keys(
         owner = await lifecycle.store.get_principal(target.principal_id)
         target_scopes = sorted(owner.grants.get(target.project, ()))
     notice, session.notice = session.notice, None
-    grace = [(s, label) for s, label in GRACE_CHOICES if s <= lifecycle.max_grace]
+    longest = 0.0 if target is None else (await lifecycle.policy(target.project)).max_rotation_grace
+    grace = [(s, label) for s, label in GRACE_CHOICES if s <= longest]
     return render(
         request,
         "keys.html",
@@ -230,13 +234,13 @@ async def render_keys(
             "add_reason": add_reason,
             "active": active,
             "policy": policy,
-            "single_key": policy.max_active_keys == 1,
+            "single_key": policy is not None and policy.max_active_keys == 1,
             "shown": shown,
             "dialog": dialog,
             "target": target,
             "target_scopes": target_scopes,
             "grace_choices": grace,
-            "max_lifetime": policy.max_lifetime,
+            "max_lifetime": duration_text(policy.max_lifetime) if policy and policy.max_lifetime else None,
             "notice": notice,
             "error": error,
             "form": form or {},

@@ -118,8 +118,11 @@ class Forwarder:
         headers: list[tuple[str, str]],
         ident: IdentityRecord | None,
         strip_query_key: bool,
+        extra: tuple[tuple[str, str], ...] = (),
     ) -> tuple[wire.Answer, int]:
         """Send the request upstream and stream the answer back; returns (response, upstream status).
+        ``extra``: headers Keystile adds to the client's answer (the RateLimit fields), after the
+        upstream's.
 
         Raises UpstreamFailure when nothing has been sent to the client yet.
         """
@@ -160,8 +163,11 @@ class Forwarder:
 
         status = conn.status
         if conn.complete:
-            return self._complete_answer(pool, conn, pump, method == "HEAD"), status
-        return await self._streamed_answer(request, route, pool, conn, pump), status
+            answer = self._complete_answer(pool, conn, pump, method == "HEAD")
+            if extra:
+                answer.add_headers(extra)
+            return answer, status
+        return await self._streamed_answer(request, route, pool, conn, pump, extra), status
 
     def _request_head(
         self,
@@ -206,6 +212,7 @@ class Forwarder:
         pool: Pool,
         conn: Connection,
         pump: asyncio.Task[None] | None,
+        extra: tuple[tuple[str, str], ...] = (),
     ) -> web.StreamResponse:
         """The head now, the body as it arrives. Once the head is sent a failure can only cut the
         connection, so the client sees a truncated body rather than a clean end."""
@@ -214,6 +221,8 @@ class Forwarder:
             heads = self._heads
             reason = heads.reason(conn.reason)
             hdrs = heads.client_headers(conn.headers)
+            if extra:
+                hdrs.extend(extra)
             try:
                 out = web.StreamResponse(status=conn.status, reason=reason, headers=hdrs)
                 await out.prepare(request)

@@ -97,12 +97,12 @@ def _norm(name: str) -> str:
     return name.lower().replace("_", "-")
 
 
-def identity_lines(names: tuple[str, str, str, str], ident: IdentityRecord) -> str:
-    """The identity header lines for ``ident`` (key id, owner, project, scopes), each ending CRLF.
-    Raises UnsafeHeader when a value carries CR, LF or NUL."""
-    values = (ident.key_id, ident.principal, ident.project, ",".join(ident.scopes))
+def identity_lines(names: tuple[str, str, str, str, str], ident: IdentityRecord) -> str:
+    """The identity header lines for ``ident`` (key id, owner, project, scopes, roles), each ending
+    CRLF. Raises UnsafeHeader when a value carries CR, LF or NUL."""
+    values = (ident.key_id, ident.principal, ident.project, ",".join(ident.scopes), ",".join(ident.roles))
     block = "".join(f"{n}: {v}\r\n" for n, v in zip(names, values, strict=True))
-    if block.count("\n") != 4 or block.count("\r") != 4 or "\x00" in block:
+    if block.count("\n") != 5 or block.count("\r") != 5 or "\x00" in block:
         raise UnsafeHeader("CR, LF or NUL in an identity header")
     return block
 
@@ -114,7 +114,13 @@ class HeaderPolicy:
         p = cfg.proxy
         self._identity_prefix = _norm(p.identity_header_prefix)
         pfx = p.identity_header_prefix
-        self._identity_names = (pfx + "Key-Id", pfx + "Owner", pfx + "Project", pfx + "Scopes")
+        self._identity_names = (
+            pfx + "Key-Id",
+            pfx + "Owner",
+            pfx + "Project",
+            pfx + "Scopes",
+            pfx + "Roles",
+        )
         # Identity lines by digest, kept with the record they were built from: a record the cache
         # replaced (new object) is rebuilt. Bounded like the in-process cache, oldest first out
         # (O(1) with an OrderedDict; see LocalTier).

@@ -20,7 +20,13 @@ Errors::
         ├── NameTaken      a principal name, or a key name within principal+project, is in use
         ├── LimitExceeded  the principal already has the maximum of active keys in the project
         ├── HasKeys        a principal with keys cannot be deleted without ``with_keys``
-        └── KeyNotActive   only an active key can be rotated
+        ├── KeyNotActive   only an active key can be rotated
+        └── UnknownRole    a grant names a role its project does not define
+
+Roles (``gateway.models.Role``) are named scope sets of a project; a grant names roles besides its
+own scopes. Changing or deleting a role changes what every key of every principal holding it
+resolves to: the write records all of their digests in the outbox, like a grant change.
+Per-project policies (``ProjectPolicy``) change no key's identity and record no invalidation.
 """
 
 from __future__ import annotations
@@ -32,14 +38,20 @@ from typing import Literal
 import msgspec
 
 from gateway.keys import KeyDigest
+from gateway.limits.policy import Policy
 from gateway.models import (
     AuditEvent,
+    AuditSource,
+    CreditState,
     IdentityRecord,
     Invalidation,
     KeyRecord,
     KeyStatus,
     NewKey,
     Principal,
+    ProjectPolicy,
+    Refill,
+    Role,
     UsageUpdate,
 )
 
@@ -80,6 +92,10 @@ class KeyNotActive(Conflict):
     code = "key_not_active"
 
 
+class UnknownRole(Conflict):
+    code = "unknown_role"
+
+
 class KeyFilter(msgspec.Struct, frozen=True, kw_only=True):
     principal_id: str | None = None
     project: str | None = None
@@ -99,7 +115,11 @@ class KeyChanges(msgspec.Struct, frozen=True, kw_only=True):
 
 
 class PrincipalChanges(msgspec.Struct, frozen=True, kw_only=True):
+    """``grants`` replaces the scopes granted directly, ``roles`` the roles held (project ->
+    names); a project named by either is one the principal is a member of."""
+
     grants: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
+    roles: dict[str, tuple[str, ...]] | msgspec.UnsetType = msgspec.UNSET
     disabled: bool | msgspec.UnsetType = msgspec.UNSET
     metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET
 
@@ -107,6 +127,7 @@ class PrincipalChanges(msgspec.Struct, frozen=True, kw_only=True):
 class AuditFilter(msgspec.Struct, frozen=True, kw_only=True):
     key_id: str | None = None
     principal_id: str | None = None
+    source: AuditSource | None = None
     since: float | None = None
     until: float | None = None
     limit: int = 100
@@ -220,8 +241,37 @@ class Store(ABC):
         previous_valid_until: float | None,
         actor: str,
         now: float,
+        digest_secret: str | None = None,
     ) -> tuple[KeyRecord, Invalidation]:
         """Give the key a new secret; the old digest stays valid until ``previous_valid_until``."""
+
+    # roles
+    @abstractmethod
+    async def list_roles(self, project: str) -> list[Role]:
+        """The project's roles by name."""
+
+    @abstractmethod
+    async def get_role(self, project: str, name: str) -> Role: ...
+
+    @abstractmethod
+    async def put_role(self, role: Role, actor: str) -> tuple[Role, Invalidation]:
+        """Create or replace a role; the invalidation names the keys of every principal holding it."""
+
+    @abstractmethod
+    async def delete_role(self, project: str, name: str, actor: str) -> Invalidation:
+        """Delete a role and take it out of every grant naming it."""
+
+    # per-project policies
+    @abstractmethod
+    async def get_project_policy(self, project: str) -> ProjectPolicy | None:
+        """The project's stored policy values; None when it has none."""
+
+    @abstractmethod
+    async def put_project_policy(self, project: str, policy: ProjectPolicy, actor: str) -> ProjectPolicy: ...
+
+    @abstractmethod
+    async def delete_project_policy(self, project: str, actor: str) -> None:
+        """Forget the project's stored values (NotFound when it has none)."""
 
     # usage and audit
     @abstractmethod
@@ -230,6 +280,29 @@ class Store(ABC):
 
     @abstractmethod
     async def list_audit(self, flt: AuditFilter) -> AuditPage: ...
+
+    # the hash secret (fingerprints only, see gateway.hash_secrets)
+    @abstractmethod
+    async def hash_secrets(self) -> list[str]:
+        """The recorded fingerprints of hash secrets, oldest first (the last is the one keys are
+        re-keyed to)."""
+
+    @abstractmethod
+    async def record_hash_secret(self, fingerprint: str, now: float) -> None:
+        """Record ``fingerprint`` as the newest (nothing when already recorded). The first one
+        recorded is also given to every key that has none (keys written before it existed)."""
+
+    @abstractmethod
+    async def rekey(
+        self, key_id: str, old: KeyDigest, new: KeyDigest, fingerprint: str, *, previous: bool
+    ) -> Invalidation:
+        """Replace the key's digest ``old`` (its rotation-grace digest when ``previous``) by
+        ``new``, made with the secret of ``fingerprint``, only while that is the newest recorded;
+        records the outbox row of both digests. ``Invalidation(0, ())`` when nothing changed."""
+
+    @abstractmethod
+    async def keys_by_secret(self, now: float) -> dict[str | None, int]:
+        """Usable keys (not revoked, not expired) by the fingerprint of their digest's secret."""
 
     # the invalidation outbox
     @abstractmethod
@@ -248,13 +321,58 @@ class Store(ABC):
     async def prune_invalidations(self, before: float) -> int:
         """Delete the invalidations recorded before ``before``; returns how many."""
 
+    # rate limits and credits (gateway.store.sql_limits)
+    @abstractmethod
+    async def set_key_limits(
+        self, key_id: str, limits: Sequence[Policy], actor: str, now: float
+    ) -> tuple[KeyRecord, Invalidation]: ...
 
-async def open_store(url: str, *, timeout: float = 5.0, pool_min: int = 2, pool_max: int = 10) -> Store:
-    """Open the backend named by ``url`` (``sqlite:///path`` or ``postgresql://...``)."""
+    @abstractmethod
+    async def set_principal_limits(
+        self, ref: str, limits: Sequence[Policy], actor: str, now: float
+    ) -> tuple[Principal, Invalidation]: ...
+
+    @abstractmethod
+    async def get_credits(self, owner: str) -> CreditState | None: ...
+
+    @abstractmethod
+    async def change_credits(
+        self,
+        owner: str,
+        principal_id: str,
+        *,
+        remaining: int | None = None,
+        add: int | None = None,
+        refill: Refill | msgspec.UnsetType | None = msgspec.UNSET,
+        remove: bool = False,
+        actor: str,
+        now: float,
+        action: str = "credits.set",
+    ) -> tuple[CreditState | None, Invalidation]: ...
+
+    @abstractmethod
+    async def spend_credits(self, spends: Sequence[tuple[str, int, int]]) -> None: ...
+
+    @abstractmethod
+    async def due_refills(self, now: float) -> list[tuple[str, str]]: ...
+
+    @abstractmethod
+    async def refill_credits(
+        self, owner: str, principal_id: str, now: float
+    ) -> tuple[CreditState, Invalidation] | None: ...
+
+
+async def open_store(
+    url: str, *, timeout: float = 5.0, pool_min: int = 2, pool_max: int = 10, create: bool = True
+) -> Store:
+    """Open the backend named by ``url`` (``sqlite:///path`` or ``postgresql://...``).
+
+    ``create=False`` for every use but migrating: a SQLite file that does not exist is then
+    ``StoreUnavailable`` naming its path, never a new empty database."""
     if url.startswith("sqlite:"):
         from gateway.store.sqlite import SQLiteStore
 
-        return await SQLiteStore.open(url, timeout=timeout)
+        return await SQLiteStore.open(url, timeout=timeout, create=create)
     if url.startswith(("postgresql:", "postgres:")):
         from gateway.store.postgres import PostgresStore
 

@@ -26,11 +26,13 @@ from typing import Any, Protocol
 import msgspec
 
 from gateway.keys import KeyDigest
+from gateway.limits import policy as policy_codec
 from gateway.models import (
     Invalidation,
     KeyRecord,
     Principal,
     UsageUpdate,
+    source_of,
 )
 from gateway.store import (
     NameTaken,
@@ -101,16 +103,18 @@ _KEY_COLS = (
     "k.expires_at, k.revoked_at, "
     "CASE WHEN u.last_used_at IS NULL OR u.last_used_at < k.last_used_at "
     "THEN k.last_used_at ELSE u.last_used_at END, "
-    "k.request_count + COALESCE(u.request_count, 0), k.metadata, k.previous_valid_until"
+    "k.request_count + COALESCE(u.request_count, 0), k.metadata, k.previous_valid_until, k.limits"
 )
 _KEY_FROM = "FROM keys k JOIN principals p ON p.id = k.principal_id LEFT JOIN key_usage u ON u.key_id = k.id"
 _PRINCIPAL_COLS = "id, name, kind, disabled, created_at, metadata"
 # What the hot path needs to know about a key, its principal and its grant in the key's project.
 _IDENTITY_SELECT = (
     "SELECT k.id, k.digest, k.previous_digest, k.previous_valid_until, k.start, "
-    "k.principal_id, p.name, k.project, k.scopes, k.expires_at, k.env, g.scopes "
+    "k.principal_id, p.name, k.project, k.scopes, k.expires_at, k.env, g.scopes, "
+    "k.limits, p.limits, kc.epoch, pc.epoch, g.roles "
     "FROM keys k JOIN principals p ON p.id = k.principal_id LEFT JOIN grants g "
-    "ON g.principal_id = k.principal_id AND g.project = k.project"
+    "ON g.principal_id = k.principal_id AND g.project = k.project "
+    "LEFT JOIN credits kc ON kc.owner = k.id LEFT JOIN credits pc ON pc.owner = k.principal_id"
 )
 
 
@@ -131,6 +135,7 @@ def _key(row: Row) -> KeyRecord:
         request_count=row[12],
         metadata=_meta_dec.decode(row[13]),
         previous_valid_until=row[14],
+        limits=policy_codec.decode(row[15]),
     )
 
 
@@ -206,16 +211,17 @@ class SQLBase(Store):
         after: dict[str, Any] | None,
     ) -> None:
         await conn.execute(
-            "INSERT INTO audit (at, actor, action, target_type, target_id, principal_id, before, after) "
-            "VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+            "INSERT INTO audit (at, actor, action, target_type, target_id, principal_id, before, after, "
+            "source) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
             at,
-            actor,
+            str(actor),
             action,
             target_type,
             target_id,
             principal_id,
             None if before is None else _j(before),
             None if after is None else _j(after),
+            source_of(actor),
         )
 
     async def _invalidation(self, conn: Conn, digests: Sequence[KeyDigest]) -> Invalidation:
@@ -239,11 +245,13 @@ class SQLBase(Store):
         return Invalidation(int(row[0]), None if every else tuple(digests))
 
     async def _principal(self, conn: Conn, ref: str) -> Principal:
-        row = await conn.fetchrow(f"SELECT {_PRINCIPAL_COLS} FROM principals WHERE id = $1 OR name = $1", ref)
+        row = await conn.fetchrow(
+            f"SELECT {_PRINCIPAL_COLS}, limits FROM principals WHERE id = $1 OR name = $1", ref
+        )
         if row is None:
             raise NotFound(f"principal {ref!r} not found")
         grants = await conn.fetch(
-            "SELECT project, scopes FROM grants WHERE principal_id = $1 ORDER BY project", row[0]
+            "SELECT project, scopes, roles FROM grants WHERE principal_id = $1 ORDER BY project", row[0]
         )
         return Principal(
             id=row[0],
@@ -253,6 +261,8 @@ class SQLBase(Store):
             created_at=row[4],
             metadata=_meta_dec.decode(row[5]),
             grants={g[0]: _scopes_dec.decode(g[1]) for g in grants},
+            roles={g[0]: held for g in grants if (held := _scopes_dec.decode(g[2]))},
+            limits=policy_codec.decode(row[6]),
         )
 
     async def _key_row(self, conn: Conn, key_id: str) -> KeyRecord:

@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 from gateway.keys import KeyDigest
+from gateway.limits import policy as policy_codec
 from gateway.models import (
     IdentityRecord,
     Invalidation,
@@ -30,6 +31,8 @@ from gateway.store.sql_base import (
     _IDENTITY_SELECT,
     _KEY_COLS,
     _KEY_FROM,
+    Conn,
+    Row,
     SQLBase,
     _j,
     _key,
@@ -63,8 +66,15 @@ class KeyQueries(SQLBase):
                     *params,
                 )
                 wanted = set(chunk)
+                role_scopes = await self._role_scopes(conn, rows)
                 for r in rows:
                     granted = None if r[11] is None else _scopes_dec.decode(r[11])
+                    roles = () if r[16] is None else _scopes_dec.decode(r[16])
+                    if roles and granted is not None:
+                        # The grant's own scopes and those of its roles (only roles that exist).
+                        roles = tuple(n for n in roles if (r[7], n) in role_scopes)
+                        extra = [s for n in roles for s in role_scopes[r[7], n]]
+                        granted = tuple(sorted({*granted, *extra}))
                     own = None if r[8] is None else _scopes_dec.decode(r[8])
                     if granted is None:
                         scopes: tuple[str, ...] = ()
@@ -81,6 +91,11 @@ class KeyQueries(SQLBase):
                         scopes=scopes,
                         env=r[10],
                         member=granted is not None,
+                        roles=roles,
+                        limits=policy_codec.decode(r[12]),
+                        pool_limits=policy_codec.decode(r[13]),
+                        credits=int(r[14] or 0),
+                        pool_credits=int(r[15] or 0),
                     )
                     cur, prev = bytes(r[1]), None if r[2] is None else bytes(r[2])
                     if cur in wanted:
@@ -90,7 +105,19 @@ class KeyQueries(SQLBase):
                         out[prev] = IdentityRecord(digest=prev, expires_at=until, grace_until=r[3], **base)
         return out
 
-    # -- principals ------------------------------------------------------------------------
+    async def _role_scopes(self, conn: Conn, rows: Sequence[Row]) -> dict[tuple[str, str], tuple[str, ...]]:
+        """(project, role) -> scopes, for the roles the grants of ``rows`` name: one query, and
+        none when no grant names a role."""
+        projects = sorted({r[7] for r in rows if r[16] is not None and r[16] != "[]"})
+        if not projects:
+            return {}
+        marks = ", ".join(f"${n}" for n in range(1, len(projects) + 1))
+        found = await conn.fetch(
+            f"SELECT project, name, scopes FROM roles WHERE project IN ({marks})", *projects
+        )
+        return {(f[0], f[1]): _scopes_dec.decode(f[2]) for f in found}
+
+    # -- keys ------------------------------------------------------------------------------
 
     async def create_key(self, new: NewKey, *, max_active: int, actor: str) -> KeyRecord:
         async with self._tx(new.principal_id) as conn:
@@ -109,7 +136,8 @@ class KeyQueries(SQLBase):
                 )
             await conn.execute(
                 "INSERT INTO keys (id, digest, name, start, env, principal_id, project, scopes, "
-                "metadata, created_at, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+                "metadata, created_at, expires_at, digest_secret) "
+                "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
                 new.id,
                 new.digest,
                 new.name,
@@ -121,6 +149,7 @@ class KeyQueries(SQLBase):
                 _j(new.metadata),
                 new.created_at,
                 new.expires_at,
+                new.digest_secret,
             )
             rec = await self._key_row(conn, new.id)
             await self._audit(
@@ -226,14 +255,15 @@ class KeyQueries(SQLBase):
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
             before = await self._key_row(conn, key_id)
+            if before.revoked_at is not None:  # revoked already: nothing changes, nothing is audited
+                return before, Invalidation(0, ())
             digests = await self._digests(conn, "id", key_id)
-            if before.revoked_at is None:
-                await conn.execute(
-                    "UPDATE keys SET revoked_at = $1, previous_digest = NULL, previous_valid_until = NULL "
-                    "WHERE id = $2",
-                    now,
-                    key_id,
-                )
+            await conn.execute(
+                "UPDATE keys SET revoked_at = $1, previous_digest = NULL, previous_valid_until = NULL "
+                "WHERE id = $2",
+                now,
+                key_id,
+            )
             after = await self._key_row(conn, key_id)
             await self._audit(
                 conn,
@@ -254,6 +284,7 @@ class KeyQueries(SQLBase):
             before = await self._key_row(conn, key_id)
             digests = await self._digests(conn, "id", key_id)
             await conn.execute("DELETE FROM keys WHERE id = $1", key_id)
+            await conn.execute("DELETE FROM credits WHERE owner = $1", key_id)
             await self._audit(
                 conn,
                 at=time.time(),
@@ -276,6 +307,7 @@ class KeyQueries(SQLBase):
         previous_valid_until: float | None,
         actor: str,
         now: float,
+        digest_secret: str | None = None,
     ) -> tuple[KeyRecord, Invalidation]:
         owner = await self.get_key(key_id)
         async with self._tx(owner.principal_id) as conn:
@@ -288,13 +320,14 @@ class KeyQueries(SQLBase):
             assert row is not None
             keep = previous_valid_until is not None and previous_valid_until > now
             await conn.execute(
-                "UPDATE keys SET digest = $1, start = $2, previous_digest = $3, previous_valid_until = $4 "
-                "WHERE id = $5",
+                "UPDATE keys SET digest = $1, start = $2, previous_digest = $3, previous_valid_until = $4, "
+                "digest_secret = $6 WHERE id = $5",
                 digest,
                 start,
                 bytes(row[0]) if keep else None,
                 previous_valid_until if keep else None,
                 key_id,
+                digest_secret,
             )
             after = await self._key_row(conn, key_id)
             await self._audit(

@@ -46,13 +46,15 @@ class LogQueries(SQLBase):
             where.append(f"target_type = 'key' AND target_id = {arg(flt.key_id)}")
         if flt.principal_id is not None:
             where.append(f"principal_id = {arg(flt.principal_id)}")
+        if flt.source is not None:
+            where.append(f"source = {arg(flt.source)}")
         if flt.since is not None:
             where.append(f"at >= {arg(flt.since)}")
         if flt.until is not None:
             where.append(f"at < {arg(flt.until)}")
         if flt.cursor:
             where.append(f"id < {arg(read_audit_cursor(flt.cursor))}")
-        sql = "SELECT id, at, actor, action, target_type, target_id, before, after FROM audit"
+        sql = "SELECT id, at, actor, action, target_type, target_id, before, after, source FROM audit"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += f" ORDER BY id DESC LIMIT {arg(flt.limit + 1)}"
@@ -68,6 +70,7 @@ class LogQueries(SQLBase):
                 target_id=r[5],
                 before=None if r[6] is None else _obj_dec.decode(r[6]),
                 after=None if r[7] is None else _obj_dec.decode(r[7]),
+                source=r[8],
             )
             for r in rows[: flt.limit]
         ]

@@ -7,6 +7,7 @@ the cache or aiohttp.
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping, Sequence
 
 import msgspec
 
@@ -18,9 +19,11 @@ from gateway.store import (
     HasKeys,
     NameTaken,
     PrincipalChanges,
+    UnknownRole,
 )
 from gateway.store.sql_base import (
     _PRINCIPAL_COLS,
+    Conn,
     SQLBase,
     _j,
     _public,
@@ -42,13 +45,7 @@ class PrincipalQueries(SQLBase):
                 principal.created_at,
                 _j(principal.metadata),
             )
-            for project, scopes in principal.grants.items():
-                await conn.execute(
-                    "INSERT INTO grants (principal_id, project, scopes) VALUES ($1, $2, $3)",
-                    principal.id,
-                    project,
-                    _j(sorted(set(scopes))),
-                )
+            await self._write_grants(conn, principal.id, principal.grants, principal.roles)
             created = await self._principal(conn, principal.id)
             await self._audit(
                 conn,
@@ -90,15 +87,16 @@ class PrincipalQueries(SQLBase):
                 await conn.execute(
                     "UPDATE principals SET metadata = $1 WHERE id = $2", _j(changes.metadata), pid
                 )
-            if not isinstance(changes.grants, msgspec.UnsetType):
+            if not isinstance(changes.grants, msgspec.UnsetType) or not isinstance(
+                changes.roles, msgspec.UnsetType
+            ):
                 await conn.execute("DELETE FROM grants WHERE principal_id = $1", pid)
-                for project, scopes in changes.grants.items():
-                    await conn.execute(
-                        "INSERT INTO grants (principal_id, project, scopes) VALUES ($1, $2, $3)",
-                        pid,
-                        project,
-                        _j(sorted(set(scopes))),
-                    )
+                await self._write_grants(
+                    conn,
+                    pid,
+                    before.grants if isinstance(changes.grants, msgspec.UnsetType) else changes.grants,
+                    before.roles if isinstance(changes.roles, msgspec.UnsetType) else changes.roles,
+                )
             after = await self._principal(conn, pid)
             if isinstance(changes.disabled, bool) and before.disabled != changes.disabled:
                 action = "principal.disable" if changes.disabled else "principal.enable"
@@ -131,6 +129,7 @@ class PrincipalQueries(SQLBase):
                     "delete them first or pass with_keys=true"
                 )
             await conn.execute("DELETE FROM keys WHERE principal_id = $1", pid)
+            await conn.execute("DELETE FROM credits WHERE principal_id = $1", pid)
             await conn.execute("DELETE FROM grants WHERE principal_id = $1", pid)
             await conn.execute("DELETE FROM principals WHERE id = $1", pid)
             await self._audit(
@@ -146,4 +145,30 @@ class PrincipalQueries(SQLBase):
             )
             return await self._invalidation(conn, digests)
 
-    # -- keys ------------------------------------------------------------------------------
+    async def _write_grants(
+        self,
+        conn: Conn,
+        pid: str,
+        grants: Mapping[str, Sequence[str]],
+        roles: Mapping[str, Sequence[str]],
+    ) -> None:
+        """One grant row per project named by either map: its own scopes and its roles, each of
+        which must exist in that project (checked in this transaction: no grant names a role
+        deleted meanwhile)."""
+        for project in sorted({*grants, *roles}):
+            held = sorted(set(roles.get(project, ())))
+            if held:
+                marks = ", ".join(f"${n}" for n in range(2, len(held) + 2))
+                found = await conn.fetch(
+                    f"SELECT name FROM roles WHERE project = $1 AND name IN ({marks})", project, *held
+                )
+                missing = sorted(set(held) - {r[0] for r in found})
+                if missing:
+                    raise UnknownRole(f"project {project!r} has no role {missing[0]!r}")
+            await conn.execute(
+                "INSERT INTO grants (principal_id, project, scopes, roles) VALUES ($1, $2, $3, $4)",
+                pid,
+                project,
+                _j(sorted(set(grants.get(project, ())))),
+                _j(held),
+            )

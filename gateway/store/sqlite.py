@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
+from urllib.parse import quote
 
 import msgspec
 
@@ -59,9 +60,10 @@ class _Thread:
     wraps each call in a concurrent.futures.Future and chains that to an asyncio one).
     """
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, create: bool = True) -> None:
         self._path = path
         self._timeout = timeout
+        self._create = create
         self.db: sqlite3.Connection | None = None
         self._closed = False
         # None stops the thread. A daemon thread: a store never closed must not hold the
@@ -72,8 +74,14 @@ class _Thread:
 
     def _connect(self) -> sqlite3.Connection:
         if self.db is None:
+            # mode=rw: a store opened to read never creates an empty database.
+            target = self._path if self._create else f"file:{quote(self._path)}?mode=rw"
             self.db = sqlite3.connect(
-                self._path, timeout=self._timeout, isolation_level=None, check_same_thread=False
+                target,
+                timeout=self._timeout,
+                isolation_level=None,
+                check_same_thread=False,
+                uri=not self._create,
             )
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=NORMAL")
@@ -171,6 +179,16 @@ class _Conn(Conn):
         await self._t.run(lambda db: db.execute(q, args))
 
 
+def _check_file(path: str, create: bool) -> None:
+    """Refuse a database that cannot be opened as asked, naming it (absolute: a relative path
+    would be read against a directory the operator may not think of)."""
+    file = Path(path)
+    if not file.parent.is_dir():
+        raise StoreUnavailable(f"sqlite: directory {file.parent.absolute()} does not exist")
+    if not create and not file.exists():
+        raise StoreUnavailable(f"sqlite: no database at {file.absolute()} (create it with: keystile migrate)")
+
+
 class SQLiteStore(SQLStore):
     backend: Literal["sqlite", "postgresql"] = "sqlite"
     # One reader thread: concurrent lookups would queue on it anyway. Measured with 1M keys and
@@ -179,20 +197,21 @@ class SQLiteStore(SQLStore):
     greatest = "MAX"
     ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII
 
-    def __init__(self, path: str, timeout: float) -> None:
+    def __init__(self, path: str, timeout: float, create: bool = True) -> None:
         self.path = path
-        self._writer = _Thread(path, timeout)
-        self._reader = _Thread(path, timeout)
+        self._writer = _Thread(path, timeout, create)
+        self._reader = _Thread(path, timeout, create)
         self._lock = asyncio.Lock()
 
     @classmethod
-    async def open(cls, url: str, *, timeout: float = 5.0) -> SQLiteStore:
+    async def open(cls, url: str, *, timeout: float = 5.0, create: bool = True) -> SQLiteStore:
+        """``create=False``: a missing database file is an error naming it, not a new empty one."""
         path = path_of(url)
-        if path != ":memory:":
-            parent = Path(path).parent
-            if not parent.is_dir():
-                raise StoreUnavailable(f"sqlite: directory {parent} does not exist")
-        store = cls(path, timeout)
+        if path == ":memory:":
+            create = True
+        else:
+            _check_file(path, create)
+        store = cls(path, timeout, create)
         await store._writer.run(lambda db: db.execute("SELECT 1"))
         return store
 

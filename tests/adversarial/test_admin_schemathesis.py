@@ -8,8 +8,9 @@ operation, so CI sees the same run every time; ``scripts/fuzz``-style longer run
 (``schemathesis run http://127.0.0.1:8081/v1/openapi.json -H 'Authorization: Bearer ...'``).
 
 One allowance, a custom check rather than a blanket one: schema-valid input may be refused with
-422 for the two rules no static schema can state — an expiry in the past and an owner that does
-not exist. Any other 422 to valid input still fails the run.
+422 for the rules no static schema can state — an expiry in the past, an owner or a role that
+does not exist, a project's default lifetime longer than the maximum that applies. Any other 422
+to valid input still fails the run.
 """
 
 from __future__ import annotations
@@ -35,6 +36,16 @@ MAX_STEPS = 10  # per stateful scenario
 POLICY_REFUSALS = (
     ("expires_at", re.compile(r"^must be in the future$")),
     ("owner", re.compile(r"^principal .* not found$")),
+    ("roles", re.compile(r"^project .* has no role .*$")),
+    ("default_lifetime", re.compile(r"^longer than the maximum lifetime that applies")),
+    # Set by the config, not the document: the longest grace, and a duration text of zero.
+    ("grace_seconds", re.compile(r"^.* is longer than allowed: .*max_rotation_grace")),
+    ("expires_in", re.compile(r"^must be positive$")),
+    ("remove", re.compile(r"^remove takes no other field$")),
+    ("limits", re.compile(r"^limit names must be unique, .* repeats$")),
+    # A window's duration pattern cannot bound its value (1ms-366d).
+    *((f"limits[{i}]", re.compile(r"^window must be between 1ms and 366d, got .*$")) for i in range(8)),
+    *((f"limits[{i}]", re.compile(r"^limit .* is finer than one request per 10 us .*$")) for i in range(8)),
 )
 
 
@@ -45,7 +56,8 @@ def _policy_refusal(response: Response) -> bool:
         return False
     if not isinstance(body, dict) or body.get("error") != "invalid_request":
         return False
-    return any(body.get("field") == f and m.match(str(body.get("message"))) for f, m in POLICY_REFUSALS)
+    field = str(body.get("field")).partition(".")[0]  # roles.<project>: the project's roles
+    return any(field == f and m.match(str(body.get("message"))) for f, m in POLICY_REFUSALS)
 
 
 @schemathesis.check

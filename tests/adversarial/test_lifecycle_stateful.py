@@ -329,6 +329,9 @@ class KeyLifecycle(RuleBasedStateMachine):
         if p.deleted:
             assert (status, reply["field"]) == (422, "owner"), reply
             return multiple()  # refused: nothing for the bundle
+        if narrowing is not None and not narrowing <= p.grants.get(project, frozenset()):
+            assert (status, reply["field"]) == (422, "scopes"), reply  # a narrowing within the grant only
+            return multiple()
         if self.model.active_keys(p, project) >= MAX_ACTIVE:
             assert (status, reply["error"]) == (409, "key_limit_reached"), reply
             return multiple()

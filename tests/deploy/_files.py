@@ -33,7 +33,8 @@ PRODUCTION = CONFIG_DIR / "production.toml"
 # Environment variables Keystile reads that are not KEYSTILE_<SECTION>__<FIELD> overrides.
 CONFIG_ENV = getattr(gc, "CONFIG_ENV", "KEYSTILE_CONFIG")  # read by the CLI
 SECRET_ENVS = frozenset({gc.HASH_SECRET_ENV, gc.ADMIN_TOKENS_ENV})
-PLAIN_ENVS = SECRET_ENVS | {CONFIG_ENV}
+# Optional: previous hash secrets, set only while a rotation re-keys the store.
+PLAIN_ENVS = SECRET_ENVS | {CONFIG_ENV, gc.PREVIOUS_HASH_SECRET_ENV}
 # Overrides that carry credentials inside a URL.
 SECRET_OVERRIDES = frozenset({"KEYSTILE_STORE__URL", "KEYSTILE_REDIS__URL"})
 

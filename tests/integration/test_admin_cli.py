@@ -70,7 +70,7 @@ async def test_principals_and_keys_over_the_admin_api(keystile, admin, upstream:
     assert made["grants"] == {"p1": ["read", "write"]} and made["metadata"] == {"team": "x"}
     await ok("principals", "create", "etl", "--kind", "service")
     table = (await ok("principals", "list")).splitlines()
-    assert table[0].split() == ["NAME", "ID", "KIND", "STATUS", "CREATED", "GRANTS"]
+    assert table[0].split() == ["NAME", "ID", "KIND", "STATUS", "CREATED", "(UTC)", "GRANTS"]
     assert table[1].startswith("alice") and "p1: read,write" in table[1] and table[2].startswith("etl")
     shown = await ok("principals", "show", made["id"])
     assert "name:" in shown and "alice" in shown and "enabled" in shown
@@ -142,9 +142,10 @@ async def test_principals_and_keys_over_the_admin_api(keystile, admin, upstream:
     assert actions[0] == "principal.delete" and actions[-1] == "principal.create"
     assert "key.rotate" in actions and "principal.disable" in actions
     assert {e["actor"] for e in trail["items"]} == {ACTOR}
+    assert {e["source"] for e in trail["items"]} == {"cli"}  # the CLI said so over the API
     audit_table = (await ok("audit", "--key", key_id, "--since", "1h")).splitlines()
-    assert audit_table[0].split() == ["TIME", "ACTOR", "ACTION", "TARGET"]
-    assert [line.split()[3] for line in audit_table[1:]] == [
+    assert audit_table[0].split() == ["TIME", "(UTC)", "ACTOR", "SOURCE", "ACTION", "TARGET"]
+    assert [line.split()[4] for line in audit_table[1:]] == [
         "key.delete",
         "key.revoke",
         "key.rotate",
@@ -182,12 +183,15 @@ async def test_flags_win_over_the_environment_and_failures_are_one_line(keystile
     assert "name:" in err and "200" in err
     err = await fails("keys", "rotate", "key_x", "--grace", "soon", *flags, code=2)
     assert "--grace" in err
-    r = await cli("keys", "create", "--owner", "alice", "--project", "p1", *flags)
+    r = await cli("keys", "create", "--owner", "alice", "--project", "p1", "--json", *flags)
     assert r.returncode == 0, r.stderr
+    key_id = json.loads(r.stdout)["id"]
     err = await fails("keys", "create", "--owner", "alice", "--project", "p1", *flags, code=1)
     assert "key_limit_reached" in err and "rotate" in err
-    err = await fails("keys", "rotate", "key_nope", "--grace", "25h", *flags, code=2)
-    assert "grace_seconds" in err
+    # A refusal names the flag and the policy (of the key's project) with its value, not the API's field.
+    err = await fails("keys", "rotate", key_id, "--grace", "25h", *flags, code=1)
+    assert "--grace: 25h is longer than allowed: policy.max_rotation_grace is 24h" in err, err
+    assert "grace_seconds" not in err
     assert "nothing to change" in await fails("keys", "update", "key_x", *flags, code=2)
 
 

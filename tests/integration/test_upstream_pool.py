@@ -981,7 +981,7 @@ def test_head_refuses_cr_lf_nul(name: str, value: str) -> None:
     assert ok == b"GET /p?q=1 HTTP/1.1\r\nHost: h\r\nX-B: 1\r\nX-B: 2\r\nX-Id: 1\r\nTransfer-Encoding: chunked\r\n\r\n"
     ident = IdentityRecord("key_1", b"d", "ks_live_Ab12", "prn_1", "alice\r\nX-Evil: 1", "p1", ("read",), None, "live")
     with pytest.raises(UnsafeHeader):
-        identity_lines(("A", "B", "C", "D"), ident)
+        identity_lines(("A", "B", "C", "D", "E"), ident)
 
 
 @pytest.mark.parametrize(

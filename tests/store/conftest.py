@@ -32,7 +32,7 @@ T = TypeVar("T")
 BACKENDS = ["sqlite", "postgresql"]
 PG_DSN_ENV = "KEYSTILE_TEST_PG_DSN"
 DEFAULT_PG_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
-TABLES = "audit, key_usage, keys, grants, principals, invalidations"
+TABLES = "audit, key_usage, keys, grants, principals, invalidations, hash_secrets"
 
 
 def _run(factory: Callable[[], Awaitable[T]]) -> T:

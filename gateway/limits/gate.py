@@ -1,0 +1,260 @@
+"""The limiter as the proxy sees it: pass (with the fields to add) or the answer to send instead.
+
+Owns: which buckets a request fills (the route's defaults per key, the key's own limits, its
+principal's pool), asking the state (Redis when configured, else this process), the failure policy
+(``limits.on_redis_failure``: open lets requests pass unlimited, closed answers 503; one log line
+per outage) and the decision counters. Must not: authenticate (it runs after a key passed, so a
+Redis outage can never let an invalid key through), look anything up in the store or forward.
+
+A request on a route without limits, by a key without limits or credits, never reaches this
+module: the handler tests three attributes first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Final
+
+from gateway import errors
+from gateway.clock import SYSTEM, Clock
+from gateway.limits import answers
+from gateway.limits.answers import Headers
+from gateway.limits.gcra import EPSILON, Bucket, LocalState, Verdict, left
+from gateway.limits.policy import Policy
+from gateway.limits.redis_state import LimiterUnavailable, RedisState
+from gateway.models import IdentityRecord
+from gateway.wire import RawResponse
+
+if TYPE_CHECKING:
+    from gateway.config import LimitsConfig
+    from gateway.limits.credits import Credits
+    from gateway.routing import Route
+
+log = logging.getLogger("keystile.limits")
+
+NO_FIELDS: Final[Headers] = ()
+
+
+def owner_buckets(scope: str, owner: str, policies: tuple[Policy, ...]) -> list[Bucket]:
+    """The buckets of a key's (``scope`` "k") or a principal's ("p") own policies."""
+    return [Bucket(f"{scope}:{owner}:{p.name}:{p.limit}:{p.window!r}", p) for p in policies]
+
+
+def buckets(route: Route, ident: IdentityRecord) -> list[Bucket]:
+    """Every bucket a request fills: the route's per key, the key's, the principal's pool."""
+    out = []
+    kid = ident.key_id
+    for p in route.limits:
+        out.append(Bucket(f"r:{route.name}:{kid}:{p.name}:{p.limit}:{p.window!r}", p))
+    for p in ident.limits:
+        out.append(Bucket(f"k:{kid}:{p.name}:{p.limit}:{p.window!r}", p))
+    pid = ident.principal_id
+    for p in ident.pool_limits:
+        out.append(Bucket(f"p:{pid}:{p.name}:{p.limit}:{p.window!r}", p))
+    return out
+
+
+class Plan:
+    """What a request by one identity on one route fills, worked out once and reused while that
+    identity record is the one the cache holds: the buckets, the ``RateLimit-Policy`` value and
+    the ``RateLimit`` item of each policy (formatted with what is left)."""
+
+    __slots__ = ("buckets", "formats", "ident", "policy_field", "redis")
+
+    def __init__(self, route: Route, ident: IdentityRecord) -> None:
+        self.ident = ident
+        self.buckets = buckets(route, ident)
+        self.policy_field = answers.policy_field([b.policy for b in self.buckets])
+        self.formats = [f'"{b.policy.name}";r=%d;t=%d' for b in self.buckets]
+        self.redis: tuple[list[bytes], list[bytes]] | None = None  # the script's arguments
+
+
+MAX_PLANS: Final = 50_000
+
+
+class LimitGate:
+    def __init__(
+        self,
+        cfg: LimitsConfig,
+        redis: RedisState | None,
+        clock: Clock = SYSTEM,
+        credits: Credits | None = None,
+    ) -> None:
+        self.local = LocalState(cfg.max_local_buckets)
+        self.redis = redis
+        self.credits = credits
+        self._now = clock.time
+        self.configure(cfg)
+        # (policy, outcome) -> requests; outcomes: accepted, refused, unavailable
+        self.decisions: Counter[tuple[str, str]] = Counter()
+        self.accepted: list[Sequence[Bucket]] = []
+        self._plans: dict[tuple[str, str], Plan] = {}
+        self.unavailable = 0
+        self.outages = 0
+        self._down = False
+
+    def configure(self, cfg: LimitsConfig) -> None:
+        """A reload's settings (the state, Redis or local, stays)."""
+        self.with_fields = cfg.headers
+        self.closed = cfg.on_redis_failure == "closed"
+
+    def plan(self, route: Route, ident: IdentityRecord) -> Plan:
+        key = (route.name, ident.key_id)
+        plan = self._plans.get(key)
+        # ``is``: a changed key (new limits, a new credit epoch) is a new record.
+        if plan is None or plan.ident is not ident:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            plan = self._plans[key] = Plan(route, ident)
+        return plan
+
+    async def admit(self, route: Route, ident: IdentityRecord) -> RawResponse | Headers:
+        """The fields to add to the response, or the refusal to answer instead."""
+        plan = self.plan(route, ident)
+        bs = plan.buckets
+        cost = route.cost
+        credit = self.credits
+        if credit is not None and (ident.credits or ident.pool_credits) and cost:
+            return await credit.spend(self, bs, ident, cost)
+        if not bs:
+            return NO_FIELDS
+        now = self._now()
+        if self.redis is None:
+            v = self.local.admit(bs, now)
+        else:
+            if plan.redis is None:
+                plan.redis = self.redis.prepare(bs)
+            try:
+                reply = await self.redis.admit(bs, now, prepared=plan.redis)
+            except LimiterUnavailable as e:
+                return self.failed(bs, e)
+            self.recovered()
+            v = reply.verdict
+        return self.answer(v, plan)
+
+    def answer(self, v: Verdict, plan: Plan | None = None) -> RawResponse | Headers:
+        if v.refused is not None:
+            self.decisions[v.refused.policy.name, "refused"] += 1
+            return answers.refused(v, self.with_fields)
+        accepted = self.accepted
+        accepted.append(v.buckets)  # counted by policy in batches (metrics read, or when many)
+        if len(accepted) >= 4096:
+            self._count_accepted()
+        if not self.with_fields or not v.buckets:
+            return NO_FIELDS
+        if plan is None:
+            return answers.fields(v)
+        parts = zip(plan.formats, v.remaining, v.reset, strict=True)
+        state = ", ".join([f % (r, math.ceil(t - EPSILON)) for f, r, t in parts])
+        return (("RateLimit-Policy", plan.policy_field), ("RateLimit", state))
+
+    def _count_accepted(self) -> None:
+        batch, self.accepted = self.accepted, []
+        count = self.decisions
+        for bs in batch:
+            for b in bs:
+                count[b.policy.name, "accepted"] += 1
+
+    def failed(self, bs: list[Bucket], e: Exception) -> RawResponse | Headers:
+        """Redis could not decide: the failure policy's answer."""
+        self.unavailable += 1
+        for b in bs:
+            self.decisions[b.policy.name, "unavailable"] += 1
+        if not self._down:
+            self._down = True
+            self.outages += 1
+            log.warning(
+                "rate limits cannot reach Redis (%s): requests %s until it is back",
+                e,
+                "are refused with 503" if self.closed else "pass unlimited",
+            )
+        return errors.LIMITS_UNAVAILABLE.response() if self.closed else NO_FIELDS
+
+    def recovered(self) -> None:
+        if self._down:
+            self._down = False
+            log.warning("rate limits reach Redis again")
+
+    def metrics(self) -> list[tuple[str, str, list[tuple[dict[str, str], float]]]]:
+        """(name, help, samples) of the counters, for ``/metrics``."""
+        self._count_accepted()
+        out: list[tuple[str, str, list[tuple[dict[str, str], float]]]] = [
+            (
+                "keystile_limit_decisions",
+                "Rate limit decisions by policy and outcome (accepted, refused, unavailable).",
+                [({"policy": p, "outcome": o}, float(n)) for (p, o), n in sorted(self.decisions.items())],
+            ),
+            (
+                "keystile_limit_redis_outages",
+                "Times the limiter lost Redis (each logged once).",
+                [({}, float(self.outages))],
+            ),
+        ]
+        if self.redis is not None:
+            r = self.redis
+            out.append(
+                ("keystile_limit_round_trips", "Limiter round trips to Redis.", [({}, float(r.round_trips))])
+            )
+            out.append(
+                (
+                    "keystile_limit_round_trip_seconds",
+                    "Time spent in limiter round trips to Redis.",
+                    [({}, r.round_trip_seconds)],
+                )
+            )
+        c = self.credits
+        if c is not None:
+            out.append(
+                (
+                    "keystile_credit_refusals",
+                    "Requests refused for lack of credits.",
+                    [({}, float(c.refused))],
+                )
+            )
+            out.append(
+                (
+                    "keystile_credit_flushes",
+                    "Batches of credit spends written to the store.",
+                    [({}, float(c.flushes))],
+                )
+            )
+            out.append(
+                ("keystile_credit_refills", "Credit refills this process applied.", [({}, float(c.refills))])
+            )
+        return out
+
+    async def peek(self, bs: list[Bucket]) -> list[tuple[int, float]] | None:
+        """What is left of each bucket now, moving nothing (None: Redis cannot be read)."""
+        now = self._now()
+        if self.redis is None:
+            tats = [self.local.tat(b.key, now) for b in bs]
+        else:
+            try:
+                raw = await self.redis.get([self.redis.prefix + b.key for b in bs])
+            except Exception:
+                return None
+            tats = [now if v is None else max(now, float(v) / 1000) for v in raw]
+        return [left(t, now, b.policy.limit, b.policy.window) for t, b in zip(tats, bs, strict=True)]
+
+    async def credits_left(self, owner: str, epoch: int, stored: int) -> int:
+        """The live balance of ``owner`` at ``epoch`` (``stored``: the store's)."""
+        credit = self.credits
+        pending = 0 if credit is None else credit.pending.get((owner, epoch), 0)
+        if self.redis is None:
+            if credit is not None and (owner, epoch) in credit.local:
+                return credit.local[owner, epoch]
+            return stored - pending
+        try:
+            (value,) = await self.redis.get([self.redis.credit_prefix + f"{owner}:{epoch}"])
+        except Exception:
+            value = None
+        return stored - pending if value is None else int(value)
+
+    async def aclose(self) -> None:
+        if self.credits is not None:
+            await self.credits.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
