@@ -345,6 +345,10 @@ Without a key (401), and a public route (no key needed):
   curl -si {base}/hello
   curl -s {base}/public/hello
 
+The key-management console (sign in with the admin token below):
+  http://127.0.0.1:{gw.console_port}/
+  admin token:       {admin_token}
+
 The admin API (key lifecycle; its description: {admin}/v1/openapi.json):
   admin URL:    {admin}
   admin token:  {admin_token}
@@ -353,10 +357,6 @@ The admin API (key lifecycle; its description: {admin}/v1/openapi.json):
   keystile keys create --owner demo-user --project demo --scopes read --expires-in 1h
   keystile keys rotate {created.record.id} --grace 60
   curl -s {admin}/v1/keys -H 'Authorization: Bearer {admin_token}'
-
-The key-management console (sign in with the admin token below):
-  http://127.0.0.1:{gw.console_port}/
-  admin token:       {admin_token}
 
 Ctrl-C stops the demo and deletes its data.""",
             flush=True,
