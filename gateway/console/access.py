@@ -19,7 +19,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal
 
+from gateway.admin.access_operations import MANAGE_KEYS
 from gateway.keys import KeyFormat
+from gateway.lifecycle import Lifecycle
 from gateway.models import Actor, KeyRecord, Principal
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -31,6 +33,8 @@ class Viewer:
     # operator: "admin:<8 hex>" (the admin API's name for the token); user: the principal's name.
     subject: str
     principal: Principal | None = None  # the user's own principal; None for operators
+    # Projects where the user holds the manage-keys permission: every principal's keys there.
+    manages: frozenset[str] = frozenset()
 
     @property
     def actor(self) -> Actor:
@@ -47,12 +51,23 @@ class Viewer:
         return sorted(self.principal.grants) if self.principal is not None else []
 
 
+async def managed_projects(lifecycle: Lifecycle, principal: Principal) -> frozenset[str]:
+    """The projects where ``principal`` holds ``MANAGE_KEYS`` (granted directly or by a role)."""
+    if principal.disabled:
+        return frozenset()
+    return frozenset([p for p in principal.grants if MANAGE_KEYS in (await lifecycle.holds(principal, p))[1]])
+
+
 def may_manage(viewer: Viewer, key: KeyRecord) -> bool:
-    """Whether ``viewer`` may see and act on ``key`` (every console read and write asks this)."""
+    """Whether ``viewer`` may see and act on ``key`` (every console read and write asks this):
+    operators any key; a user their own keys in projects where they hold a grant, and every key of
+    a project where they hold the manage-keys permission."""
     if viewer.is_operator:
         return True
     p = viewer.principal
-    return p is not None and not p.disabled and key.principal_id == p.id and key.project in p.grants
+    if p is None or p.disabled:
+        return False
+    return key.project in viewer.manages or (key.principal_id == p.id and key.project in p.grants)
 
 
 def may_add(viewer: Viewer, principal: Principal, project: str) -> bool:
@@ -60,7 +75,9 @@ def may_add(viewer: Viewer, principal: Principal, project: str) -> bool:
     if viewer.is_operator:
         return project in principal.grants
     p = viewer.principal
-    return p is not None and not p.disabled and p.id == principal.id and project in p.grants
+    if p is None or p.disabled or project not in principal.grants:
+        return False
+    return p.id == principal.id or project in viewer.manages
 
 
 def admin_actor(tokens: Iterable[bytes], presented: str) -> str | None:

@@ -122,8 +122,14 @@ async def update(request: web.Request) -> web.StreamResponse:
             actor=viewer.actor,
         )
     except NameTaken:
-        return await _again(request, key, "modify", f"A key named “{values['name']}” already exists in "
-                            "this project: pick another name.", values, 409)
+        return await _again(
+            request,
+            key,
+            "modify",
+            f"A key named “{values['name']}” already exists in this project: pick another name.",
+            values,
+            409,
+        )
     except PolicyError as e:
         return await _again(request, key, "modify", f"{_label(e.field)}: {e}", values, 422)
     except Conflict as e:

@@ -171,8 +171,10 @@ async def render_keys(
     next_cursor = None
     if viewer.is_operator or listing.project is not None:
         if viewer.principal is not None or listing.principal is not None or viewer.is_operator:
+            # A user who manages the project sees every principal's keys in it.
+            everyone = not viewer.is_operator and listing.project in viewer.manages
             flt = KeyFilter(
-                principal_id=listing.principal.id if listing.principal is not None else None,
+                principal_id=listing.principal.id if listing.principal is not None and not everyone else None,
                 project=listing.project,
                 q=listing.q or None,
                 limit=PAGE_SIZE,

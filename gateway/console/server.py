@@ -156,7 +156,9 @@ async def session_middleware(request: web.Request, handler: Handler) -> web.Stre
             raise web.HTTPForbidden(
                 text=f"{name} has no access to this console: ask an operator for a grant in a project."
             )
-        viewer: Viewer | None = Viewer("user", name, principal)
+        viewer: Viewer | None = Viewer(
+            "user", name, principal, await access.managed_projects(console.deps.lifecycle, principal)
+        )
     else:
         session = console.sessions.get(request.cookies.get(console.cookie))
         if session is not None and session.kind == "user":

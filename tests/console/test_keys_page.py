@@ -285,3 +285,35 @@ def test_operator_sees_every_principal_and_acts_as_admin(served: Served, browser
     expect(row(page, key_id).get_by_test_id("status")).to_have_text("Revoked")
     audit = served.run(served.store.list_audit(AuditFilter(key_id=key_id))).items
     assert any(e.actor.startswith("admin:") and e.source == "console" for e in audit)
+
+
+def test_the_manage_keys_permission_reaches_other_principals_keys_in_that_project(
+    served: Served, browser_as
+) -> None:
+    member = user(served)
+    member_key, member_secret = served.key(member, "shop", name="member's key")
+    outside = user(served, project="elsewhere")
+    outside_key, _ = served.key(outside, "elsewhere", name="outside key")
+    # The permission through a role: a project_admin role holding keystile:keys:manage.
+    served.run(
+        served.lifecycle.put_role("shop", "project_admin", scopes=["keystile:keys:manage"], actor="test")
+    )
+    lead = f"lead{next(_names)}"
+    served.run(
+        served.lifecycle.create_principal(
+            lead, grants={"shop": ["orders:read"]}, roles={"shop": ["project_admin"]}, actor="test"
+        )
+    )
+    page = browser_as(served, lead)
+    expect(row(page, member_key)).to_be_visible()
+    expect(page.get_by_test_id("keys")).not_to_contain_text("outside key")
+    assert _post(page, f"/keys/{outside_key}/revoke", {"csrf": _csrf(page)}) == 404
+    row(page, member_key).get_by_role("link", name="Revoke").click()
+    page.get_by_test_id("dialog-revoke").get_by_role("button", name="Revoke").click()
+    expect(row(page, member_key).get_by_test_id("status")).to_have_text("Revoked")
+    assert served.proxy_status(member_secret) == 401
+    audit = served.run(served.store.list_audit(AuditFilter(key_id=member_key))).items
+    assert any(e.action == "key.revoke" and e.actor == lead and e.source == "console" for e in audit)
+    # The member, without the permission, still sees only their own keys.
+    other = browser_as(served, member)
+    expect(other.get_by_test_id("keys")).not_to_contain_text("outside key")
