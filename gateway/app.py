@@ -125,6 +125,7 @@ class Gateway:
         self.access_log = AccessLog()
         self.proxy_port = 0
         self.admin_port = 0
+        self.console_port = 0  # 0: no console ([console] listen unset)
         self.started_at = 0.0
         self.stop_stalls: list[str] = []  # shutdown steps that had to be abandoned
         self.stop_step_timeout = STOP_STEP_TIMEOUT
@@ -321,6 +322,13 @@ class Gateway:
         self._resources.push_async_callback(self._close_listeners)
         await self._listen_proxy(proxy_sock, reuse_port)
         await self._listen_admin(reuse_port)
+        if cfg.console.listen:
+            from gateway.console import ConsoleListener
+
+            console = ConsoleListener(self, cfg.console)
+            self._runners.append(console.runner)
+            await console.start(reuse_port=reuse_port)
+            self.console_port = console.port
         self.started_at = self.clock.time()
         log.info(
             "keystile started",

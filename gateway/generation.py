@@ -113,6 +113,7 @@ def restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:
         ("proxy.header_timeout", a.proxy.header_timeout, b.proxy.header_timeout),
         ("proxy.max_connections", a.proxy.max_connections, b.proxy.max_connections),
         ("admin", a.admin, b.admin),
+        ("console", a.console, b.console),
         ("security", a.security, b.security),
         ("store", a.store, b.store),
         ("redis", a.redis, b.redis),

@@ -190,17 +190,20 @@ class Lifecycle:
         if self._invalidate is not None and change.seq:
             await self._invalidate(change)
 
+    async def holds(self, principal: Principal, project: str) -> tuple[tuple[str, ...], frozenset[str]]:
+        """What ``principal`` holds in ``project``: the roles it holds that exist, and its scopes
+        granted directly or through them (as the keys' identities resolve them)."""
+        held = principal.roles.get(project, ())
+        defined = {r.name: r.scopes for r in await self.store.list_roles(project)} if held else {}
+        roles = tuple(n for n in held if n in defined)
+        return roles, frozenset({*principal.grants.get(project, ()), *(s for n in roles for s in defined[n])})
+
     async def _check_granted(self, principal: Principal, project: str, scopes: Sequence[str] | None) -> None:
         """A key's scopes narrow what its owner holds in the project (granted scopes and those of
         the roles it holds): a scope outside it is refused, by name."""
         if scopes is None:
             return
-        allowed = set(principal.grants.get(project, ()))
-        for role in principal.roles.get(project, ()):
-            try:
-                allowed.update((await self.store.get_role(project, role)).scopes)
-            except NotFound:  # deleted meanwhile: it grants nothing
-                continue
+        _, allowed = await self.holds(principal, project)
         missing = sorted(set(scopes) - allowed)
         if missing:
             raise PolicyError(
