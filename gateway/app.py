@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import socket
-import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
@@ -31,6 +30,7 @@ from gateway.cache.invalidation import OutboxPoller, Publisher, Subscriber, rete
 from gateway.cache.ledger import Ledger, remember_for
 from gateway.cache.redis_tier import RedisTier, tombstone_ttl
 from gateway.cache.tiers import TieredLoader
+from gateway.clock import SYSTEM, Clock
 from gateway.config import Config, ConfigError, Secrets, parse_listen
 from gateway.generation import Base, Generation, restart_notes, retune
 from gateway.generation import build as build_generation
@@ -102,9 +102,16 @@ class Gateway:
     throttle: FailureThrottle
 
     def __init__(
-        self, cfg: Config, secrets: Secrets, *, store: Store | None = None, metrics_dir: str | None = None
+        self,
+        cfg: Config,
+        secrets: Secrets,
+        *,
+        store: Store | None = None,
+        metrics_dir: str | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.cfg = cfg
+        self.clock = clock  # every part that reads time reads this one (tests hand a ManualClock)
         self.secrets = secrets
         self.store: Store | None = store
         self._own_store = store is None
@@ -118,6 +125,7 @@ class Gateway:
         self.access_log = AccessLog()
         self.proxy_port = 0
         self.admin_port = 0
+        self.console_port = 0  # 0: no console ([console] listen unset)
         self.started_at = 0.0
         self.stop_stalls: list[str] = []  # shutdown steps that had to be abandoned
         self.stop_step_timeout = STOP_STEP_TIMEOUT
@@ -158,7 +166,7 @@ class Gateway:
             # asyncio.timeout, not wait_for: no task of its own per lookup batch.
             async with asyncio.timeout(self.cfg.store.timeout):
                 found = await self.store.find_identities(
-                    [*digests, *alternates] if alternates else digests, time.time()
+                    [*digests, *alternates] if alternates else digests, self.clock.time()
                 )
             return self._found_by_previous(found, alternates) if alternates else found
         except Exception:
@@ -228,16 +236,16 @@ class Gateway:
         sync = asyncio.get_running_loop().create_task(self._sync_metrics(), name="keystile-metrics-sync")
         self._resources.push_async_callback(_cancel, sync)
         await store.check_schema()
-        await check_hash_secret(store, self.secrets, time.time())
+        await check_hash_secret(store, self.secrets, self.clock.time())
         self.fingerprint = secret_fingerprint(self.secrets.hash_secret)
-        self.ledger = Ledger(remember_for(cfg.cache.redis_ttl))
+        self.ledger = Ledger(remember_for(cfg.cache.redis_ttl), self.clock)
         if cfg.redis.url:
             ttl = tombstone_ttl(cfg.store.timeout, cfg.redis.socket_timeout)
-            redis = self.redis = RedisTier(cfg.redis, cfg.cache, ttl, self.ledger)
+            redis = self.redis = RedisTier(cfg.redis, cfg.cache, ttl, self.ledger, self.clock)
             self._on_stop("redis tier", redis.aclose)
             publisher = self.publisher = Publisher(redis)
             self._on_stop("invalidation publisher", publisher.aclose)
-        self.loader = TieredLoader(self.redis, self._store_load)
+        self.loader = TieredLoader(self.redis, self._store_load, self.clock)
         cache = self.cache = IdentityCache(
             LocalTier(
                 cfg.cache.local_ttl,
@@ -245,6 +253,7 @@ class Gateway:
                 cfg.cache.local_max_entries,
                 cfg.cache.local_ttl_synced,
                 cfg.cache.negative_max_entries,
+                self.clock,
             ),
             self.loader,
             store.lookup_concurrency,
@@ -261,6 +270,7 @@ class Gateway:
             timeout=cfg.store.timeout,
             retention=retention_for(cfg.cache.redis_ttl),
             tombstone=self.publisher.tombstone_later if self.publisher is not None else None,
+            clock=self.clock,
         )
         self._on_stop("outbox poller", poller.aclose)
         await poller.load()
@@ -276,12 +286,14 @@ class Gateway:
             )
             self._on_stop("invalidation subscriber", subscriber.aclose)
             subscriber.start()
-        usage = self.usage = UsageRecorder(store, cfg.usage.flush_interval, cfg.usage.max_pending)
+        usage = self.usage = UsageRecorder(
+            store, cfg.usage.flush_interval, cfg.usage.max_pending, clock=self.clock
+        )
         # Its own bound: a flush in progress, then up to three tries of the final one.
         self._on_stop("usage flush", usage.aclose, USAGE_STOP_WAIT + 3 * cfg.store.timeout)
         usage.start()
-        self.throttle = FailureThrottle(cfg.throttle, cfg.proxy.trusted_proxies)
-        limits = self.limits = await build_limits(cfg, store)
+        self.throttle = FailureThrottle(cfg.throttle, cfg.proxy.trusted_proxies, self.clock)
+        limits = self.limits = await build_limits(cfg, store, self.clock)
         self._on_stop("limits", limits.aclose)
         if limits.credits is not None:
             limits.credits.invalidate = self.invalidate
@@ -300,6 +312,7 @@ class Gateway:
                     self.redis,
                     self.publisher,
                     self.subscriber,
+                    self.clock,
                 )
             )
         )
@@ -309,7 +322,14 @@ class Gateway:
         self._resources.push_async_callback(self._close_listeners)
         await self._listen_proxy(proxy_sock, reuse_port)
         await self._listen_admin(reuse_port)
-        self.started_at = time.time()
+        if cfg.console.listen:
+            from gateway.console import ConsoleListener
+
+            console = ConsoleListener(self, cfg.console)
+            self._runners.append(console.runner)
+            await console.start(reuse_port=reuse_port)
+            self.console_port = console.port
+        self.started_at = self.clock.time()
         log.info(
             "keystile started",
             extra={
@@ -336,6 +356,7 @@ class Gateway:
             self.last_used,
             self.invalidate,
             self._on_miss,
+            self.clock,
         )
 
     async def _listen_proxy(self, sock: socket.socket | None, reuse_port: bool) -> None:
@@ -505,7 +526,12 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 
 def create_app(
-    cfg: Config, secrets: Secrets, *, store: Store | None = None, metrics_dir: str | None = None
+    cfg: Config,
+    secrets: Secrets,
+    *,
+    store: Store | None = None,
+    metrics_dir: str | None = None,
+    clock: Clock = SYSTEM,
 ) -> Gateway:
     """A Gateway ready to ``await start()``."""
-    return Gateway(cfg, secrets, store=store, metrics_dir=metrics_dir)
+    return Gateway(cfg, secrets, store=store, metrics_dir=metrics_dir, clock=clock)

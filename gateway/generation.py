@@ -15,6 +15,7 @@ import msgspec
 
 from gateway.auth import Authenticator, MissNote
 from gateway.cache import IdentityCache
+from gateway.clock import SYSTEM, Clock
 from gateway.config import Config
 from gateway.handler import LastUsed, ProxyHandler
 from gateway.lifecycle import Invalidate, Lifecycle
@@ -46,6 +47,7 @@ class Base:
     invalidate: Invalidate
     # Called with the digests an in-process miss looks up (previous hash secrets add theirs).
     on_miss: MissNote | None = None
+    clock: Clock = SYSTEM  # every generation reads time from the process's one clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +67,7 @@ async def build(cfg: Config, base: Base) -> Generation:
     forwarder = Forwarder(cfg)
     await forwarder.start()
     try:
-        authenticator = Authenticator(cfg, base.hash_secret, base.cache, on_miss=base.on_miss)
+        authenticator = Authenticator(cfg, base.hash_secret, base.cache, base.clock, on_miss=base.on_miss)
         handler = ProxyHandler(
             cfg,
             RouteTable(cfg.routes, cfg.proxy.case_insensitive_routes),
@@ -77,8 +79,9 @@ async def build(cfg: Config, base: Base) -> Generation:
             base.access_log,
             base.throttle,
             base.limits,
+            base.clock,
         )
-        lifecycle = Lifecycle(cfg, base.hash_secret, base.store, invalidate=base.invalidate)
+        lifecycle = Lifecycle(cfg, base.hash_secret, base.store, invalidate=base.invalidate, clock=base.clock)
     except BaseException:
         await forwarder.close()
         raise
@@ -110,6 +113,7 @@ def restart_only(a: Config, b: Config) -> list[tuple[str, object, object]]:
         ("proxy.header_timeout", a.proxy.header_timeout, b.proxy.header_timeout),
         ("proxy.max_connections", a.proxy.max_connections, b.proxy.max_connections),
         ("admin", a.admin, b.admin),
+        ("console", a.console, b.console),
         ("security", a.security, b.security),
         ("store", a.store, b.store),
         ("redis", a.redis, b.redis),

@@ -18,6 +18,7 @@ from aiohttp import HttpVersion10, HttpVersion11, web
 
 from gateway import auth, errors
 from gateway.auth import Authenticator
+from gateway.clock import SYSTEM, Clock
 from gateway.config import Config
 from gateway.limits.gate import LimitGate
 from gateway.listener import key_memory
@@ -80,8 +81,10 @@ class ProxyHandler:
         access_log: AccessLog | None = None,
         throttle: FailureThrottle | None = None,
         limits: LimitGate | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.cfg = cfg
+        self._wall = clock.time  # a use's time, as the store keeps it
         self.routes = routes
         self.auth = authenticator
         self.forwarder = forwarder
@@ -170,7 +173,7 @@ class ProxyHandler:
                 return _OUTCOME_ERRORS[known[0]].response()
             seen.outcome, seen.ident = auth.OK, known
             ident = known
-            self.usage.bump(ident.key_id, time.time())
+            self.usage.bump(ident.key_id, self._wall())
             # After authentication: whatever the limiter's state, no invalid key passes here.
             if self.limits is not None and (
                 route.limits or ident.limits or ident.pool_limits or ident.credits or ident.pool_credits

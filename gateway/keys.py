@@ -132,8 +132,8 @@ class Digester:
     """``digest(secret, key)`` for the hot path, with HMAC's two padded-key blocks hashed once.
 
     HMAC-SHA256 (RFC 2104) is SHA-256(key ^ opad || SHA-256(key ^ ipad || message)). The one-shot
-    ``hmac.digest`` derives and hashes both pads on every call (~1.5 us here); resuming copies of
-    the two hash states costs ~0.6 us. Same result, checked against ``hmac.digest`` in the tests.
+    ``hmac.digest`` derives and hashes both pads on every call; resuming copies of the two hash
+    states skips that work. Same result, checked against ``hmac.digest`` in the tests.
     """
 
     __slots__ = ("_inner", "_outer")

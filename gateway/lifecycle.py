@@ -27,13 +27,13 @@ commas. Names lose surrounding spaces and must keep at least one other character
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 
 import msgspec
 
 from gateway import keys, text
+from gateway.clock import SYSTEM, Clock
 from gateway.config import Config, format_duration, parse_duration
 from gateway.models import (
     Invalidation,
@@ -170,9 +170,15 @@ def default_name(now: float) -> str:
 
 class Lifecycle:
     def __init__(
-        self, cfg: Config, secret: bytes, store: Store, invalidate: Invalidate | None = None
+        self,
+        cfg: Config,
+        secret: bytes,
+        store: Store,
+        invalidate: Invalidate | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self.cfg = cfg
+        self.now = clock.time  # creation, expiry and revocation times are wall time (the store's)
         self._secret = secret
         self._fingerprint = keys.secret_fingerprint(secret)
         self.store = store
@@ -184,17 +190,20 @@ class Lifecycle:
         if self._invalidate is not None and change.seq:
             await self._invalidate(change)
 
+    async def holds(self, principal: Principal, project: str) -> tuple[tuple[str, ...], frozenset[str]]:
+        """What ``principal`` holds in ``project``: the roles it holds that exist, and its scopes
+        granted directly or through them (as the keys' identities resolve them)."""
+        held = principal.roles.get(project, ())
+        defined = {r.name: r.scopes for r in await self.store.list_roles(project)} if held else {}
+        roles = tuple(n for n in held if n in defined)
+        return roles, frozenset({*principal.grants.get(project, ()), *(s for n in roles for s in defined[n])})
+
     async def _check_granted(self, principal: Principal, project: str, scopes: Sequence[str] | None) -> None:
         """A key's scopes narrow what its owner holds in the project (granted scopes and those of
         the roles it holds): a scope outside it is refused, by name."""
         if scopes is None:
             return
-        allowed = set(principal.grants.get(project, ()))
-        for role in principal.roles.get(project, ()):
-            try:
-                allowed.update((await self.store.get_role(project, role)).scopes)
-            except NotFound:  # deleted meanwhile: it grants nothing
-                continue
+        _, allowed = await self.holds(principal, project)
         missing = sorted(set(scopes) - allowed)
         if missing:
             raise PolicyError(
@@ -261,7 +270,7 @@ class Lifecycle:
                 name=name,
                 kind=kind,
                 disabled=False,
-                created_at=time.time(),
+                created_at=self.now(),
                 grants={**dict.fromkeys(held, ()), **g},
                 metadata=check_metadata(metadata or {}),
                 roles={p: r for p, r in held.items() if r},
@@ -325,7 +334,7 @@ class Lifecycle:
         metadata: dict[str, str] | None = None,
         actor: str,
     ) -> CreatedKey:
-        now = time.time()
+        now = self.now()
         project = check_project(project)
         env = env or self.cfg.keys.default_env
         if env not in keys.ENVIRONMENTS:
@@ -378,7 +387,7 @@ class Lifecycle:
         metadata: dict[str, str] | msgspec.UnsetType = msgspec.UNSET,
         actor: str,
     ) -> KeyRecord:
-        now = time.time()
+        now = self.now()
         current = await self.store.get_key(key_id)
         pol = await self.policy(current.project)
         expire_now, field = False, "expires_at"
@@ -425,7 +434,7 @@ class Lifecycle:
         return record
 
     async def revoke_key(self, key_id: str, *, actor: str) -> KeyRecord:
-        record, change = await self.store.revoke_key(key_id, actor, time.time())
+        record, change = await self.store.revoke_key(key_id, actor, self.now())
         await self._changed(change)
         return record
 
@@ -435,7 +444,7 @@ class Lifecycle:
     async def rotate_key(self, key_id: str, *, grace: float = 0.0, actor: str) -> CreatedKey:
         if grace < 0:
             raise PolicyError("grace_seconds", "must not be negative")
-        now = time.time()
+        now = self.now()
         current = await self.store.get_key(key_id)
         pol = await self.policy(current.project)
         if grace > pol.max_rotation_grace:
@@ -466,7 +475,7 @@ class Lifecycle:
         project = check_project(project)
         name = check_role_name(name)
         checked = check_scopes(scopes, "scopes")  # the description is free text, like metadata values
-        now = time.time()
+        now = self.now()
         try:
             created = (await self.store.get_role(project, name)).created_at
         except NotFound:

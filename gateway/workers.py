@@ -167,9 +167,8 @@ def _write_atomically(path: Path, data: bytes) -> None:
 def usable_cpus() -> int:
     """CPUs this process may run on: its affinity mask, capped by a cgroup CPU quota (containers).
 
-    Workers beyond this share cores. Measured on a 2-core VM with both workers pinned to one core:
-    the kernel switches between them every ~3 ms and each switch costs cache refills, so CPU per
-    request rose 1.2-1.3x (with 20 ms slices it fell ~15 %, and p99 tripled)."""
+    Workers beyond this share cores: the kernel switches between them every few milliseconds and
+    each switch costs cache refills, so each request costs more CPU than with one worker per core."""
     cpus = len(os.sched_getaffinity(0))
     quota = _cgroup_quota()
     return max(1, min(cpus, quota)) if quota is not None else cpus

@@ -15,6 +15,7 @@ import uvloop
 
 from gateway import config as config_mod
 from gateway.app import Gateway, create_app
+from gateway.clock import SYSTEM, Clock
 from gateway.config import Config, Secrets
 from gateway.lifecycle import Lifecycle
 from gateway.store import Store, open_store
@@ -113,11 +114,15 @@ GatewayFactory = Callable[..., Any]
 
 @pytest.fixture
 async def keystile(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator[GatewayFactory]:
-    """``await keystile(routes=[...], proxy={...})`` starts a Gateway; all are stopped afterwards."""
+    """``await keystile(routes=[...], proxy={...})`` starts a Gateway; all are stopped afterwards.
+    ``clock=ManualClock()`` runs it on a clock the test moves (expiry, grace, cache lifetimes)."""
     started: list[Running] = []
 
     async def start(
-        routes: list[dict[str, Any]] | None = None, store_obj: Store | None = None, **sections: Any
+        routes: list[dict[str, Any]] | None = None,
+        store_obj: Store | None = None,
+        clock: Clock = SYSTEM,
+        **sections: Any,
     ) -> Running:
         if routes is None:
             routes = [
@@ -135,7 +140,7 @@ async def keystile(tmp_path: Path, upstream: RecordingUpstream) -> AsyncIterator
         cfg = make_config(data)
         store = store_obj or await open_store(cfg.store.url)
         await store.migrate()
-        gw = create_app(cfg, Secrets(HASH_SECRET, (ADMIN_TOKEN.encode(),)), store=store)
+        gw = create_app(cfg, Secrets(HASH_SECRET, (ADMIN_TOKEN.encode(),)), store=store, clock=clock)
         await gw.start()
         running = Running(gw, store, gw.lifecycle, cfg)
         started.append(running)

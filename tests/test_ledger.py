@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from gateway.cache.ledger import Ledger, remember_for
+from gateway.clock import ManualClock
 
 D1, D2, D3 = b"1" * 32, b"2" * 32, b"3" * 32
 
@@ -27,15 +28,15 @@ def test_an_invalidation_of_every_key_raises_the_floor() -> None:
 
 
 def test_invalidations_are_forgotten_after_remember() -> None:
-    now = [100.0]
-    ledger = Ledger(remember=60, clock=lambda: now[0])
+    clock = ManualClock(mono=100.0)
+    ledger = Ledger(remember=60, clock=clock)
     ledger.note(1, [D1])
-    now[0] = 130.0
+    clock.advance(30)
     ledger.note(2, [D1, D2])
-    now[0] = 161.0
+    clock.advance(31)
     ledger.expire()  # the first is forgotten, but D1 was invalidated again since
     assert ledger.latest == {D1: 2, D2: 2}
-    now[0] = 191.0
+    clock.advance(30)
     ledger.expire()
     assert len(ledger) == 0 and not ledger.stale(D1, 0)
     assert ledger.committed == 2  # what committed stays known

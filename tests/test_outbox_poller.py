@@ -9,6 +9,7 @@ from pathlib import Path
 
 from gateway.cache.invalidation import OutboxPoller
 from gateway.cache.ledger import Ledger
+from gateway.clock import ManualClock
 from gateway.keys import KeyDigest
 from gateway.store import PrincipalChanges, open_store
 from tests.store.test_store import T0, make_key, make_principal
@@ -17,11 +18,11 @@ from tests.store.test_store import T0, make_key, make_principal
 async def test_the_poller_applies_what_no_message_brought(tmp_path: Path) -> None:
     store = await open_store(f"sqlite:///{tmp_path}/poll.db")
     await store.migrate()
-    mono, wall = [50.0], [T0]
+    clock = ManualClock(wall=T0, mono=50.0)
     applied: list[Sequence[KeyDigest] | None] = []
     confirmed: list[float] = []
     tombstoned: list[Sequence[KeyDigest]] = []
-    ledger = Ledger(remember=600, clock=lambda: mono[0])
+    ledger = Ledger(remember=600, clock=clock)
     poller = OutboxPoller(
         store,
         ledger,
@@ -31,8 +32,7 @@ async def test_the_poller_applies_what_no_message_brought(tmp_path: Path) -> Non
         timeout=5.0,
         retention=3600.0,
         tombstone=tombstoned.append,
-        clock=lambda: mono[0],
-        wall=lambda: wall[0],
+        clock=clock,
     )
     try:
         p = await make_principal(store)
@@ -44,7 +44,7 @@ async def test_the_poller_applies_what_no_message_brought(tmp_path: Path) -> Non
         assert ledger.stale(d1, before.seq - 1) and confirmed == [52.0]
         assert await poller.poll() == 0 and applied == []
         assert poller.lag() == 0.0
-        wall[0] += 7  # the gauge of /metrics: how long since the outbox was last read to its end
+        clock.advance(7)  # the gauge of /metrics: how long since the outbox was last read to its end
         assert poller.lag() == 7.0
         await poller.poll()
         assert poller.lag() == 0.0
@@ -52,15 +52,15 @@ async def test_the_poller_applies_what_no_message_brought(tmp_path: Path) -> Non
         _, heard = await store.revoke_key(second.id, "a", T0)
         ledger.note(heard.seq, heard.digests)  # as its message would
         _, missed = await store.update_principal(p.id, PrincipalChanges(grants={}), "a")  # never published
-        mono[0] = 51.0
+        clock.advance(1)
         assert await poller.poll() == 2
         # Only the missed change is news (the other came "by message"): its digests, once.
         assert len(applied) == 1 and sorted(applied[0] or []) == sorted([d1, d2])
         assert tombstoned == applied
         assert poller.delivered == 1 and poller.last_seen == missed.seq
-        assert confirmed[-1] == 53.0  # the read began at 51: it vouches until 51 + 2 intervals
+        assert confirmed[-1] == 60.0  # the read began at 58: it vouches until 58 + 2 intervals
 
-        wall[0] += 3600  # no read succeeded for an hour: rows may have been pruned meanwhile
+        clock.advance(3600)  # no read succeeded for an hour: rows may have been pruned meanwhile
         await poller.poll()
         assert applied[-1] is None and ledger.floor == missed.seq
     finally:

@@ -41,10 +41,7 @@ async def grant_of(ctx: Context, principal: Principal, project: str) -> Grant:
     own = principal.grants.get(project)
     if own is None:
         return Grant(project=project, member=False, scopes=(), roles=(), effective=())
-    held = principal.roles.get(project, ())
-    defined = {r.name: r.scopes for r in await ctx.store.list_roles(project)} if held else {}
-    roles = tuple(n for n in held if n in defined)
-    effective = {*own, *(s for n in roles for s in defined[n])}
+    roles, effective = await ctx.lifecycle.holds(principal, project)
     return Grant(project=project, member=True, scopes=own, roles=roles, effective=tuple(sorted(effective)))
 
 

@@ -7,7 +7,6 @@ the lifecycle, so a change reaches every instance within a second).
 
 from __future__ import annotations
 
-import time
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -74,7 +73,7 @@ async def set_key_limits(ctx: Context, key_id: str, body: ls.LimitsBody) -> ls.L
     if isinstance(body.limits, msgspec.UnsetType):
         return await get_key_limits(ctx, key_id)  # nothing to change: no write, no audit row
     policies = _policies(body.limits)
-    _, change = await ctx.store.set_key_limits(key_id, policies, ctx.actor, time.time())
+    _, change = await ctx.store.set_key_limits(key_id, policies, ctx.actor, ctx.now())
     await ctx.lifecycle.publish(change)
     return await get_key_limits(ctx, key_id)
 
@@ -93,7 +92,7 @@ async def set_principal_limits(ctx: Context, principal: str, body: ls.LimitsBody
     if isinstance(body.limits, msgspec.UnsetType):
         return await get_principal_limits(ctx, principal)
     policies = _policies(body.limits)
-    p, change = await ctx.store.set_principal_limits(principal, policies, ctx.actor, time.time())
+    p, change = await ctx.store.set_principal_limits(principal, policies, ctx.actor, ctx.now())
     await ctx.lifecycle.publish(change)
     return await get_principal_limits(ctx, p.id)
 
@@ -124,7 +123,7 @@ async def _change_credits(ctx: Context, owner: str, principal_id: str, body: ls.
         refill=refill,
         remove=body.remove,
         actor=ctx.actor,
-        now=time.time(),
+        now=ctx.now(),
         action=action,
     )
     await ctx.lifecycle.publish(change)

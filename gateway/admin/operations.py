@@ -11,7 +11,6 @@ itself (``verify_key`` asks ``gateway.auth``), or log a key secret.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
@@ -65,6 +64,10 @@ class Context:
     @property
     def store(self) -> Store:
         return self.lifecycle.store
+
+    def now(self) -> float:
+        """Wall time from the lifecycle's clock: views say expired or not as the policies do."""
+        return self.lifecycle.now()
 
     @property
     def running(self) -> Services:
@@ -153,18 +156,18 @@ async def create_key(ctx: Context, body: s.KeyCreate) -> s.IssuedKey:
         )
     except NotFound as e:  # the owner named in the body: bad input, not a missing resource
         raise InvalidInput("owner", str(e)) from None
-    return s.issued_key(created.record, created.secret, time.time())
+    return s.issued_key(created.record, created.secret, ctx.now())
 
 
 async def list_keys(ctx: Context, query: s.KeyQuery) -> s.KeyPage:
     flt = KeyFilter(principal_id=query.owner, **_shared_fields(query, KeyFilter))
-    now = time.time()
+    now = ctx.now()
     page = await _paged(ctx.store.list_keys(flt, now))
     return s.KeyPage(items=[s.key_view(k, now) for k in page.items], next_cursor=page.next_cursor)
 
 
 async def get_key(ctx: Context, key_id: str) -> s.KeyView:
-    return s.key_view(await ctx.store.get_key(key_id), time.time())
+    return s.key_view(await ctx.store.get_key(key_id), ctx.now())
 
 
 async def update_key(ctx: Context, key_id: str, body: s.KeyUpdate) -> s.KeyView:
@@ -179,11 +182,11 @@ async def update_key(ctx: Context, key_id: str, body: s.KeyUpdate) -> s.KeyView:
         metadata=body.metadata,
         actor=ctx.actor,
     )
-    return s.key_view(rec, time.time())
+    return s.key_view(rec, ctx.now())
 
 
 async def revoke_key(ctx: Context, key_id: str) -> s.KeyView:
-    return s.key_view(await ctx.lifecycle.revoke_key(key_id, actor=ctx.actor), time.time())
+    return s.key_view(await ctx.lifecycle.revoke_key(key_id, actor=ctx.actor), ctx.now())
 
 
 async def delete_key(ctx: Context, key_id: str) -> None:
@@ -192,7 +195,7 @@ async def delete_key(ctx: Context, key_id: str) -> None:
 
 async def rotate_key(ctx: Context, key_id: str, body: s.KeyRotate) -> s.IssuedKey:
     created = await ctx.lifecycle.rotate_key(key_id, grace=body.grace_seconds, actor=ctx.actor)
-    return s.issued_key(created.record, created.secret, time.time())
+    return s.issued_key(created.record, created.secret, ctx.now())
 
 
 # auth outcome -> the code the proxy answers with (the ``error`` of gateway.errors' bodies; a test
@@ -216,7 +219,7 @@ async def verify_key(ctx: Context, body: s.VerifyRequest) -> s.VerifyResponse:
     if outcome == auth.OK and ident is not None:
         # Like whoami: the last use before this one.
         identity = s.Identity.of(ident, await gw.last_used(ident.key_id))
-        gw.usage.bump(ident.key_id, time.time())
+        gw.usage.bump(ident.key_id, ctx.now())
     return s.VerifyResponse(valid=identity is not None, code=VERIFY_CODES[outcome], identity=identity)
 
 

@@ -45,6 +45,7 @@ from redis.backoff import NoBackoff
 
 from gateway.cache.ledger import Ledger, remember_for
 from gateway.cache.redis_tier import RedisTier, RedisUnavailable, tombstone_ttl
+from gateway.clock import SYSTEM, Clock
 from gateway.config import CacheConfig, RedisConfig
 from gateway.keys import KeyDigest
 from gateway.models import Invalidation
@@ -185,7 +186,8 @@ class OutboxPoller:
 
     ``apply`` drops digests (None: everything) from the in-process cache; ``confirm(until)`` lets
     its entries live their long lifetime until then (monotonic; 0 withdraws it); ``tombstone``
-    (optional) tombstones digests in Redis in the background. Clocks are injected for tests.
+    (optional) tombstones digests in Redis in the background. ``clock`` must be the local tier's:
+    ``confirm`` deadlines are in its monotonic time.
     """
 
     def __init__(
@@ -199,8 +201,7 @@ class OutboxPoller:
         timeout: float,
         retention: float,
         tombstone: Callable[[Sequence[KeyDigest]], None] | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        wall: Callable[[], float] = time.time,
+        clock: Clock = SYSTEM,
     ) -> None:
         self._outbox = outbox
         self._ledger = ledger
@@ -210,10 +211,10 @@ class OutboxPoller:
         self._interval = interval
         self._timeout = timeout
         self._retention = retention
-        self._clock = clock
-        self._wall = wall
+        self._clock = clock.monotonic  # reads' start, vouching deadlines (the local tier's time)
+        self._wall = clock.time  # outbox row times, written as wall time
         self._task: asyncio.Task[None] | None = None
-        self._last_ok = wall()  # wall time of the last read that succeeded
+        self._last_ok = self._wall()  # wall time of the last read that succeeded
         self._failing = False
         self.last_seen = 0  # every row up to this seq has been applied
         self.polls = 0
@@ -423,6 +424,7 @@ class Subscriber:
                 self.ready.set()
                 backoff = 0.1
                 await self._check()
+                # Scheduling of checks and pings, like the loop's own timers: machine time.
                 last_check = last_ping = time.monotonic()
                 while True:
                     msg = await pubsub.get_message(timeout=min(1.0, self._interval))

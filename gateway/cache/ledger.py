@@ -17,10 +17,10 @@ snapshot, a replica promoted while behind, a tombstone that never arrived.
 
 from __future__ import annotations
 
-import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
+from gateway.clock import SYSTEM, Clock
 from gateway.keys import KeyDigest
 
 
@@ -31,9 +31,9 @@ def remember_for(redis_ttl: float) -> float:
 
 
 class Ledger:
-    def __init__(self, remember: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, remember: float, clock: Clock = SYSTEM) -> None:
         self.remember = remember
-        self._clock = clock
+        self._clock = clock.monotonic
         self.committed = 0  # every invalidation up to this seq has committed
         self.floor = 0  # values stamped below this are stale for every digest
         self.latest: dict[KeyDigest, int] = {}

@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Collection, Sequence
 from typing import Final, Literal
 
@@ -46,6 +45,7 @@ from redis.exceptions import RedisError
 
 from gateway.cache.ledger import Ledger
 from gateway.cache.resp import LeanRedis, RespError, set_nx, set_px
+from gateway.clock import SYSTEM, Clock
 from gateway.config import CacheConfig, RedisConfig
 from gateway.keys import KeyDigest
 from gateway.models import IdentityRecord
@@ -79,7 +79,8 @@ class RedisUnavailable(Exception):
 class Breaker:
     """Consecutive-failure circuit breaker: closed → open (skip) → half-open (one probe)."""
 
-    def __init__(self, failures: int, reset: float) -> None:
+    def __init__(self, failures: int, reset: float, clock: Clock = SYSTEM) -> None:
+        self._now = clock.monotonic
         self._limit = failures
         self._reset = reset
         self._failures = 0
@@ -91,7 +92,7 @@ class Breaker:
     def state(self) -> Literal["closed", "open", "half_open"]:
         if self._failures < self._limit:
             return "closed"
-        if time.monotonic() - self._opened_at >= self._reset:
+        if self._now() - self._opened_at >= self._reset:
             return "half_open"
         return "open"
 
@@ -115,7 +116,7 @@ class Breaker:
             if self._failures == self._limit:
                 self.opens += 1
                 log.warning("redis breaker open: skipping redis for %.1fs", self._reset)
-            self._opened_at = time.monotonic()
+            self._opened_at = self._now()
 
 
 Lookup = dict[KeyDigest, IdentityRecord | bytes | None]
@@ -123,7 +124,12 @@ Lookup = dict[KeyDigest, IdentityRecord | bytes | None]
 
 class RedisTier:
     def __init__(
-        self, cfg: RedisConfig, cache: CacheConfig, tombstone_ttl: float, ledger: Ledger | None = None
+        self,
+        cfg: RedisConfig,
+        cache: CacheConfig,
+        tombstone_ttl: float,
+        ledger: Ledger | None = None,
+        clock: Clock = SYSTEM,
     ) -> None:
         self._cfg = cfg
         self._ttl = cache.redis_ttl
@@ -144,7 +150,7 @@ class RedisTier:
         )
         # The lookup path (MGET, write-back fills) takes the lean client; the rest redis-py.
         self.lookups = LeanRedis(cfg.url, timeout=cfg.socket_timeout, connect_timeout=cfg.connect_timeout)
-        self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset)
+        self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_reset, clock)
         self._deadline = max(cfg.socket_timeout, cfg.connect_timeout)
         self._fills: set[asyncio.Task[None]] = set()
         self._fill_queue: list[bytes] = []  # encoded SET commands, oldest first

@@ -6,8 +6,8 @@ answers one connection's commands in the order they were sent) and the deadline 
 Must not: know what keys mean (``gateway.cache.redis_tier`` does); pub/sub, scripts and scans stay
 on redis-py.
 
-Why: a redis-py call costs ~100 µs of CPU here (pool checkout, retry wrapper, stream reads,
-a timeout context), and a lookup that misses the in-process tier pays it for a key or two. Here a
+Why: a redis-py call does much more per call (pool checkout, retry wrapper, stream reads, a
+timeout context) than a lookup of a key or two that misses the in-process tier can afford. Here a
 call is one write and one hiredis parse, and concurrent calls share the connection.
 
 Failure: an error on the connection, a reply that cannot be parsed, or the oldest call outliving

@@ -10,10 +10,10 @@ Redis values found stale (see ``gateway.cache.redis_tier``).
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 
 from gateway.cache.redis_tier import STALE, RedisTier, RedisUnavailable
+from gateway.clock import SYSTEM, Clock
 from gateway.keys import KeyDigest
 from gateway.models import IdentityRecord
 
@@ -23,8 +23,9 @@ StoreLoad = Callable[[Sequence[KeyDigest]], Awaitable[dict[KeyDigest, IdentityRe
 
 
 class TieredLoader:
-    def __init__(self, redis: RedisTier | None, store_load: StoreLoad) -> None:
+    def __init__(self, redis: RedisTier | None, store_load: StoreLoad, clock: Clock = SYSTEM) -> None:
         self.redis = redis
+        self._wall = clock.time  # Redis TTLs end by a key's expiry, which is wall time
         self._store_load = store_load
         self.store_loads = 0
         self.store_errors = 0
@@ -63,5 +64,5 @@ class TieredLoader:
         fresh = {d: stored.get(d) for d in need}
         out.update(fresh)
         if redis is not None:
-            redis.fill_later(fresh, time.time(), stamp, stale)
+            redis.fill_later(fresh, self._wall(), stamp, stale)
         return out

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="run Keystile in front of a built-in echo upstream")
     d.add_argument("--port", type=int, default=8080, help="the proxy's port (default 8080)")
     d.add_argument("--admin-port", type=int, default=8081, help="the admin API's port (default 8081)")
+    d.add_argument("--console-port", type=int, default=8082, help="the console's port (default 8082)")
     d.set_defaults(fn=cmd_demo)
     e = sub.add_parser("echo", help="run a local upstream that answers with what it received (for trials)")
     e.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

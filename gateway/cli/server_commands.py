@@ -76,6 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers > 1 and args.worker_of is None:
         from gateway.workers import Supervisor
 
+        if cfg.console.listen:
+            # Console sessions live in one process's memory; workers would each hold their own.
+            raise Fail("console.listen: the console runs in one process: serve it without --workers")
         if not cfg.redis.url and cfg.cache.local_ttl > 0:
             logging.getLogger("keystile").warning(
                 "--workers %d without redis.url: a key revoked or changed through one worker is "
@@ -302,6 +305,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 "proxy": {"listen": f"127.0.0.1:{args.port}"},
                 "admin": {"listen": f"127.0.0.1:{args.admin_port}"},
                 "store": {"url": f"sqlite:///{tmp.name}/demo.db"},
+                # Plain HTTP on this machine only: the session cookie cannot be Secure here.
+                "console": {"listen": f"127.0.0.1:{args.console_port}", "cookie_secure": False},
             },
             "(demo)",
         )
@@ -312,7 +317,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 RouteConfig(prefix="/", upstream=f"http://127.0.0.1:{echo_port}", scopes=("read",)),
             ),
         )
-        admin_token = pysecrets.token_urlsafe(24)
+        admin_token = pysecrets.token_urlsafe(24)  # for the console's sign-in form
         secrets = Secrets(pysecrets.token_bytes(32), (admin_token.encode(),))
         store = await open_store(cfg.store.url)
         await store.migrate()
@@ -339,6 +344,10 @@ Who am I:
 Without a key (401), and a public route (no key needed):
   curl -si {base}/hello
   curl -s {base}/public/hello
+
+The key-management console (sign in with the admin token below):
+  http://127.0.0.1:{gw.console_port}/
+  admin token:       {admin_token}
 
 The admin API (key lifecycle; its description: {admin}/v1/openapi.json):
   admin URL:    {admin}

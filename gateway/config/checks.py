@@ -157,4 +157,36 @@ def check_semantics(cfg: Config) -> list[str]:
         if r.auth != "required" and r.scopes:
             out.append(f'{where}.scopes: scopes need auth = "required"')
         out.extend(_limit_problems(where, r))
+    out.extend(_console_problems(cfg))
+    return out
+
+
+def _console_problems(cfg: Config) -> list[str]:
+    c = cfg.console
+    out: list[str] = []
+    if c.listen:
+        try:
+            parse_listen(c.listen)
+        except ValueError as e:
+            out.append(f"console.listen: {e}")
+        if c.listen in (cfg.proxy.listen, cfg.admin.listen) and not c.listen.endswith(":0"):
+            out.append("console.listen: must differ from proxy.listen and admin.listen")
+    for i, cidr in enumerate(c.trusted_proxies):
+        try:
+            ipaddress.ip_network(cidr, strict=False)
+        except ValueError:
+            out.append(f"console.trusted_proxies[{i}]: {cidr!r} is not an address or CIDR")
+    if not _HEADER_TOKEN.match(c.identity_header):
+        out.append(f"console.identity_header: {c.identity_header!r} is not a valid header name")
+    seconds = {}
+    for field in ("session_idle", "session_absolute"):
+        try:
+            seconds[field] = parse_duration(getattr(c, field))
+        except ValueError as e:
+            out.append(f"console.{field}: {e}")
+    if len(seconds) == 2 and seconds["session_idle"] > seconds["session_absolute"]:
+        out.append("console.session_idle: longer than console.session_absolute")
+    for project in c.new_user_grants:
+        if not project or any(ch in project for ch in " ,") or not project.isprintable():
+            out.append(f"console.new_user_grants: {project!r} is not a project name")
     return out

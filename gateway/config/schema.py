@@ -88,6 +88,25 @@ class TLSConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True)
     min_version: Literal["1.2", "1.3"] = "1.2"
 
 
+class ConsoleConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
+    # The key-management console's own listener; empty: no console.
+    listen: str = ""
+    # Peers whose identity header is believed (self-service mode); CIDRs or addresses. Empty:
+    # operator mode only (admin-token sign-in).
+    trusted_proxies: tuple[str, ...] = ()
+    # The header an authenticating proxy in front sets to the signed-in user's name.
+    identity_header: str = "X-Auth-Request-User"
+    # Create the principal of a first-time user (with new_user_grants); off: "no access" page.
+    auto_create_principals: bool = False
+    # project -> scopes, granted to principals the console creates.
+    new_user_grants: dict[str, tuple[str, ...]] = {}
+    # Sessions end after this long without a request, and this long after sign-in in any case.
+    session_idle: str = "30m"
+    session_absolute: str = "12h"
+    # Off only for plain-HTTP local use: browsers then send the session cookie over HTTP too.
+    cookie_secure: bool = True
+
+
 class KeysConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):
     prefix: str = "ks"
     default_env: Literal["live", "test"] = "live"
@@ -239,6 +258,7 @@ class Config(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     routes: tuple[RouteConfig, ...] = ()
     throttle: ThrottleConfig = ThrottleConfig()
     tls: TLSConfig = TLSConfig()
+    console: ConsoleConfig = ConsoleConfig()
     limits: LimitsConfig = LimitsConfig()
 
 
@@ -256,6 +276,7 @@ _SECTION_TYPES: dict[str, type[msgspec.Struct]] = {
     "logging": LoggingConfig,
     "throttle": ThrottleConfig,
     "tls": TLSConfig,
+    "console": ConsoleConfig,
     "limits": LimitsConfig,
 }
 

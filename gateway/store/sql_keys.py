@@ -58,7 +58,7 @@ class KeyQueries(SQLBase):
                 current, params = self._digest_in("k.digest", chunk)
                 previous, _ = self._digest_in("k.previous_digest", chunk)
                 # One indexed probe per digest column, each joined directly: cheaper than
-                # collecting ids first (measured 13 -> 8 us per digest on 1M keys in SQLite).
+                # collecting ids first (one statement, no second round of lookups by id).
                 rows = await conn.fetch(
                     f"{_IDENTITY_SELECT} WHERE {current} AND k.revoked_at IS NULL AND NOT p.disabled "
                     f"UNION ALL {_IDENTITY_SELECT} WHERE {previous} AND k.previous_digest IS NOT NULL "

@@ -35,8 +35,8 @@ _enc = msgspec.json.Encoder()
 
 @functools.lru_cache(maxsize=2048)
 def _sql(text: str) -> str:
-    # Cached: statements come from code (one per lookup batch size), and the rewrite costs
-    # ~0.8 us per placeholder: 23 us for a 15-digest lookup, a third of SQLite's own work.
+    # Cached: statements come from code (one per lookup batch size), and the rewrite is a regex
+    # pass over every placeholder, a sizeable part of a lookup's cost next to SQLite's own work.
     return _PLACEHOLDER.sub(r"?\1", text)
 
 
@@ -55,9 +55,9 @@ def path_of(url: str) -> str:
 class _Thread:
     """One sqlite3 connection confined to one thread.
 
-    Calls reach the thread through a queue and come back through ``call_soon_threadsafe``. Pinned
-    to one core, a round trip costs ~20 us of CPU where ``run_in_executor`` cost ~30 us (it
-    wraps each call in a concurrent.futures.Future and chains that to an asyncio one).
+    Calls reach the thread through a queue and come back through ``call_soon_threadsafe``: less
+    work per round trip than ``run_in_executor``, which wraps each call in a
+    concurrent.futures.Future and chains that to an asyncio one.
     """
 
     def __init__(self, path: str, timeout: float, create: bool = True) -> None:
@@ -88,7 +88,7 @@ class _Thread:
             self.db.execute("PRAGMA foreign_keys=ON")
             # Lookups are random reads by digest: a larger page cache, and the whole file mapped
             # (SQLite caps this at 2 GiB) so a first-seen key's pages are read in place instead of
-            # copied in by read() (1M keys, batches of 9: 75 -> 61 us per batch against 256 MiB).
+            # copied in by read().
             self.db.execute("PRAGMA cache_size=-65536")
             self.db.execute(f"PRAGMA mmap_size={MMAP_SIZE}")
         return self.db
@@ -191,8 +191,8 @@ def _check_file(path: str, create: bool) -> None:
 
 class SQLiteStore(SQLStore):
     backend: Literal["sqlite", "postgresql"] = "sqlite"
-    # One reader thread: concurrent lookups would queue on it anyway. Measured with 1M keys and
-    # sparse misses: 4 -> 1 cut CPU per request ~6 % and context switches per request 0.27 -> 0.09.
+    # One reader thread: concurrent lookups would queue on it anyway, and more loads in flight
+    # only add CPU and context switches per request.
     lookup_concurrency = 1
     greatest = "MAX"
     ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII

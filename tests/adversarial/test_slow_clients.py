@@ -15,6 +15,7 @@ import re
 import time
 
 from tests.upstream import RecordingUpstream
+from tests.waiting import until
 
 HEAD = b"GET /public/x HTTP/1.1\r\nHost: gw.test\r\n"
 # The loop's clock ticks in milliseconds (uvloop): a cut may land a tick before the deadline as
@@ -26,13 +27,6 @@ def metric(gw: object, name: str) -> float:
     text = gw.gateway.metrics.render().decode()  # type: ignore[attr-defined]
     m = re.search(rf"^{name} (\S+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
-
-
-async def until(check, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def answer(reader: asyncio.StreamReader) -> bytes:
@@ -125,7 +119,7 @@ async def test_a_slow_body_is_not_cut_by_the_head_deadline(keystile) -> None:
     try:
         writer.write(b"POST /public/sink HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 8\r\nConnection: close\r\n\r\n")
         for _ in range(8):
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # kept: the body trickles for longer than the head deadline
             writer.write(b"x")
         raw = await asyncio.wait_for(reader.read(-1), 5)
     finally:

@@ -23,6 +23,7 @@ import aiohttp
 import pytest
 
 from gateway.app import create_app
+from gateway.clock import ManualClock
 from gateway.config import Secrets
 from gateway.keys import generate_key
 from gateway.observability import JSONFormatter
@@ -201,7 +202,8 @@ async def test_create_key_shows_the_secret_once(keystile, admin) -> None:
 
 
 async def test_list_keys_filters_searches_orders_and_pages(keystile, admin) -> None:
-    gw = await keystile()
+    clock = ManualClock()  # creation order and expiry, moved by the test
+    gw = await keystile(clock=clock)
     api = admin(gw)
     alice = await api.principal("alice", {"p1": ["read"], "p2": ["read"]})
     await api.principal("bob", {"p1": ["read"]})
@@ -214,10 +216,10 @@ async def test_list_keys_filters_searches_orders_and_pages(keystile, admin) -> N
         ("bob", "p1", "short"),
     ]:
         made.append(await api.key(owner, project, name=name))
-        await asyncio.sleep(0.002)
+        clock.advance(0.002)
     expiring = await api.key("alice", "p2", name="soon gone", expires_in=0.2)
     await api.ok("POST", f"/v1/keys/{made[4]['id']}/revoke")
-    await asyncio.sleep(0.3)
+    clock.advance(0.3)
 
     async def ids(**params: str) -> list[str]:
         page = await api.ok("GET", "/v1/keys", params=params)
@@ -332,7 +334,8 @@ async def test_rotate_gives_a_new_secret_with_the_same_settings(keystile, admin)
 
 
 async def test_verify_makes_the_proxys_decision(keystile, admin) -> None:
-    gw = await keystile()
+    clock = ManualClock()  # the expiring key's end, moved by the test
+    gw = await keystile(clock=clock)
     api = admin(gw)
     await api.principal("alice", {"p1": ["read", "write"]})
     await api.principal("nomad", {"elsewhere": ["read"]})
@@ -364,12 +367,12 @@ async def test_verify_makes_the_proxys_decision(keystile, admin) -> None:
     typo = k["key"][:-1] + ("y" if k["key"].endswith("x") else "x")  # a different last character
     for bad in ("", "nope", typo, generate_key("ks", "live"), generate_key("zz", "live")):
         assert (await verify({"key": bad}))["code"] == "invalid_api_key"
-    await asyncio.sleep(0.3)
+    clock.advance(0.3)
     assert (await verify({"key": expiring["key"]}))["code"] == "expired_api_key"
 
     # A valid verification counts as use; the next answer reports it.
     again = await verify({"key": k["key"]})
-    assert again["identity"]["last_used_at"] == pytest.approx(time.time(), abs=5)
+    assert again["identity"]["last_used_at"] == pytest.approx(clock.time(), abs=5)
 
 
 async def test_verify_refuses_bad_bodies_without_echoing_the_key(keystile, admin) -> None:

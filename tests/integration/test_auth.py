@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from msgspec.structs import replace
 
+from gateway.clock import ManualClock
 from gateway.keys import generate_key
 from tests.upstream import RecordingUpstream, exchange, raw_request
 
@@ -113,10 +114,11 @@ async def test_key_of_another_prefix_is_invalid(keystile) -> None:
 
 
 async def test_expired_key(keystile, upstream: RecordingUpstream) -> None:
-    gw = await keystile()
+    clock = ManualClock()
+    gw = await keystile(clock=clock)
     key = await gw.key(expires_in=0.5)
     assert (await get(gw.url + "/x", {"X-API-Key": key}))[0] == 200
-    await asyncio.sleep(0.6)
+    clock.advance(0.6)
     status, _, body = await get(gw.url + "/x", {"X-API-Key": key})
     assert (status, json.loads(body)) == (401, EXPIRED)
     assert len(upstream.received) == 1

@@ -7,14 +7,17 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
+from contextlib import closing
 from pathlib import Path
 
 import aiohttp
 
 from tests.upstream import RecordingUpstream
+from tests.waiting import until
 
 SECRET = "0123456789abcdef" * 4
 
@@ -57,6 +60,11 @@ upstream = "{upstream_url}"
 """
     )
     return p
+
+
+def used(db: Path) -> bool:
+    with closing(sqlite3.connect(db)) as conn:
+        return bool(conn.execute("SELECT count(*) FROM key_usage WHERE request_count > 0").fetchone()[0])
 
 
 async def wait_port(port: int, timeout: float = 15) -> None:
@@ -114,7 +122,8 @@ async def test_serve_create_key_proxy_list_and_sigterm(tmp_path: Path, upstream:
                 assert resp.status == 200
             async with s.get(f"http://127.0.0.1:{ap}/readyz") as resp:
                 assert resp.status == 200
-        await asyncio.sleep(0.5)  # one usage flush
+        # The periodic flush (every 0.2 s) writes the use while the server runs.
+        await until(lambda: used(tmp_path / "ks.db"), what="a usage flush")
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
     finally:

@@ -15,9 +15,11 @@ import time
 import aiohttp
 import redis.asyncio as aioredis
 
+from gateway.clock import ManualClock
 from tests.integration.test_verification_path import key_id, redis_url, status_of
 from tests.servers import PgCluster, RedisServer
 from tests.store.conftest import execute_sql
+from tests.waiting import until
 
 __all__ = ["redis_url"]  # the fixture, shared with the verification-path tests
 
@@ -32,6 +34,14 @@ async def until_rejected(s: aiohttp.ClientSession, url: str, key: str, within: f
         await asyncio.sleep(0.02)
     assert status == 401
     return time.monotonic() - started
+
+
+async def older_and_read_again(gw, clock: ManualClock, seconds: float) -> None:  # type: ignore[no-untyped-def]
+    """Age the in-process entries by ``seconds``, then wait for a read of the outbox that began
+    after that (it vouches for them again, as one would after that much real time)."""
+    clock.advance(seconds)
+    polls = gw.gateway.poller.polls
+    await until(lambda: gw.gateway.poller.polls >= polls + 2, what="a read of the outbox after the move")
 
 
 async def tombstone_all(r: aioredis.Redis) -> list[bytes]:
@@ -63,9 +73,10 @@ async def test_a_lost_invalidation_message_is_noticed_within_two_checks(keystile
     try:
         async with aiohttp.ClientSession() as s:
             assert await status_of(s, gw.url + "/x", key) == 200
-            await asyncio.sleep(0.1)  # the Redis write-back is asynchronous
+            await until(lambda: r.keys("keystile:id:*"), what="the Redis write-back")
             await revoke_without_outbox(gw)
-            await asyncio.sleep(0.5)
+            polls = gw.gateway.poller.polls
+            await until(lambda: gw.gateway.poller.polls >= polls + 2, what="two reads of the outbox")
             assert await status_of(s, gw.url + "/x", key) == 200  # cached, and nothing told it
             assert await tombstone_all(r)
             await r.incr("keystile:gen")  # the message for this generation never arrives
@@ -81,7 +92,9 @@ async def test_entries_outlive_local_ttl_only_while_the_store_can_be_read(
 ) -> None:
     """What vouches for long-lived entries is reading the store's outbox, not Redis: with Redis
     dead they are kept and a change still arrives; with the store unreadable they lapse."""
+    clock = ManualClock()  # the entries' age; the outbox is still read every sync_interval
     gw = await keystile(
+        clock=clock,
         store={"url": pg_cluster.url, "timeout": 1.0},
         redis={"url": private_redis.url, "socket_timeout": 0.2, "connect_timeout": 0.2},
         cache={"local_ttl": 0.5, "local_ttl_synced": 300, "sync_interval": 0.2},
@@ -94,12 +107,13 @@ async def test_entries_outlive_local_ttl_only_while_the_store_can_be_read(
         assert await status_of(s, gw.url + "/x", key) == 200
         assert await status_of(s, gw.url + "/x", other) == 200
         loads = gw.gateway.cache.loads
-        await asyncio.sleep(1.0)  # twice local_ttl
+        await older_and_read_again(gw, clock, 1.0)  # twice local_ttl
         assert await status_of(s, gw.url + "/x", key) == 200
         assert gw.gateway.cache.loads == loads, "in sync, the entry should have been kept"
         assert await metric(s, gw, "keystile_cache_in_sync") == 1
         private_redis.kill()  # the store's outbox still vouches for the in-process entries
-        await asyncio.sleep(1.0)
+        await until(lambda: not gw.gateway.subscriber.connected, what="the subscriber sees Redis gone")
+        await older_and_read_again(gw, clock, 1.0)
         assert await status_of(s, gw.url + "/x", key) == 200
         assert gw.gateway.cache.loads == loads
         assert await metric(s, gw, "keystile_cache_in_sync") == 1
@@ -124,7 +138,7 @@ async def test_messages_from_publishers_without_generations_still_apply(keystile
     try:
         async with aiohttp.ClientSession() as s:
             assert await status_of(s, gw.url + "/x", key) == 200
-            await asyncio.sleep(0.1)
+            await until(lambda: r.keys("keystile:id:*"), what="the Redis write-back")
             await revoke_without_outbox(gw)
             (name,) = await tombstone_all(r)
             # What an instance from before generations publishes: bare digests, no counter.
@@ -136,8 +150,7 @@ async def test_messages_from_publishers_without_generations_still_apply(keystile
             assert await status_of(s, gw.url + "/x", gw2_key) == 200
             loads = gw.gateway.cache.loads
             await r.publish("keystile:invalidate", b"g2")
-            await asyncio.sleep(0.1)
-            assert gw.gateway.subscriber.lost == 1
+            await until(lambda: gw.gateway.subscriber.lost == 1, what="the loss noticed")
             assert await status_of(s, gw.url + "/x", gw2_key) == 200
             assert gw.gateway.cache.loads == loads + 1, "the cache should have been cleared"
     finally:

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 
@@ -18,6 +19,7 @@ from gateway.keys import generate_key
 from gateway.observability import JSONFormatter
 from tests.servers import RedisServer, free_port, wait_tcp
 from tests.upstream import RecordingUpstream
+from tests.waiting import until
 
 
 async def test_metrics_count_requests_outcomes_and_tiers(keystile) -> None:
@@ -60,11 +62,15 @@ async def test_readiness_needs_the_store_not_redis(keystile, tmp_path: Path) -> 
                 body = await r.json()
                 assert r.status == 200 and body["checks"]["store"] == "ok"
             redis.kill()
-            await asyncio.sleep(0.3)
-            async with s.get(gw.admin_url + "/readyz") as r:
-                body = await r.json()
-                assert r.status == 200, body  # degraded, still serving safely
-                assert "redis" in body["checks"]
+
+            async def noticed() -> tuple[int, dict[str, Any]] | None:
+                async with s.get(gw.admin_url + "/readyz") as r:
+                    body = await r.json()
+                    return (r.status, body) if "down" in body["checks"].get("redis", "") else None
+
+            status, body = await until(noticed, what="/readyz reporting the subscription down")
+            assert status == 200, body  # degraded, still serving safely
+            assert "redis" in body["checks"]
             await gw.store.close()  # the store goes away
             async with s.get(gw.admin_url + "/readyz") as r:
                 assert r.status == 503
@@ -137,7 +143,7 @@ async def test_reload_changes_routes_without_dropping_requests(tmp_path: Path, u
         wait_tcp(port)
         async with aiohttp.ClientSession() as s:
             slow = asyncio.create_task(s.get(f"http://127.0.0.1:{port}/slow?s=1"))
-            await asyncio.sleep(0.3)
+            await until(lambda: upstream.received, what="the slow request in flight")
             write(other.url)
             r = subprocess.run([sys.executable, "-m", "gateway", "reload", "--pid-file", str(pid_file)], env=_env(), capture_output=True, text=True)
             assert r.returncode == 0, r.stderr
@@ -156,7 +162,10 @@ async def test_reload_changes_routes_without_dropping_requests(tmp_path: Path, u
             # An invalid config is refused; the running one keeps serving.
             cfg.write_text(cfg.read_text() + '\n[proxy]\nbogus = 1\n')
             os.kill(int(pid_file.read_text()), signal.SIGHUP)
-            await asyncio.sleep(0.5)
+            await until(
+                lambda: "reload refused; the previous" in (tmp_path / "serve.log").read_text(),
+                what="the reload refused",
+            )
             async with s.get(f"http://127.0.0.1:{port}/still") as resp:
                 assert resp.status == 200
             assert other.received[-1].raw_path == "/still"

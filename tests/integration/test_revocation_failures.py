@@ -272,6 +272,17 @@ class Load:
             f"instance {inst.name} never answered {status}",
         )
 
+    async def observed_past(self, t: float, *instances: Instance) -> None:
+        """Until every instance has answered a request sent at or after ``t`` (the end of the
+        window a bound is asserted over; ``time_to_401`` needs the load to reach it)."""
+        await until(
+            lambda: asyncio.sleep(
+                0, all(any(n == i.name and s >= t for n, s, _ in self.seen) for i in instances)
+            ),
+            (t - time.monotonic()) + 5,
+            f"the load never reached {t:.1f}",
+        )
+
     def time_to_401(self, inst: Instance, since: float, until_t: float) -> float:
         """From ``since`` to the send time of the last accepted request; asserts that requests
         kept coming until ``until_t`` and that the last of them were refused."""
@@ -378,7 +389,7 @@ async def test_normal_case_every_instance_refuses_at_once(cluster: Cluster) -> N
         load.start(c.a, c.b)
         await load.until_status(c.b, 200, 5)
         revoked = await revoke(c, s, kid)
-        await asyncio.sleep(NORMAL_BOUND + 0.5)
+        await load.observed_past(revoked + NORMAL_BOUND, c.a, c.b)
         await load.stop()
     a, b = (load.time_to_401(i, revoked, revoked + NORMAL_BOUND) for i in (c.a, c.b))
     report("normal case", a=a, b=b)
@@ -408,7 +419,7 @@ async def test_redis_restarted_from_a_snapshot_serves_nothing_revoked(cluster: C
         c.redis.kill()
         c.redis.start()  # the same port, loading the snapshot taken before the revocation
         restarted = time.monotonic()
-        await asyncio.sleep(FAILURE_BOUND + 1.0)  # both instances reconnect and clear meanwhile
+        await load.observed_past(restarted + FAILURE_BOUND, c.a, c.b)  # both reconnect and clear
         await load.stop()
     a, b = (load.time_to_401(i, revoked, restarted + FAILURE_BOUND) for i in (c.a, c.b))
     report("Redis restarted from a snapshot", a=a, b=b)
@@ -426,7 +437,7 @@ async def test_pubsub_connections_killed_at_the_revocation(cluster: Cluster) -> 
         await r.client_kill_filter(_type="pubsub")
         await r.aclose()
         revoked = await revoke(c, s, kid)  # the message finds no subscriber
-        await asyncio.sleep(FAILURE_BOUND + 0.5)
+        await load.observed_past(revoked + FAILURE_BOUND, c.a, c.b)
         await load.stop()
     a, b = (load.time_to_401(i, revoked, revoked + FAILURE_BOUND) for i in (c.a, c.b))
     report("pub/sub connections killed", a=a, b=b)
@@ -444,7 +455,7 @@ async def test_writer_partitioned_from_redis(cluster: Cluster) -> None:
         await load.until_status(c.b, 200, 5)
         c.switch.cut()
         revoked = await revoke(c, s, kid)
-        await asyncio.sleep(FAILURE_BOUND + 0.5)
+        await load.observed_past(revoked + FAILURE_BOUND, c.a, c.b)
         await load.stop()
     a, b = (load.time_to_401(i, revoked, revoked + FAILURE_BOUND) for i in (c.a, c.b))
     report("writer partitioned from Redis", a=a, b=b)
@@ -466,7 +477,7 @@ async def test_writer_killed_while_partitioned(cluster: Cluster) -> None:
         c.a.proc.kill()
         c.a.proc.wait()
         c.switch.heal()  # too late for A
-        await asyncio.sleep(FAILURE_BOUND + 0.5)
+        await load.observed_past(revoked + FAILURE_BOUND, c.b)
         await load.stop()
     b = load.time_to_401(c.b, revoked, revoked + FAILURE_BOUND)
     report("writer killed while partitioned", b=b)

@@ -14,6 +14,7 @@ import aiohttp
 
 from tests.servers import PgCluster, RedisServer, free_port, wait_tcp
 from tests.upstream import RecordingUpstream
+from tests.waiting import until
 
 TOKEN = "two-instance-admin-token-0123456789"
 
@@ -42,7 +43,7 @@ async def test_revoke_on_one_instance_is_rejected_by_the_other_within_a_second(
     tmp_path: Path, upstream: RecordingUpstream, pg_cluster: PgCluster, private_redis: RedisServer
 ) -> None:
     a_cfg, a_port, a_admin = config(tmp_path, "a", pg_cluster, private_redis, upstream.url)
-    b_cfg, b_port, _ = config(tmp_path, "b", pg_cluster, private_redis, upstream.url)
+    b_cfg, b_port, b_admin = config(tmp_path, "b", pg_cluster, private_redis, upstream.url)
     subprocess.run([sys.executable, "-m", "gateway", "migrate", "--config", str(a_cfg)], env=env(), check=True, capture_output=True)
     logs = [(tmp_path / f"{n}.log").open("w") for n in ("a", "b")]
     procs = [
@@ -50,7 +51,7 @@ async def test_revoke_on_one_instance_is_rejected_by_the_other_within_a_second(
         for c, log in zip((a_cfg, b_cfg), logs, strict=True)
     ]
     try:
-        for port in (a_port, b_port, a_admin):
+        for port in (a_port, b_port, a_admin, b_admin):
             wait_tcp(port, 20)
         auth = {"Authorization": f"Bearer {TOKEN}"}
         async with aiohttp.ClientSession() as s:
@@ -68,7 +69,12 @@ async def test_revoke_on_one_instance_is_rejected_by_the_other_within_a_second(
 
             assert await status(a_port) == 200
             assert await status(b_port) == 200  # cached in b's memory now
-            await asyncio.sleep(0.3)  # b's subscription is up (it subscribed at start)
+
+            async def subscribed() -> bool:  # b hears invalidation messages
+                async with s.get(f"http://127.0.0.1:{b_admin}/readyz") as r:
+                    return "subscription connected" in (await r.json())["checks"]["redis"]
+
+            await until(subscribed, what="b's subscription")
             async with s.post(f"http://127.0.0.1:{a_admin}/v1/keys/{kid}/revoke", headers=auth) as r:
                 assert r.status == 200, await r.text()
             revoked_at = time.monotonic()

@@ -26,6 +26,7 @@ from gateway.models import IdentityRecord
 from gateway.proxy import UnsafeHeader, identity_lines, serialize_head
 from gateway.upstream import HIGH_WATER
 from tests.upstream import RecordingUpstream, raw_request
+from tests.waiting import until
 
 
 @dataclass
@@ -125,7 +126,7 @@ class RawUpstream:
         await asyncio.gather(*tasks, return_exceptions=True)
         for w in self._writers:
             w.close()
-        await asyncio.sleep(0.01)
+        await asyncio.sleep(0.01)  # kept: the closes reach the gateway before the test ends
 
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -156,10 +157,7 @@ def open_route(url: str) -> list[dict[str, object]]:
 
 
 async def eventually(cond: Callable[[], bool], timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
+    await until(cond, timeout)
 
 
 async def quiet(gw, origin: str) -> None:
@@ -204,7 +202,7 @@ async def test_a_connection_stays_quiet_before_its_next_request(keystile, raw_up
         while await up.next_request(reader) is not None:
             if n in answered:
                 gaps.append(time.monotonic() - answered[n])
-            await asyncio.sleep(0.01)
+            await asyncio.sleep(0.01)  # kept: the upstream answers a little after each request
             writer.write(OK)
             await writer.drain()
             answered[n] = time.monotonic()
@@ -358,7 +356,7 @@ async def test_idle_connections_closed_after_keepalive_timeout(keystile, raw_ups
         async with s.get(gw.url + "/x") as r:
             assert r.status == 200
         assert up.open == 1
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # kept: idle for a while, still within keepalive_timeout
         assert up.open == 1  # still within keepalive_timeout
         await eventually(lambda: up.open == 0, timeout=2)
         assert gw.gateway.forwarder.stats()[up.url]["open"] == 0
@@ -378,7 +376,7 @@ async def test_pool_size_is_respected_under_concurrency(keystile, raw_upstream) 
         while await up.next_request(reader) is not None:
             active += 1
             peak = max(peak, active)
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(0.1)  # kept: a slow upstream, so requests overlap
             active -= 1
             writer.write(OK)
             await writer.drain()
@@ -405,7 +403,7 @@ async def test_pool_size_is_respected_under_concurrency(keystile, raw_upstream) 
 async def test_waiters_are_served_in_order(keystile, raw_upstream) -> None:
     async def script(up: RawUpstream, reader, writer, n: int) -> None:
         while await up.next_request(reader) is not None:
-            await asyncio.sleep(0.15)
+            await asyncio.sleep(0.15)  # kept: a slow upstream, so later requests queue for a connection
             writer.write(OK)
             await writer.drain()
 
@@ -414,7 +412,7 @@ async def test_waiters_are_served_in_order(keystile, raw_upstream) -> None:
     async with aiohttp.ClientSession() as s:
 
         async def get(path: str, delay: float) -> int:
-            await asyncio.sleep(delay)
+            await asyncio.sleep(delay)  # kept: the requests arrive in a known order
             async with s.get(gw.url + path) as r:
                 await r.read()
                 return r.status
@@ -457,7 +455,7 @@ async def test_pool_accounting_survives_cancellations_and_resets(keystile, raw_u
 
     async def script(up: RawUpstream, reader, writer, n: int) -> None:
         while (req := await up.next_request(reader)) is not None:
-            await asyncio.sleep(rng.random() * 0.05)
+            await asyncio.sleep(rng.random() * 0.05)  # kept: an upstream that answers late by a random amount
             if req.line.startswith("GET /reset"):
                 writer.transport.abort()
                 return
@@ -475,7 +473,7 @@ async def test_pool_accounting_survives_cancellations_and_resets(keystile, raw_u
                 return r.status
 
         tasks = [asyncio.create_task(one(i)) for i in range(60)]
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # kept: requests in flight before some are cancelled
         for t in tasks[1::5]:
             t.cancel()  # clients that give up, some while queued for a connection
         results = await asyncio.gather(*tasks, return_exceptions=True)
@@ -507,7 +505,7 @@ async def test_chunked_request_body_is_rechunked(keystile, raw_upstream) -> None
     await writer.drain()
     await eventually(lambda: len(up.requests) == 0 and up.connections == 1)
     for part in (b"6\r\n, big \r\n", b"5\r\nworld\r\n", b"0\r\n\r\n"):
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # kept: a client sending its chunked body slowly
         writer.write(part)
         await writer.drain()
     raw = await asyncio.wait_for(reader.read(-1), 5)
@@ -541,7 +539,7 @@ async def test_content_length_body_streams_exactly(keystile, raw_upstream) -> No
     reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
     writer.write(b"PUT /up HTTP/1.1\r\nHost: gw.test\r\nContent-Length: 10\r\nConnection: close\r\n\r\n01234")
     await writer.drain()
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # kept: a client sending its body slowly
     writer.write(b"56789")
     await writer.drain()
     raw = await asyncio.wait_for(reader.read(-1), 5)
@@ -557,14 +555,14 @@ async def test_early_upstream_answer_during_upload_is_passed_on(keystile, raw_up
         await reader.readuntil(b"\r\n\r\n")  # the head only; refuse the body unread
         writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 8\r\n\r\ntoo big!")
         await writer.drain()
-        await asyncio.sleep(0.5)
+        await asyncio.sleep(0.5)  # kept: the upstream holds the connection open after its early answer
 
     up = await raw_upstream(script)
     gw = await keystile(routes=open_route(up.url))
 
     async def upload() -> AsyncIterator[bytes]:
         for _ in range(32):
-            await asyncio.sleep(0.002)
+            await asyncio.sleep(0.002)  # kept: an upload that trickles
             yield b"u" * 65536
 
     async with aiohttp.ClientSession() as s, s.post(gw.url + "/up", data=upload()) as r:
@@ -596,7 +594,7 @@ async def test_close_delimited_response_body(keystile, raw_upstream) -> None:
         for i in range(5):
             writer.write(b"part%d;" % i)
             await writer.drain()
-            await asyncio.sleep(0.02)
+            await asyncio.sleep(0.02)  # kept: a body that trickles
 
     up = await raw_upstream(script)
     gw = await keystile(routes=open_route(up.url))
@@ -923,7 +921,7 @@ async def test_https_upstream(keystile, tls_upstream, monkeypatch: pytest.Monkey
 
         async def upload() -> AsyncIterator[bytes]:
             for _ in range(12):  # under the upstream's 1 MiB client_max_size
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)  # kept: an upload that trickles
                 yield b"u" * 65536
 
         async with s.post(gw.url + "/tls/up", data=upload()) as r:  # streamed, re-chunked over TLS
@@ -933,7 +931,7 @@ async def test_https_upstream(keystile, tls_upstream, monkeypatch: pytest.Monkey
             got = 0
             async for chunk in r.content.iter_chunked(65536):
                 got += len(chunk)
-                await asyncio.sleep(0.001)
+                await asyncio.sleep(0.001)  # kept: a client that reads slowly
             assert got == 64 * 65536
     assert server_names == ["localhost"]  # SNI sent; one handshake for all requests
 

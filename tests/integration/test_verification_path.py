@@ -14,12 +14,14 @@ import aiohttp
 import pytest
 
 from gateway.cache.redis_tier import FILL_DELAY
+from gateway.clock import ManualClock
 from gateway.keys import KeyDigest, generate_key
 from gateway.models import IdentityRecord
 from gateway.store import KeyFilter
 from gateway.store.sqlite import SQLiteStore
 from tests.servers import PgCluster, RedisServer, require_server
 from tests.upstream import RecordingUpstream
+from tests.waiting import until
 
 
 @pytest.fixture
@@ -43,6 +45,14 @@ async def status_of(session: aiohttp.ClientSession, url: str, key: str | None, t
     async with session.get(url, headers=headers, timeout=aiohttp.ClientTimeout(total=timeout)) as r:
         await r.read()
         return r.status
+
+
+async def in_redis(gw, key: str) -> bool:  # type: ignore[no-untyped-def]
+    """Whether the Redis tier holds ``key``'s identity (written back after a store lookup)."""
+    known = gw.gateway.authenticator.check(key)  # the digest, or the in-process entry's record
+    digest = known.digest if isinstance(known, IdentityRecord) else known
+    assert isinstance(digest, bytes)
+    return isinstance((await gw.gateway.redis.get_many([digest])).get(digest), IdentityRecord)
 
 
 async def key_id(gw, name_owner: str = "alice") -> str:  # type: ignore[no-untyped-def]
@@ -120,7 +130,7 @@ async def test_redis_tier_serves_a_second_instance(keystile, redis_url: str, tmp
     key = await a.key()
     async with aiohttp.ClientSession() as s:
         assert await status_of(s, a.url + "/x", key) == 200
-        await asyncio.sleep(0.1)  # the write-back is asynchronous
+        await until(lambda: in_redis(a, key), what="the write-back")  # it is asynchronous
         b = await keystile(redis={"url": redis_url}, store={"url": a.cfg.store.url})
         assert await status_of(s, b.url + "/x", key) == 200
     assert b.gateway.redis.hits == 1 and b.gateway.loader.store_loads == 0
@@ -137,8 +147,8 @@ async def test_a_write_back_rides_with_the_next_lookup_or_goes_alone(keystile, r
     got = await tier.get_many([first, second])  # the fill goes out in the MGET's write, ahead of it
     assert got == {first: stored[first]} and tier.lookups.calls == calls + 1
     tier.fill_later({second: stored[second]}, time.time())
-    await asyncio.sleep(FILL_DELAY * 4)  # no lookup follows: it goes alone
-    assert tier.lookups.calls == calls + 2
+    # No lookup follows: it goes alone, FILL_DELAY later.
+    await until(lambda: tier.lookups.calls == calls + 2, timeout=FILL_DELAY * 40, what="the lone fill")
     assert await tier.get_many([second]) == {second: stored[second]}
 
 
@@ -173,7 +183,7 @@ async def test_lookup_racing_a_revocation_cannot_resurrect_the_key(
         await a.lifecycle.revoke_key(await key_id(a), actor="test")  # commits while the lookup is in flight
         await first  # may go either way: it raced the revocation
         store.delay = 0
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # kept: time for a late fill, which must not come
         assert await status_of(s, a.url + "/x", key) == 401  # not filled into the in-process tier
         b = await keystile(
             redis={"url": redis_url}, store={"url": f"sqlite:///{tmp_path}/race.db"}, cache={"local_ttl": 0}
@@ -249,7 +259,7 @@ async def test_redis_dying_or_freezing_mid_load(keystile, private_redis: RedisSe
             assert await status_of(s, gw.url + "/x", k) == 200
 
     async def break_it() -> None:
-        await asyncio.sleep(0.3)
+        await asyncio.sleep(0.3)  # kept: Redis breaks while the 1.5 s load is under way
         private_redis.kill() if failure == "kill" else private_redis.freeze()
 
     results, _ = await asyncio.gather(
@@ -280,12 +290,12 @@ async def test_redis_dying_or_freezing_mid_load(keystile, private_redis: RedisSe
 async def test_store_down_cached_keys_work_until_their_ttl_uncached_get_503(
     keystile, pg_cluster: PgCluster
 ) -> None:
-    gw = await keystile(store={"url": pg_cluster.url, "timeout": 1.0}, cache={"local_ttl": 1.5})
+    clock = ManualClock()  # the entries' age
+    gw = await keystile(store={"url": pg_cluster.url, "timeout": 1.0}, cache={"local_ttl": 1.5}, clock=clock)
     cached = await gw.key(owner="cached")
     cold = await gw.key(owner="cold")
     async with aiohttp.ClientSession() as s:
         assert await status_of(s, gw.url + "/x", cached) == 200
-        warmed = time.monotonic()
         pg_cluster.stop()
         assert await status_of(s, gw.url + "/x", cached) == 200  # in-process hit
         async with s.get(gw.url + "/x", headers={"X-API-Key": cold}) as r:
@@ -294,7 +304,7 @@ async def test_store_down_cached_keys_work_until_their_ttl_uncached_get_503(
             assert r.headers["Retry-After"] == "1"
         # Never cached as "unknown": still 503 on the next try, not 401.
         assert await status_of(s, gw.url + "/x", cold) == 503
-        await asyncio.sleep(max(0.0, 1.6 - (time.monotonic() - warmed)))
+        clock.advance(1.6)
         assert await status_of(s, gw.url + "/x", cached) == 503  # TTL ended: not extended
         pg_cluster.start()
         deadline = time.monotonic() + 15
@@ -316,7 +326,7 @@ async def test_store_and_redis_down_only_in_process_hits(
     cold = await gw.key(owner="cold")
     async with aiohttp.ClientSession() as s:
         assert await status_of(s, gw.url + "/x", cached) == 200
-        await asyncio.sleep(0.1)
+        await until(lambda: in_redis(gw, cached), what="the write-back")
         private_redis.kill()
         pg_cluster.stop()
         assert await status_of(s, gw.url + "/x", cached) == 200
@@ -349,9 +359,10 @@ async def test_closing_the_cache_answers_the_misses_waiting_for_a_lookup(keystil
     store.delay = 0.5
     auth = gw.gateway.authenticator
     in_flight = asyncio.create_task(auth.identify(first))
-    await asyncio.sleep(0.1)  # SQLite allows one lookup at a time: the second miss must wait
+    # SQLite allows one lookup at a time: once the first is in the store, the second miss must wait.
+    await until(lambda: store.calls == 1, what="the first lookup in the store")
     waiting = asyncio.create_task(auth.identify(second))
-    await asyncio.sleep(0.1)
+    await asyncio.sleep(0.1)  # kept: the second miss reaches its wait for a lookup slot
     await gw.gateway.cache.aclose()
     assert await asyncio.wait_for(waiting, 1) == ("unavailable", None)
     assert in_flight.done()

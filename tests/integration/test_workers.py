@@ -21,6 +21,7 @@ import pytest
 
 from tests.servers import free_port, wait_tcp
 from tests.upstream import RecordingUpstream
+from tests.waiting import until
 
 
 def children(pid: int) -> set[int]:
@@ -93,7 +94,11 @@ async def test_two_workers_share_a_port_and_survive_a_killed_worker(tmp_path: Pa
         while not (len(children(sup.pid)) == 2 and victim not in children(sup.pid)):
             assert time.monotonic() < deadline, "the killed worker was not replaced"
             await asyncio.sleep(0.1)
-        await asyncio.sleep(1.0)  # the replacement binds its port
+        async def both_ready() -> bool:  # the replacement serves (its /readyz line says so)
+            async with aiohttp.ClientSession() as s, s.get(f"http://127.0.0.1:{admin}/readyz") as r:
+                return "2 of 2 ready" in await r.text()
+
+        await until(both_ready, timeout=20, what="the replacement worker ready")
         assert await burst(40) == [200] * 40
 
         sup.send_signal(signal.SIGTERM)

@@ -14,6 +14,17 @@ from gateway.models import Invalidation
 from gateway.store import HasKeys, KeyChanges, KeyNotActive, PrincipalChanges, Store, sql_base
 from tests.store.conftest import execute_sql
 from tests.store.test_store import MANY, T0, make_key, make_principal, new_secret
+from tests.waiting import until
+
+
+async def waiting_on_a_lock(conn: asyncpg.Connection) -> bool:
+    """Whether another session of this database is blocked on a lock."""
+    return bool(
+        await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+            "AND wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+        )
+    )
 
 
 async def rows(store: Store) -> list[Invalidation]:
@@ -110,7 +121,7 @@ async def test_a_reader_never_skips_a_row_that_commits_late(pg_store: Store, pg_
             "INSERT INTO invalidations (digests, created_at) VALUES (NULL, $1) RETURNING seq", time.time()
         )
         revoke = asyncio.create_task(pg_store.revoke_key(key.id, "a", T0))
-        await asyncio.sleep(0.3)
+        await until(lambda: waiting_on_a_lock(slow), what="the later writer waiting on the outbox lock")
         assert not revoke.done(), "a later writer committed while an earlier one was open"
         assert await rows(pg_store) == []
         await tx.commit()

@@ -30,7 +30,7 @@ async def test_a_cancelled_caller_leaves_the_store_serving(tmp_path: Path) -> No
 
         def slow(db: sqlite3.Connection) -> int:
             started.set()
-            time.sleep(0.2)
+            time.sleep(0.2)  # kept: a slow read on the store's thread, cancelled by its caller
             ran.set()
             return 1
 
@@ -61,7 +61,7 @@ async def test_close_lets_calls_already_made_finish_then_refuses(tmp_path: Path)
     p = await make_principal(store)
 
     def slow(db: sqlite3.Connection) -> str:
-        time.sleep(0.1)
+        time.sleep(0.1)  # kept: a slow read still running when close is called
         row = db.execute("SELECT name FROM principals WHERE id = ?", (p.id,)).fetchone()
         return str(row[0])
 

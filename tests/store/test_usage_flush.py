@@ -14,6 +14,7 @@ from gateway.store import Store, StoreUnavailable
 from gateway.store.sqlite import SQLiteStore
 from gateway.usage import SEGMENT, UsageRecorder
 from tests.store.test_store import T0, all_keys, make_key, make_principal
+from tests.waiting import until
 
 
 async def _keys(store: Store, n: int) -> list[str]:
@@ -103,7 +104,7 @@ async def test_shutdown_lets_a_flush_in_progress_finish(tmp_path: Path) -> None:
         usage.start()
         for key_id in ids:
             usage.bump(key_id, T0)
-        await asyncio.sleep(0.2)  # the periodic flush has started its first chunk
+        await until(lambda: store.calls == 1, what="the periodic flush's first chunk")
         assert store.calls == 1
         await usage.aclose()
         got = {k.id: (k.last_used_at, k.request_count) for k in await all_keys(store)}
