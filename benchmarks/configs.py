@@ -176,13 +176,15 @@ def keystile_config(
     redis_url: str,
     local_ttl: float | None,
     redis_namespace: str = "keystile",
+    limited_route: bool = True,
 ) -> Path:
     """A Keystile config: ``/open`` with auth = "none", everything else auth = "required".
 
     ``local_ttl = 0`` turns the in-process cache off; ``redis_url = ""`` the Redis tier. Access
     logs are off, as for nginx and HAProxy. ``redis_namespace`` prefixes every Redis key (and the
     invalidation channel): one of its own per benchmark run starts Redis cold, whatever earlier
-    runs left there, without deleting anything.
+    runs left there, without deleting anything. ``limited_route = False`` leaves out ``/limited``
+    (a baseline from before rate limits refuses its ``limits`` field).
     """
     sections: dict[str, dict[str, object]] = {
         "proxy": {"listen": f"127.0.0.1:{port}"},
@@ -202,9 +204,9 @@ def keystile_config(
     for prefix, auth in (("/open", "none"), ("/", "required")):
         lines += ["", "[[routes]]", f"prefix = {_toml(prefix)}", f"upstream = {_toml(upstream)}"]
         lines.append(f"auth = {_toml(auth)}")
-    # The `limited` scenarios: the same upstream behind a limit no run can reach.
-    lines += ["", "[[routes]]", 'prefix = "/limited"', f"upstream = {_toml(upstream)}"]
-    lines.append('limits = [{ name = "never", limit = 1000000000, window = "1d" }]')
+    if limited_route:  # the `limited` scenarios: the same upstream behind a limit no run can reach
+        lines += ["", "[[routes]]", 'prefix = "/limited"', f"upstream = {_toml(upstream)}"]
+        lines.append('limits = [{ name = "never", limit = 1000000000, window = "1d" }]')
     conf = tmp / f"{name}.toml"
     conf.write_text("\n".join(lines) + "\n")
     return conf

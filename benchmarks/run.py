@@ -383,6 +383,7 @@ class Bench:
             redis_url=self.args.redis_url if tier != "store" and self.redis_ok else "",
             local_ttl=0.0 if tier in ("redis", "store") else None,
             redis_namespace=self.redis_namespace,
+            limited_route=not base,  # a baseline may predate rate limits
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTILE_")}
         env["KEYSTILE_KEY_HASH_SECRET"] = self.secret
