@@ -21,26 +21,20 @@ from gateway.observability import counter, gauge
 class LocalCounts(Protocol):
     """The in-process tier (``gateway.cache.LocalTier``)."""
 
-    @property
-    def hits(self) -> int: ...
-    @property
-    def misses(self) -> int: ...
-    @property
-    def negative_hits(self) -> int: ...
+    hits: int
+    misses: int
+    negative_hits: int
     @property
     def negatives(self) -> int: ...
-    @property
-    def trusted_until(self) -> float: ...
+    trusted_until: float
     def __len__(self) -> int: ...
 
 
 class LoaderCounts(Protocol):
     """The tiered loader (``gateway.cache.tiers.TieredLoader``)."""
 
-    @property
-    def store_loads(self) -> int: ...
-    @property
-    def store_errors(self) -> int: ...
+    store_loads: int
+    store_errors: int
 
 
 class BreakerState(Protocol):
@@ -53,51 +47,36 @@ class BreakerState(Protocol):
 class RedisCounts(Protocol):
     """The Redis tier (``gateway.cache.redis_tier.RedisTier``)."""
 
-    @property
-    def hits(self) -> int: ...
-    @property
-    def misses(self) -> int: ...
-    @property
-    def negative_hits(self) -> int: ...
-    @property
-    def stale(self) -> int: ...
-    @property
-    def errors(self) -> int: ...
+    hits: int
+    misses: int
+    negative_hits: int
+    stale: int
+    errors: int
     @property
     def breaker(self) -> BreakerState: ...
 
 
 class PublisherCounts(Protocol):
-    @property
-    def failures(self) -> int: ...
+    failures: int
 
 
 class SubscriberCounts(Protocol):
-    @property
-    def received(self) -> int: ...
-    @property
-    def lost(self) -> int: ...
-    @property
-    def connected(self) -> bool: ...
+    received: int
+    lost: int
+    connected: bool
 
 
 class PollerCounts(Protocol):
-    @property
-    def polls(self) -> int: ...
-    @property
-    def failures(self) -> int: ...
-    @property
-    def delivered(self) -> int: ...
+    polls: int
+    failures: int
+    delivered: int
     def lag(self) -> float: ...
 
 
 class ThrottleCounts(Protocol):
-    @property
-    def refused(self) -> int: ...
-    @property
-    def blocks(self) -> int: ...
-    @property
-    def forgotten(self) -> int: ...
+    refused: int
+    blocks: int
+    forgotten: int
     @property
     def blocked(self) -> Sized: ...
     @property
@@ -105,14 +84,11 @@ class ThrottleCounts(Protocol):
 
 
 class UsageCounts(Protocol):
-    @property
-    def flushes(self) -> int: ...
-    @property
-    def flush_failures(self) -> int: ...
+    flushes: int
+    flush_failures: int
     @property
     def pending(self) -> int: ...
-    @property
-    def dropped(self) -> int: ...
+    dropped: int
     def lag(self, now: float) -> float: ...
 
 
