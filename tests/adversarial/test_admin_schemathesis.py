@@ -38,6 +38,10 @@ POLICY_REFUSALS = (
     ("owner", re.compile(r"^principal .* not found$")),
     ("roles", re.compile(r"^project .* has no role .*$")),
     ("default_lifetime", re.compile(r"^longer than the maximum lifetime that applies")),
+    # The project's policy (stored through the API, so state, not shape) and the owner's grant.
+    *((f, re.compile(r"^exceeds the maximum key lifetime: ")) for f in ("expires_at", "expires_in")),
+    ("expires_at", re.compile(r"^cannot be cleared: keys must expire ")),
+    ("scopes", re.compile(r"^not granted to .* in project ")),
     # Set by the config, not the document: the longest grace, and a duration text of zero.
     ("grace_seconds", re.compile(r"^.* is longer than allowed: .*max_rotation_grace")),
     ("expires_in", re.compile(r"^must be positive$")),
