@@ -19,7 +19,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, cast
 
 import aiohttp
-import msgspec
 from aiohttp import http_parser, web
 
 from gateway import state_metrics
@@ -37,7 +36,7 @@ from gateway.generation import build as build_generation
 from gateway.generation import in_force as in_force  # the CLI's and workers' way to it
 from gateway.generation import restart_only as _restart_only  # noqa: F401 (tests read the list here)
 from gateway.handler import ProxyHandler
-from gateway.hash_secrets import PreviousSecrets
+from gateway.hash_secrets import PreviousSecrets, Rekeyer
 from gateway.hash_secrets import check as check_hash_secret
 from gateway.hash_secrets import fits as hash_secret_fits
 from gateway.keys import KeyDigest, secret_fingerprint
@@ -134,8 +133,6 @@ class Gateway:
         # Previous hash secrets, tried on a miss while a rotation re-keys the store.
         self.previous = PreviousSecrets(secrets.previous_hash_secrets, cfg.cache.negative_max_entries)
         self._on_miss = self.previous.note if self.previous else None
-        self._rekeying: set[str] = set()
-        self.rekeyed = 0
 
     # The current generation's pieces (a reload replaces them together).
     @property
@@ -168,7 +165,7 @@ class Gateway:
                 found = await self.store.find_identities(
                     [*digests, *alternates] if alternates else digests, self.clock.time()
                 )
-            return self._found_by_previous(found, alternates) if alternates else found
+            return self.rekeyer.found(found, alternates) if alternates else found
         except Exception:
             # The store fails from here: the outbox poller cannot vouch for the in-process cache
             # either. Withdraw its trust now rather than at the next poll.
@@ -183,38 +180,6 @@ class Gateway:
             await self._stop_step(name, close(), extra + self.stop_step_timeout)
 
         self._resources.push_async_callback(step)
-
-    def _found_by_previous(
-        self, found: dict[KeyDigest, IdentityRecord], alternates: dict[KeyDigest, KeyDigest]
-    ) -> dict[KeyDigest, IdentityRecord]:
-        """Identities found under a previous secret answer for the current digest, and their keys
-        are re-keyed to it in the background (the request does not wait)."""
-        for alt, current in alternates.items():
-            ident = found.pop(alt, None)
-            if ident is None or current in found:
-                continue
-            found[current] = msgspec.structs.replace(ident, digest=current)
-            if ident.key_id not in self._rekeying:
-                self._rekeying.add(ident.key_id)
-                task = asyncio.get_running_loop().create_task(
-                    self._rekey(ident.key_id, alt, current, previous=ident.grace_until is not None)
-                )
-                self._background.add(task)
-                task.add_done_callback(self._background.discard)
-        return found
-
-    async def _rekey(self, key_id: str, old: KeyDigest, new: KeyDigest, *, previous: bool) -> None:
-        assert self.store is not None
-        try:
-            async with asyncio.timeout(self.cfg.store.timeout):
-                change = await self.store.rekey(key_id, old, new, self.fingerprint, previous=previous)
-            if change.digests:
-                self.rekeyed += 1
-                await self.invalidate(change)
-        except Exception as e:  # the next use tries again
-            log.warning("re-keying %s to the current hash secret failed: %s: %s", key_id, type(e).__name__, e)
-        finally:
-            self._rekeying.discard(key_id)
 
     async def start(self, proxy_sock: socket.socket | None = None, *, reuse_port: bool = False) -> None:
         check_runtime()
@@ -237,7 +202,13 @@ class Gateway:
         self._resources.push_async_callback(_cancel, sync)
         await store.check_schema()
         await check_hash_secret(store, self.secrets, self.clock.time())
-        self.fingerprint = secret_fingerprint(self.secrets.hash_secret)
+        self.rekeyer = Rekeyer(
+            store,
+            secret_fingerprint(self.secrets.hash_secret),
+            cfg.store.timeout,
+            self.invalidate,
+            self._spawn,
+        )
         self.ledger = Ledger(remember_for(cfg.cache.redis_ttl), self.clock)
         if cfg.redis.url:
             ttl = tombstone_ttl(cfg.store.timeout, cfg.redis.socket_timeout)
@@ -436,11 +407,7 @@ class Gateway:
         generation = await build_generation(cfg, base)
         retune(cfg, base)
         retired, self._gen, self.cfg = self._gen, generation, cfg
-        task = asyncio.get_running_loop().create_task(
-            self._retire(retired.forwarder, cfg.upstream.read_timeout + cfg.proxy.shutdown_timeout)
-        )
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._retire(retired.forwarder, cfg.upstream.read_timeout + cfg.proxy.shutdown_timeout))
         log.info(
             "configuration reloaded", extra={"fields": {"routes": len(cfg.routes), "restart_needed": notes}}
         )
@@ -451,6 +418,12 @@ class Gateway:
             await asyncio.sleep(after)
         finally:
             await forwarder.close()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` in the background; stop cancels it."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _end_background(self) -> None:
         for task in list(self._background):

@@ -22,14 +22,20 @@ the secret keys are hashed with, or being re-keyed to during a rotation. With N 
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any
 
 import msgspec
 
 from gateway.config import HASH_SECRET_ENV, PREVIOUS_HASH_SECRET_ENV, Secrets
 from gateway.keys import Digester, KeyDigest, secret_fingerprint
+from gateway.models import IdentityRecord, Invalidation
 from gateway.store import Store, StoreError
+
+log = logging.getLogger("keystile")
 
 
 class SecretMismatch(StoreError):
@@ -125,3 +131,51 @@ class PreviousSecrets:
             for alt in pending.pop(d, ()):
                 out[alt] = d
         return out
+
+
+class Rekeyer:
+    """Keys the store found under a previous secret: they answer for the current digest at once,
+    and are re-keyed to it in the background (the request does not wait), once per key at a time.
+    ``spawn`` runs a coroutine in the gateway's background; ``invalidate`` spreads the change."""
+
+    def __init__(
+        self,
+        store: Store,
+        fingerprint: str,
+        timeout: float,
+        invalidate: Callable[[Invalidation], Awaitable[None]],
+        spawn: Callable[[Coroutine[Any, Any, None]], None],
+    ) -> None:
+        self._store = store
+        self._fingerprint = fingerprint
+        self._timeout = timeout
+        self._invalidate = invalidate
+        self._spawn = spawn
+        self.busy: set[str] = set()  # key ids being re-keyed now
+        self.rekeyed = 0
+
+    def found(
+        self, found: dict[KeyDigest, IdentityRecord], alternates: dict[KeyDigest, KeyDigest]
+    ) -> dict[KeyDigest, IdentityRecord]:
+        """``found`` with identities found by a previous digest moved to the current one."""
+        for alt, current in alternates.items():
+            ident = found.pop(alt, None)
+            if ident is None or current in found:
+                continue
+            found[current] = msgspec.structs.replace(ident, digest=current)
+            if ident.key_id not in self.busy:
+                self.busy.add(ident.key_id)
+                self._spawn(self._rekey(ident.key_id, alt, current, previous=ident.grace_until is not None))
+        return found
+
+    async def _rekey(self, key_id: str, old: KeyDigest, new: KeyDigest, *, previous: bool) -> None:
+        try:
+            async with asyncio.timeout(self._timeout):
+                change = await self._store.rekey(key_id, old, new, self._fingerprint, previous=previous)
+            if change.digests:
+                self.rekeyed += 1
+                await self._invalidate(change)
+        except Exception as e:  # the next use tries again
+            log.warning("re-keying %s to the current hash secret failed: %s: %s", key_id, type(e).__name__, e)
+        finally:
+            self.busy.discard(key_id)

@@ -146,7 +146,7 @@ async def test_a_rolling_rotation_keeps_every_key_working_on_every_instance(
         # The instance still on the old secret re-keyed nothing back to it (it tried: k1 was
         # found through its previous secret; the store refused, the old one is not the newest).
         async def tried() -> bool:
-            return not knows_new._rekeying
+            return not knows_new.rekeyer.busy
 
         await _wait_for(tried)
         assert await k1_rekeyed()
