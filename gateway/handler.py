@@ -178,7 +178,9 @@ class ProxyHandler:
             if self.limits is not None and (
                 route.limits or ident.limits or ident.pool_limits or ident.credits or ident.pool_credits
             ):
-                admitted = await self.limits.admit(route, ident)
+                admitted = self.limits.admit_now(route, ident)  # in-process: no await
+                if admitted is None:
+                    admitted = await self.limits.admit(route, ident)
                 if not isinstance(admitted, tuple):  # the key passed: its auth outcome stays "ok"
                     return admitted
                 extra = admitted

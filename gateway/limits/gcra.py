@@ -119,6 +119,20 @@ class LocalState:
             reset.append(tat - now)
         return Verdict(buckets, refused, wait, remaining, reset)
 
+    def take_one(self, bucket: Bucket, interval: float, now: float) -> float | None:
+        """A request that fills only ``bucket``: its ``tat`` after it when accepted (moved),
+        None when refused (nothing moved; ``admit`` says why and for how long). ``interval`` is
+        the policy's ``window / limit``."""
+        tats = self._tat
+        tat = tats.get(bucket.key, now)
+        new = (tat if tat > now else now) + interval
+        if new - now > bucket.policy.window + EPSILON:
+            return None
+        tats[bucket.key] = new
+        if len(tats) > self._max:
+            self._sweep(now)
+        return new
+
     def tat(self, key: str, now: float) -> float:
         return max(self._tat.get(key, now), now)
 
