@@ -90,8 +90,11 @@ def scenarios(key_counts: list[int]) -> list[Scenario]:
         Scenario("hello", "peer", "hello", "aiohttp `web.Server` hello world, no upstream", "fixed",
                  proxied=False),
         Scenario("valid", "keystile", base, "valid key, in-process cache hit", "fixed"),
-        Scenario("limited", "keystile", base, "`valid` on a route with a never-hit limit, in-process",
-                 "fixed", path="/limited/"),
+        Scenario("valid_local", "keystile", f"ks:inproc:{BASE_KEYS}:1",
+                 "valid key, in-process hit, no Redis at all (limits held in-process)", "fixed"),
+        Scenario("limited", "keystile", f"ks:inproc:{BASE_KEYS}:1",
+                 "`valid_local` on a route with a never-hit limit, decided in-process", "fixed",
+                 path="/limited/"),
         Scenario("valid_rl", "keystile", f"ks:rlimit:{BASE_KEYS}:1",
                  "valid key, in-process hit, Redis configured (no limit on the route)", "fixed"),
         Scenario("limited_redis", "keystile", f"ks:rlimit:{BASE_KEYS}:1",
@@ -158,7 +161,7 @@ class Outcome:
 # state drifts over a minute), and every other round runs in reverse, so neither side of a pair
 # is always first. The table keeps the scenario order above.
 RUN_ORDER = (
-    "nginx", "valid", "limited", "valid_rl", "limited_redis",
+    "nginx", "valid", "valid_local", "limited", "valid_rl", "limited_redis",
     "auth_none", "workers_2", "redis_only", "store_only", "hello", "malformed",
     "missing", "unknown", "store_1m_hot_1k", "keys_1k", "keys_1m", "keys_100k", "upstream", "haproxy",
     "plain_aiohttp",
@@ -380,7 +383,7 @@ class Bench:
             admin_port=admin_port,
             upstream_port=self.upstream_port,
             store_db=db,
-            redis_url=self.args.redis_url if tier != "store" and self.redis_ok else "",
+            redis_url=self.args.redis_url if tier not in ("store", "inproc") and self.redis_ok else "",
             local_ttl=0.0 if tier in ("redis", "store") else None,
             redis_namespace=self.redis_namespace,
             limited_route=not base,  # a baseline may predate rate limits
