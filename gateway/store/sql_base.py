@@ -224,6 +224,54 @@ class SQLBase(Store):
             source_of(actor),
         )
 
+    async def _audit_key(
+        self,
+        conn: Conn,
+        action: str,
+        at: float,
+        actor: str,
+        before: KeyRecord | None,
+        after: KeyRecord | None,
+    ) -> None:
+        """The audit row of a change to one key (``before``/``after`` None where it did not exist)."""
+        subject = after if after is not None else before
+        assert subject is not None
+        await self._audit(
+            conn,
+            at=at,
+            actor=actor,
+            action=action,
+            target_type="key",
+            target_id=subject.id,
+            principal_id=subject.principal_id,
+            before=None if before is None else _public(before),
+            after=None if after is None else _public(after),
+        )
+
+    async def _audit_principal(
+        self,
+        conn: Conn,
+        action: str,
+        at: float,
+        actor: str,
+        before: Principal | None,
+        after: Principal | None,
+    ) -> None:
+        """The audit row of a change to one principal (``before``/``after`` None where it did not exist)."""
+        subject = after if after is not None else before
+        assert subject is not None
+        await self._audit(
+            conn,
+            at=at,
+            actor=actor,
+            action=action,
+            target_type="principal",
+            target_id=subject.id,
+            principal_id=subject.id,
+            before=None if before is None else _public(before),
+            after=None if after is None else _public(after),
+        )
+
     async def _invalidation(self, conn: Conn, digests: Sequence[KeyDigest]) -> Invalidation:
         """Record in the outbox, inside the caller's transaction, that ``digests`` changed.
 

@@ -36,7 +36,6 @@ from gateway.store.sql_base import (
     SQLBase,
     _j,
     _key,
-    _public,
     _scopes_dec,
     key_cursor,
     read_key_cursor,
@@ -152,17 +151,7 @@ class KeyQueries(SQLBase):
                 new.digest_secret,
             )
             rec = await self._key_row(conn, new.id)
-            await self._audit(
-                conn,
-                at=new.created_at,
-                actor=actor,
-                action="key.create",
-                target_type="key",
-                target_id=new.id,
-                principal_id=new.principal_id,
-                before=None,
-                after=_public(rec),
-            )
+            await self._audit_key(conn, "key.create", new.created_at, actor, None, rec)
             return rec
 
     async def get_key(self, key_id: str) -> KeyRecord:
@@ -238,17 +227,7 @@ class KeyQueries(SQLBase):
                 args.append(key_id)
                 await conn.execute(f"UPDATE keys SET {', '.join(sets)} WHERE id = ${len(args)}", *args)
             after = await self._key_row(conn, key_id)
-            await self._audit(
-                conn,
-                at=now,
-                actor=actor,
-                action="key.update",
-                target_type="key",
-                target_id=key_id,
-                principal_id=before.principal_id,
-                before=_public(before),
-                after=_public(after),
-            )
+            await self._audit_key(conn, "key.update", now, actor, before, after)
             return after, await self._invalidation(conn, await self._digests(conn, "id", key_id))
 
     async def revoke_key(self, key_id: str, actor: str, now: float) -> tuple[KeyRecord, Invalidation]:
@@ -265,17 +244,7 @@ class KeyQueries(SQLBase):
                 key_id,
             )
             after = await self._key_row(conn, key_id)
-            await self._audit(
-                conn,
-                at=now,
-                actor=actor,
-                action="key.revoke",
-                target_type="key",
-                target_id=key_id,
-                principal_id=before.principal_id,
-                before=_public(before),
-                after=_public(after),
-            )
+            await self._audit_key(conn, "key.revoke", now, actor, before, after)
             return after, await self._invalidation(conn, digests)
 
     async def delete_key(self, key_id: str, actor: str) -> Invalidation:
@@ -285,17 +254,7 @@ class KeyQueries(SQLBase):
             digests = await self._digests(conn, "id", key_id)
             await conn.execute("DELETE FROM keys WHERE id = $1", key_id)
             await conn.execute("DELETE FROM credits WHERE owner = $1", key_id)
-            await self._audit(
-                conn,
-                at=time.time(),
-                actor=actor,
-                action="key.delete",
-                target_type="key",
-                target_id=key_id,
-                principal_id=before.principal_id,
-                before=_public(before),
-                after=None,
-            )
+            await self._audit_key(conn, "key.delete", time.time(), actor, before, None)
             return await self._invalidation(conn, digests)
 
     async def rotate_key(
@@ -330,17 +289,7 @@ class KeyQueries(SQLBase):
                 digest_secret,
             )
             after = await self._key_row(conn, key_id)
-            await self._audit(
-                conn,
-                at=now,
-                actor=actor,
-                action="key.rotate",
-                target_type="key",
-                target_id=key_id,
-                principal_id=before.principal_id,
-                before=_public(before),
-                after=_public(after),
-            )
+            await self._audit_key(conn, "key.rotate", now, actor, before, after)
             return after, await self._invalidation(conn, old)
 
     # -- usage and audit -------------------------------------------------------------------

@@ -19,7 +19,7 @@ from gateway.limits import policy as policy_codec
 from gateway.limits.policy import Policy
 from gateway.models import CreditState, Invalidation, KeyRecord, Principal, Refill
 from gateway.store import NotFound
-from gateway.store.sql_base import Conn, SQLBase, _public
+from gateway.store.sql_base import Conn, SQLBase
 
 _refill_enc = msgspec.json.Encoder()
 
@@ -76,17 +76,7 @@ class LimitQueries(SQLBase):
                 "UPDATE keys SET limits = $1 WHERE id = $2", policy_codec.encode(limits), key_id
             )
             after = await self._key_row(conn, key_id)
-            await self._audit(
-                conn,
-                at=now,
-                actor=actor,
-                action="key.limits",
-                target_type="key",
-                target_id=key_id,
-                principal_id=before.principal_id,
-                before=_public(before),
-                after=_public(after),
-            )
+            await self._audit_key(conn, "key.limits", now, actor, before, after)
             return after, await self._invalidation(conn, await self._digests(conn, "id", key_id))
 
     async def set_principal_limits(
@@ -100,17 +90,7 @@ class LimitQueries(SQLBase):
                 "UPDATE principals SET limits = $1 WHERE id = $2", policy_codec.encode(limits), pid
             )
             after = await self._principal(conn, pid)
-            await self._audit(
-                conn,
-                at=now,
-                actor=actor,
-                action="principal.limits",
-                target_type="principal",
-                target_id=pid,
-                principal_id=pid,
-                before=_public(before),
-                after=_public(after),
-            )
+            await self._audit_principal(conn, "principal.limits", now, actor, before, after)
             return after, await self._invalidation(conn, await self._digests(conn, "principal_id", pid))
 
     # -- credits ---------------------------------------------------------------------------

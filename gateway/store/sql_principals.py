@@ -47,17 +47,7 @@ class PrincipalQueries(SQLBase):
             )
             await self._write_grants(conn, principal.id, principal.grants, principal.roles)
             created = await self._principal(conn, principal.id)
-            await self._audit(
-                conn,
-                at=principal.created_at,
-                actor=actor,
-                action="principal.create",
-                target_type="principal",
-                target_id=principal.id,
-                principal_id=principal.id,
-                before=None,
-                after=_public(created),
-            )
+            await self._audit_principal(conn, "principal.create", principal.created_at, actor, None, created)
             return created
 
     async def get_principal(self, ref: str) -> Principal:
