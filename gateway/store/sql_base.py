@@ -224,50 +224,28 @@ class SQLBase(Store):
             source_of(actor),
         )
 
-    async def _audit_key(
+    async def _audit_change(
         self,
         conn: Conn,
         action: str,
         at: float,
         actor: str,
-        before: KeyRecord | None,
-        after: KeyRecord | None,
+        before: KeyRecord | Principal | None,
+        after: KeyRecord | Principal | None,
     ) -> None:
-        """The audit row of a change to one key (``before``/``after`` None where it did not exist)."""
+        """The audit row of a change to one key or principal (``before``/``after`` None where it
+        did not exist); a key's row names its principal, a principal's names itself."""
         subject = after if after is not None else before
         assert subject is not None
+        owner = subject.principal_id if isinstance(subject, KeyRecord) else subject.id
         await self._audit(
             conn,
             at=at,
             actor=actor,
             action=action,
-            target_type="key",
+            target_type="key" if isinstance(subject, KeyRecord) else "principal",
             target_id=subject.id,
-            principal_id=subject.principal_id,
-            before=None if before is None else _public(before),
-            after=None if after is None else _public(after),
-        )
-
-    async def _audit_principal(
-        self,
-        conn: Conn,
-        action: str,
-        at: float,
-        actor: str,
-        before: Principal | None,
-        after: Principal | None,
-    ) -> None:
-        """The audit row of a change to one principal (``before``/``after`` None where it did not exist)."""
-        subject = after if after is not None else before
-        assert subject is not None
-        await self._audit(
-            conn,
-            at=at,
-            actor=actor,
-            action=action,
-            target_type="principal",
-            target_id=subject.id,
-            principal_id=subject.id,
+            principal_id=owner,
             before=None if before is None else _public(before),
             after=None if after is None else _public(after),
         )

@@ -151,7 +151,7 @@ class KeyQueries(SQLBase):
                 new.digest_secret,
             )
             rec = await self._key_row(conn, new.id)
-            await self._audit_key(conn, "key.create", new.created_at, actor, None, rec)
+            await self._audit_change(conn, "key.create", new.created_at, actor, None, rec)
             return rec
 
     async def get_key(self, key_id: str) -> KeyRecord:
@@ -227,7 +227,7 @@ class KeyQueries(SQLBase):
                 args.append(key_id)
                 await conn.execute(f"UPDATE keys SET {', '.join(sets)} WHERE id = ${len(args)}", *args)
             after = await self._key_row(conn, key_id)
-            await self._audit_key(conn, "key.update", now, actor, before, after)
+            await self._audit_change(conn, "key.update", now, actor, before, after)
             return after, await self._invalidation(conn, await self._digests(conn, "id", key_id))
 
     async def revoke_key(self, key_id: str, actor: str, now: float) -> tuple[KeyRecord, Invalidation]:
@@ -244,7 +244,7 @@ class KeyQueries(SQLBase):
                 key_id,
             )
             after = await self._key_row(conn, key_id)
-            await self._audit_key(conn, "key.revoke", now, actor, before, after)
+            await self._audit_change(conn, "key.revoke", now, actor, before, after)
             return after, await self._invalidation(conn, digests)
 
     async def delete_key(self, key_id: str, actor: str) -> Invalidation:
@@ -254,7 +254,7 @@ class KeyQueries(SQLBase):
             digests = await self._digests(conn, "id", key_id)
             await conn.execute("DELETE FROM keys WHERE id = $1", key_id)
             await conn.execute("DELETE FROM credits WHERE owner = $1", key_id)
-            await self._audit_key(conn, "key.delete", time.time(), actor, before, None)
+            await self._audit_change(conn, "key.delete", time.time(), actor, before, None)
             return await self._invalidation(conn, digests)
 
     async def rotate_key(
@@ -289,7 +289,7 @@ class KeyQueries(SQLBase):
                 digest_secret,
             )
             after = await self._key_row(conn, key_id)
-            await self._audit_key(conn, "key.rotate", now, actor, before, after)
+            await self._audit_change(conn, "key.rotate", now, actor, before, after)
             return after, await self._invalidation(conn, old)
 
     # -- usage and audit -------------------------------------------------------------------

@@ -76,7 +76,7 @@ class LimitQueries(SQLBase):
                 "UPDATE keys SET limits = $1 WHERE id = $2", policy_codec.encode(limits), key_id
             )
             after = await self._key_row(conn, key_id)
-            await self._audit_key(conn, "key.limits", now, actor, before, after)
+            await self._audit_change(conn, "key.limits", now, actor, before, after)
             return after, await self._invalidation(conn, await self._digests(conn, "id", key_id))
 
     async def set_principal_limits(
@@ -90,7 +90,7 @@ class LimitQueries(SQLBase):
                 "UPDATE principals SET limits = $1 WHERE id = $2", policy_codec.encode(limits), pid
             )
             after = await self._principal(conn, pid)
-            await self._audit_principal(conn, "principal.limits", now, actor, before, after)
+            await self._audit_change(conn, "principal.limits", now, actor, before, after)
             return after, await self._invalidation(conn, await self._digests(conn, "principal_id", pid))
 
     # -- credits ---------------------------------------------------------------------------

@@ -47,7 +47,7 @@ class PrincipalQueries(SQLBase):
             )
             await self._write_grants(conn, principal.id, principal.grants, principal.roles)
             created = await self._principal(conn, principal.id)
-            await self._audit_principal(conn, "principal.create", principal.created_at, actor, None, created)
+            await self._audit_change(conn, "principal.create", principal.created_at, actor, None, created)
             return created
 
     async def get_principal(self, ref: str) -> Principal:
