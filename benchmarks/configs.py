@@ -204,9 +204,12 @@ def keystile_config(
     for prefix, auth in (("/open", "none"), ("/", "required")):
         lines += ["", "[[routes]]", f"prefix = {_toml(prefix)}", f"upstream = {_toml(upstream)}"]
         lines.append(f"auth = {_toml(auth)}")
-    if limited_route:  # the `limited` scenarios: the same upstream behind a limit no run can reach
+    if limited_route:
+        # The `limited` scenarios: a route behind a limit no run can reach, and its twin without
+        # one (a prefix of the same length, so only the limit differs).
         lines += ["", "[[routes]]", 'prefix = "/limited"', f"upstream = {_toml(upstream)}"]
         lines.append('limits = [{ name = "never", limit = 1000000000, window = "1d" }]')
+        lines += ["", "[[routes]]", 'prefix = "/nolimit"', f"upstream = {_toml(upstream)}"]
     conf = tmp / f"{name}.toml"
     conf.write_text("\n".join(lines) + "\n")
     return conf
