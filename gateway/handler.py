@@ -151,7 +151,7 @@ class ProxyHandler:
             return errors.NO_ROUTE.response()
         seen.route = route.name
         ident = None
-        extra: tuple[tuple[str, str], ...] = ()
+        extra = b""  # header lines Keystile adds to the answer (the RateLimit fields)
         if route.auth != "none" and not (route.auth == "optional" and presented.key is None):
             # No await on an in-process answer.
             known = self.auth.check(presented.key, route.scopes, key_memory(request))
@@ -181,7 +181,7 @@ class ProxyHandler:
                 admitted = self.limits.admit_now(route, ident)  # in-process: no await
                 if admitted is None:
                     admitted = await self.limits.admit(route, ident)
-                if not isinstance(admitted, tuple):  # the key passed: its auth outcome stays "ok"
+                if not isinstance(admitted, bytes):  # the key passed: its auth outcome stays "ok"
                     return admitted
                 extra = admitted
         if request.headers.get("Expect", "").lower() == "100-continue":

@@ -55,6 +55,16 @@ def status_tail(status: int, reason: str | None = None) -> bytes:
     return b"%d %b\r\n" % (status, reason.encode("utf-8", "surrogateescape"))
 
 
+def header_pairs(lines: bytes) -> list[tuple[str, str]]:
+    """Header lines (each ending CRLF) as (name, value) pairs, for aiohttp's own responses."""
+    out = []
+    for line in lines.decode("latin-1").split("\r\n"):
+        if line:
+            name, _, value = line.partition(": ")
+            out.append((name, value))
+    return out
+
+
 class RawResponse:
     """A finished response: status line tail, header block (each line ending CRLF, without
     ``Connection``), body. ``add_date``: prepend ``Date`` (the block has none)."""
@@ -69,9 +79,9 @@ class RawResponse:
         self._add_date = add_date
         self.keep_alive = False
 
-    def add_headers(self, headers: tuple[tuple[str, str], ...]) -> None:
-        """Append header lines Keystile built itself (names and values free of CR, LF, NUL)."""
-        self._headers += "".join(f"{k}: {v}\r\n" for k, v in headers).encode("latin-1")
+    def add_lines(self, lines: bytes) -> None:
+        """Append header lines Keystile built itself (each ending CRLF, free of other CR, LF, NUL)."""
+        self._headers += lines
 
     async def prepare(self, request: web.BaseRequest) -> None:
         keep = self.keep_alive = request.keep_alive

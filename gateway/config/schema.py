@@ -226,6 +226,9 @@ class LimitsConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=Tr
     max_local_buckets: Count = 100_000
     # Seconds between credit writes to the store, and between checks for due refills.
     credits_flush_interval: Seconds = 1.0
+    # With Redis: seconds a busy key may spend units Redis granted it ahead without a round trip
+    # (0: every request decided in Redis). Adds at most ceil(lease * limit / window) per span.
+    lease: Annotated[float, Meta(ge=0, le=1)] = 0.02
 
 
 class RouteConfig(_Section, frozen=True, forbid_unknown_fields=True, kw_only=True):

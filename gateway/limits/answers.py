@@ -50,6 +50,11 @@ def fields(v: Verdict) -> Headers:
     return (("RateLimit-Policy", policy_field(policies)), ("RateLimit", state))
 
 
+def lines(v: Verdict) -> bytes:
+    """Both fields as header lines (each ending CRLF), as an accepted request's response adds them."""
+    return "".join(f"{k}: {v}\r\n" for k, v in fields(v)).encode("latin-1")
+
+
 def refused(v: Verdict, with_fields: bool) -> RawResponse:
     """429 for a request a policy refused: ``Retry-After`` (whole seconds, at least 1)."""
     assert v.refused is not None

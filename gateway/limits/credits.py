@@ -32,8 +32,7 @@ from gateway.store import Store
 from gateway.wire import RawResponse
 
 if TYPE_CHECKING:
-    from gateway.limits.answers import Headers
-    from gateway.limits.gate import LimitGate
+    from gateway.limits.gate import Fields, LimitGate
 
 log = logging.getLogger("keystile.limits")
 
@@ -73,7 +72,7 @@ class Credits:
 
     async def spend(
         self, gate: LimitGate, bs: list[Bucket], ident: IdentityRecord, cost: int
-    ) -> RawResponse | Headers:
+    ) -> RawResponse | Fields:
         owned = counters(ident)
         now = self._now()
         if gate.redis is None:
@@ -95,7 +94,7 @@ class Credits:
             o, _ = owned[reply.index - 1]
             return answers.no_credits("key" if o == ident.key_id else "principal", None, ())
         answer = gate.answer(reply.verdict)
-        if isinstance(answer, tuple):
+        if isinstance(answer, bytes):
             for c in owned:
                 self.pending[c] += cost
         return answer
@@ -108,7 +107,7 @@ class Credits:
         owned: Sequence[tuple[str, int]],
         cost: int,
         now: float,
-    ) -> RawResponse | Headers:
+    ) -> RawResponse | Fields:
         local = self.local
         for c in owned:
             if c not in local:
@@ -121,8 +120,8 @@ class Credits:
             if local[c] < cost:
                 self.refused += 1
                 return answers.no_credits("key" if c[0] == ident.key_id else "principal", None, ())
-        answer: RawResponse | Headers = gate.answer(gate.local.admit(bs, now)) if bs else ()
-        if isinstance(answer, tuple):
+        answer: RawResponse | Fields = gate.answer(gate.local.admit(bs, now)) if bs else b""
+        if isinstance(answer, bytes):
             for c in owned:
                 local[c] -= cost
                 self.pending[c] += cost

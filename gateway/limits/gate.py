@@ -8,6 +8,16 @@ Redis outage can never let an invalid key through), look anything up in the stor
 
 A request on a route without limits, by a key without limits or credits, never reaches this
 module: the handler tests three attributes first.
+
+Leases (Redis only, ``limits.lease`` seconds, 0 turns them off): a plan that is busy (at least
+``LEASE_MIN`` requests since it last asked) asks, with its next decision, for as many units as it
+saw requests, at most ``LEASE_MAX``. The script grants them only while every bucket keeps at least
+half its quota, so near a limit every request is decided in Redis, one by one. The process then
+accepts that many requests of the plan without a round trip, until the lease expires; units left
+at expiry go back with the plan's next decision. Nothing is admitted that Redis did not grant: the
+bound this adds is that a unit granted at ``t`` may be used up to ``t + lease``, so over any span
+at most ``ceil(lease * limit / window)`` more pass than GCRA alone would let through (README
+"Limits"). A lease also outlives a Redis outage by at most ``lease`` seconds.
 """
 
 from __future__ import annotations
@@ -21,7 +31,6 @@ from typing import TYPE_CHECKING, Final
 from gateway import errors
 from gateway.clock import SYSTEM, Clock
 from gateway.limits import answers
-from gateway.limits.answers import Headers
 from gateway.limits.gcra import EPSILON, Bucket, LocalState, Verdict, left
 from gateway.limits.policy import Policy
 from gateway.limits.redis_state import LimiterUnavailable, RedisState
@@ -35,7 +44,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("keystile.limits")
 
-NO_FIELDS: Final[Headers] = ()
+# What an accepted request adds to its response: header lines, each ending CRLF ("" for none).
+Fields = bytes
+NO_FIELDS: Final[Fields] = b""
+# A plan asks for a lease once it saw this many requests since it last asked, for at most this many units.
+LEASE_MIN: Final = 4
+LEASE_MAX: Final = 1024
 
 
 def owner_buckets(scope: str, owner: str, policies: tuple[Policy, ...]) -> list[Bucket]:
@@ -59,20 +73,71 @@ def buckets(route: Route, ident: IdentityRecord) -> list[Bucket]:
 
 class Plan:
     """What a request by one identity on one route fills, worked out once and reused while that
-    identity record is the one the cache holds: the buckets, the ``RateLimit-Policy`` value and
-    the ``RateLimit`` item of each policy (formatted with what is left)."""
+    identity record is the one the cache holds: the buckets, the bytes of both RateLimit fields
+    with only the numbers left to fill in, and (Redis) the plan's lease."""
 
-    __slots__ = ("buckets", "formats", "ident", "interval", "policy_field", "redis")
+    __slots__ = (
+        "asking",
+        "buckets",
+        "demand",
+        "ident",
+        "interval",
+        "intervals",
+        "lease_left",
+        "lease_tats",
+        "lease_until",
+        "redis",
+        "state_format",
+    )
 
     def __init__(self, route: Route, ident: IdentityRecord) -> None:
         self.ident = ident
-        self.buckets = buckets(route, ident)
-        self.policy_field = answers.policy_field([b.policy for b in self.buckets])
-        self.formats = [f'"{b.policy.name}";r=%d;t=%d' for b in self.buckets]
-        self.redis: tuple[list[bytes], list[bytes]] | None = None  # the script's arguments
+        bs = self.buckets = buckets(route, ident)
+        # "RateLimit-Policy: ...\r\nRateLimit: "name";r=%d;t=%d, ...\r\n" (names are tokens: no '%')
+        head = (
+            b"RateLimit-Policy: " + answers.policy_field([b.policy for b in bs]).encode() + b"\r\nRateLimit: "
+        )
+        items = b", ".join([b'"%s";r=%%d;t=%%d' % b.policy.name.encode() for b in bs])
+        self.state_format = head + items + b"\r\n"
+        self.intervals = [b.policy.window / b.policy.limit for b in bs]
         # One bucket (the common case): its spacing, for the in-process fast path; else 0.
-        p = self.buckets[0].policy if len(self.buckets) == 1 else None
-        self.interval = 0.0 if p is None else p.window / p.limit
+        self.interval = self.intervals[0] if len(bs) == 1 else 0.0
+        self.redis: tuple[list[bytes], list[bytes]] | None = None  # the script's arguments
+        # The lease (Redis): units left, usable until, each bucket's tat in Redis after it.
+        self.lease_left = 0
+        self.lease_until = 0.0
+        self.lease_tats: list[float] = []
+        self.asking = False  # a request of this plan is asking for a lease
+        self.demand = 0  # requests since the plan last asked
+
+    def take_lease(self, old: Plan) -> None:
+        """Carry ``old``'s lease over when the identity record changed but its buckets did not."""
+        if old.lease_left and [b.key for b in old.buckets] == [b.key for b in self.buckets]:
+            self.lease_left, self.lease_until, self.lease_tats = (
+                old.lease_left,
+                old.lease_until,
+                old.lease_tats,
+            )
+            old.lease_left = 0
+
+    def fields(self, tats: Sequence[float], now: float) -> Fields:
+        """Both fields, given each bucket's tat (at least ``now``)."""
+        vals: list[int] = []
+        for tat, b in zip(tats, self.buckets, strict=True):
+            p = b.policy
+            n = int((now + p.window - tat) * p.limit / p.window + EPSILON)
+            vals += (n if n > 0 else 0, math.ceil(tat - now - EPSILON))
+        return self.state_format % tuple(vals)
+
+    def lease_fields(self, now: float) -> Fields:
+        """The fields of a request accepted on the lease: each bucket as if the units still
+        leased were not taken."""
+        left = self.lease_left
+        tats = []
+        for tat, interval in zip(self.lease_tats, self.intervals, strict=True):
+            tat -= left * interval
+            tats.append(tat if tat > now else now)
+        return self.fields(tats, now)
 
 
 MAX_PLANS: Final = 50_000
@@ -97,12 +162,15 @@ class LimitGate:
         self._plans: dict[tuple[str, str], Plan] = {}
         self.unavailable = 0
         self.outages = 0
+        self.leases = 0  # leases granted
+        self.leased = 0  # requests accepted on a lease (without a round trip)
         self._down = False
 
     def configure(self, cfg: LimitsConfig) -> None:
         """A reload's settings (the state, Redis or local, stays)."""
         self.with_fields = cfg.headers
         self.closed = cfg.on_redis_failure == "closed"
+        self.lease_time = cfg.lease
 
     def plan(self, route: Route, ident: IdentityRecord) -> Plan:
         key = (route.name, ident.key_id)
@@ -111,37 +179,45 @@ class LimitGate:
         if plan is None or plan.ident is not ident:
             if len(self._plans) >= MAX_PLANS:
                 self._plans.clear()
-            plan = self._plans[key] = Plan(route, ident)
+            old, plan = plan, Plan(route, ident)
+            if old is not None:
+                plan.take_lease(old)
+            self._plans[key] = plan
         return plan
 
-    def admit_now(self, route: Route, ident: IdentityRecord) -> RawResponse | Headers | None:
-        """The answer of ``admit`` when it needs no waiting: in-process state, no credits to
-        spend. None: call ``admit``. A request that fills one bucket and is accepted takes a
-        shorter path (no verdict object), with the same effect and fields."""
-        if self.redis is not None:
-            return None
+    def admit_now(self, route: Route, ident: IdentityRecord) -> RawResponse | Fields | None:
+        """The answer of ``admit`` when it needs no waiting: in-process state, or a request the
+        plan's lease covers (Redis), no credits to spend. None: call ``admit``."""
         plan = self.plan(route, ident)
         if route.cost and (ident.credits or ident.pool_credits) and self.credits is not None:
             return None
+        if self.redis is not None:
+            plan.demand += 1
+            if plan.lease_left:
+                now = self._now()
+                if now < plan.lease_until:
+                    plan.lease_left -= 1
+                    self.leased += 1
+                    self._accept(plan.buckets)
+                    return plan.lease_fields(now) if self.with_fields else NO_FIELDS
+            return None
         if plan.interval:
+            # One bucket: no verdict object, the same effect and fields (tests/limits/test_fast_path.py).
             now = self._now()
             b = plan.buckets[0]
             tat = self.local.take_one(b, plan.interval, now)
             if tat is not None:
-                self.accepted.append(plan.buckets)
-                if len(self.accepted) >= 4096:
-                    self._count_accepted()
+                self._accept(plan.buckets)
                 if not self.with_fields:
                     return NO_FIELDS
                 p = b.policy
                 n = int((now + p.window - tat) * p.limit / p.window + EPSILON)  # as LocalState.admit
-                state = plan.formats[0] % (n if n > 0 else 0, math.ceil(tat - now - EPSILON))
-                return (("RateLimit-Policy", plan.policy_field), ("RateLimit", state))
+                return plan.state_format % (n if n > 0 else 0, math.ceil(tat - now - EPSILON))
         if not plan.buckets:
             return NO_FIELDS
         return self.answer(self.local.admit(plan.buckets, self._now()), plan)
 
-    async def admit(self, route: Route, ident: IdentityRecord) -> RawResponse | Headers:
+    async def admit(self, route: Route, ident: IdentityRecord) -> RawResponse | Fields:
         """The fields to add to the response, or the refusal to answer instead."""
         plan = self.plan(route, ident)
         bs = plan.buckets
@@ -153,33 +229,51 @@ class LimitGate:
             return NO_FIELDS
         now = self._now()
         if self.redis is None:
-            v = self.local.admit(bs, now)
-        else:
-            if plan.redis is None:
-                plan.redis = self.redis.prepare(bs)
-            try:
-                reply = await self.redis.admit(bs, now, prepared=plan.redis)
-            except LimiterUnavailable as e:
-                return self.failed(bs, e)
-            self.recovered()
-            v = reply.verdict
+            return self.answer(self.local.admit(bs, now), plan)
+        if plan.redis is None:
+            plan.redis = self.redis.prepare(bs)
+        refund = lease = 0
+        if plan.lease_left and now >= plan.lease_until:
+            refund, plan.lease_left = plan.lease_left, 0  # expired: given back with this decision
+        if self.lease_time and not plan.asking and plan.demand >= LEASE_MIN:
+            lease, plan.demand, plan.asking = min(plan.demand, LEASE_MAX), 0, True
+        try:
+            reply = await self.redis.admit(bs, now, prepared=plan.redis, lease=lease, refund=refund)
+        except LimiterUnavailable as e:
+            return self.failed(bs, e)  # a refund lost with it stays taken until the buckets refill
+        finally:
+            if lease:
+                plan.asking = False
+        self.recovered()
+        v = reply.verdict
+        if reply.granted and v.refused is None:
+            self.leases += 1
+            plan.lease_tats = [
+                now + t + reply.granted * i for t, i in zip(v.reset, plan.intervals, strict=True)
+            ]
+            plan.lease_left = reply.granted
+            plan.lease_until = now + self.lease_time
         return self.answer(v, plan)
 
-    def answer(self, v: Verdict, plan: Plan | None = None) -> RawResponse | Headers:
+    def answer(self, v: Verdict, plan: Plan | None = None) -> RawResponse | Fields:
         if v.refused is not None:
             self.decisions[v.refused.policy.name, "refused"] += 1
             return answers.refused(v, self.with_fields)
-        accepted = self.accepted
-        accepted.append(v.buckets)  # counted by policy in batches (metrics read, or when many)
-        if len(accepted) >= 4096:
-            self._count_accepted()
+        self._accept(v.buckets)
         if not self.with_fields or not v.buckets:
             return NO_FIELDS
         if plan is None:
-            return answers.fields(v)
-        parts = zip(plan.formats, v.remaining, v.reset, strict=True)
-        state = ", ".join([f % (r, math.ceil(t - EPSILON)) for f, r, t in parts])
-        return (("RateLimit-Policy", plan.policy_field), ("RateLimit", state))
+            return answers.lines(v)
+        vals: list[int] = []
+        for r, t in zip(v.remaining, v.reset, strict=True):
+            vals += (r, math.ceil(t - EPSILON))
+        return plan.state_format % tuple(vals)
+
+    def _accept(self, bs: Sequence[Bucket]) -> None:
+        accepted = self.accepted
+        accepted.append(bs)  # counted by policy in batches (metrics read, or when many)
+        if len(accepted) >= 4096:
+            self._count_accepted()
 
     def _count_accepted(self) -> None:
         batch, self.accepted = self.accepted, []
@@ -188,7 +282,7 @@ class LimitGate:
             for b in bs:
                 count[b.policy.name, "accepted"] += 1
 
-    def failed(self, bs: list[Bucket], e: Exception) -> RawResponse | Headers:
+    def failed(self, bs: list[Bucket], e: Exception) -> RawResponse | Fields:
         """Redis could not decide: the failure policy's answer."""
         self.unavailable += 1
         for b in bs:
@@ -233,6 +327,16 @@ class LimitGate:
                     "keystile_limit_round_trip_seconds",
                     "Time spent in limiter round trips to Redis.",
                     [({}, r.round_trip_seconds)],
+                )
+            )
+            out.append(
+                ("keystile_limit_leases", "Leases Redis granted this process.", [({}, float(self.leases))])
+            )
+            out.append(
+                (
+                    "keystile_limit_leased_decisions",
+                    "Requests accepted on a lease, without a round trip to Redis.",
+                    [({}, float(self.leased))],
                 )
             )
         c = self.credits

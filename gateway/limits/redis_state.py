@@ -30,20 +30,25 @@ from gateway.limits.gcra import Bucket, Verdict
 log = logging.getLogger("keystile.limits")
 
 # KEYS: the policies' buckets, then the credit counters. ARGV: now (ms), the number of policy
-# buckets, the credit cost, then per policy its window (ms) and limit.
+# buckets, the credit cost, the units of lease asked for, the units of an expired lease given back,
+# then per policy its window (ms) and limit.
 # Reply: {code, wait ms, index of the refusing bucket or missing counter (1-based, 0 none),
-#         per policy: units left, ms until full; per counter: credits left}
+#         units of lease granted, per policy: units left, ms until full (after this request, the
+#         lease not counted); per counter: credits left}
 # code 0 accepted, 1 refused by a policy, 2 refused for credits, 3 a counter is not in Redis.
+# A lease is granted only to an accepted request and never takes a bucket below half its quota.
 SCRIPT: Final = b"""
 local now = tonumber(ARGV[1])
 local npol = tonumber(ARGV[2])
 local cost = tonumber(ARGV[3])
+local lease = tonumber(ARGV[4])
+local refund = tonumber(ARGV[5])
 local tats, news = {}, {}
 local code, wait, which = 0, 0, 0
 for i = 1, npol do
-  local w = tonumber(ARGV[2 + 2 * i])
-  local q = tonumber(ARGV[3 + 2 * i])
-  local tat = tonumber(redis.call('GET', KEYS[i]) or now)
+  local w = tonumber(ARGV[4 + 2 * i])
+  local q = tonumber(ARGV[5 + 2 * i])
+  local tat = tonumber(redis.call('GET', KEYS[i]) or now) - refund * w / q
   if tat < now then tat = now end
   local new = tat + w / q
   tats[i], news[i] = tat, new
@@ -60,14 +65,26 @@ for j = npol + 1, #KEYS do
   credits[j - npol] = c
   if code == 0 and c < cost then code, which = 2, j - npol end
 end
-local out = {code, math.ceil(wait), which}
+local granted = 0
+if code == 0 and lease > 0 then
+  granted = lease
+  for i = 1, npol do
+    local w = tonumber(ARGV[4 + 2 * i])
+    local q = tonumber(ARGV[5 + 2 * i])
+    local spare = math.floor((now + w - news[i]) * q / w + 0.000001) - math.ceil(q / 2)
+    if spare < granted then granted = spare end
+  end
+  if granted < 0 then granted = 0 end
+end
+local out = {code, math.ceil(wait), which, granted}
 for i = 1, npol do
-  local w = tonumber(ARGV[2 + 2 * i])
-  local q = tonumber(ARGV[3 + 2 * i])
+  local w = tonumber(ARGV[4 + 2 * i])
+  local q = tonumber(ARGV[5 + 2 * i])
   local tat = tats[i]
-  if code == 0 then
-    tat = news[i]
-    redis.call('SET', KEYS[i], string.format('%.3f', tat), 'PX', math.max(1, math.ceil(tat - now)))
+  if code == 0 then tat = news[i] end
+  if code == 0 or refund > 0 then
+    local keep = tat + granted * w / q
+    redis.call('SET', KEYS[i], string.format('%.3f', keep), 'PX', math.max(1, math.ceil(keep - now)))
   end
   out[#out + 1] = math.max(0, math.min(q, math.floor((now + w - tat) * q / w + 0.000001)))
   out[#out + 1] = math.ceil(tat - now)
@@ -94,13 +111,16 @@ class LimiterUnavailable(Exception):
 class RedisReply:
     """The script's answer for one request, decoded."""
 
-    __slots__ = ("code", "credits", "index", "verdict")
+    __slots__ = ("code", "credits", "granted", "index", "verdict")
 
-    def __init__(self, code: int, index: int, verdict: Verdict, credits: Sequence[int]) -> None:
+    def __init__(
+        self, code: int, index: int, verdict: Verdict, credits: Sequence[int], granted: int = 0
+    ) -> None:
         self.code = code
         self.index = index
         self.verdict = verdict
         self.credits = credits
+        self.granted = granted  # units of lease granted beyond this request
 
 
 class _Pending:
@@ -152,8 +172,12 @@ class RedisState:
         credit_keys: Sequence[str] = (),
         cost: int = 0,
         prepared: tuple[list[bytes], list[bytes]] | None = None,
+        lease: int = 0,
+        refund: int = 0,
     ) -> asyncio.Future[RedisReply]:
-        """The decision for one request, sent with the rest of this turn's."""
+        """The decision for one request, sent with the rest of this turn's. ``lease``: units to
+        reserve beyond it for this process (``RedisReply.granted`` says how many it got);
+        ``refund``: units of an expired lease this process did not use, given back first."""
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[RedisReply] = loop.create_future()
         if not self.breaker.allow():
@@ -162,7 +186,14 @@ class RedisState:
         keys, tail = prepared if prepared is not None else self.prepare(buckets)
         if credit_keys:
             keys = keys + [(self.credit_prefix + c).encode() for c in credit_keys]
-        args = [str(int(now * 1000)).encode(), str(len(buckets)).encode(), str(cost).encode(), *tail]
+        args = [
+            str(int(now * 1000)).encode(),
+            str(len(buckets)).encode(),
+            str(cost).encode(),
+            str(lease).encode(),
+            str(refund).encode(),
+            *tail,
+        ]
         if not self._queue:
             loop.call_soon(self._flush)
         self._queue.append(_Pending(buckets, keys, args, fut))
@@ -259,8 +290,9 @@ def _decode(buckets: Sequence[Bucket], r: list[int]) -> RedisReply:
     if code == UNSEEDED:
         return RedisReply(code, index, Verdict(buckets, None, 0.0, (), ()), ())
     n = len(buckets)
-    remaining = [int(r[3 + 2 * i]) for i in range(n)]
-    reset = [int(r[4 + 2 * i]) / 1000 for i in range(n)]
-    credits = [int(x) for x in r[3 + 2 * n :]]
+    remaining = [int(r[4 + 2 * i]) for i in range(n)]
+    reset = [int(r[5 + 2 * i]) / 1000 for i in range(n)]
+    credits = [int(x) for x in r[4 + 2 * n :]]
     refused = buckets[index - 1] if code == LIMITED else None
-    return RedisReply(code, index, Verdict(buckets, refused, wait_ms / 1000, remaining, reset), credits)
+    verdict = Verdict(buckets, refused, wait_ms / 1000, remaining, reset)
+    return RedisReply(code, index, verdict, credits, int(r[3]))

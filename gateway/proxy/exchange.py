@@ -118,11 +118,11 @@ class Forwarder:
         headers: list[tuple[str, str]],
         ident: IdentityRecord | None,
         strip_query_key: bool,
-        extra: tuple[tuple[str, str], ...] = (),
+        extra: bytes = b"",
     ) -> tuple[wire.Answer, int]:
         """Send the request upstream and stream the answer back; returns (response, upstream status).
-        ``extra``: headers Keystile adds to the client's answer (the RateLimit fields), after the
-        upstream's.
+        ``extra``: header lines Keystile adds to the client's answer (the RateLimit fields, each
+        line ending CRLF), after the upstream's.
 
         Raises UpstreamFailure when nothing has been sent to the client yet.
         """
@@ -165,7 +165,7 @@ class Forwarder:
         if conn.complete:
             answer = self._complete_answer(pool, conn, pump, method == "HEAD")
             if extra:
-                answer.add_headers(extra)
+                answer.add_lines(extra)
             return answer, status
         return await self._streamed_answer(request, route, pool, conn, pump, extra), status
 
@@ -212,7 +212,7 @@ class Forwarder:
         pool: Pool,
         conn: Connection,
         pump: asyncio.Task[None] | None,
-        extra: tuple[tuple[str, str], ...] = (),
+        extra: bytes = b"",
     ) -> web.StreamResponse:
         """The head now, the body as it arrives. Once the head is sent a failure can only cut the
         connection, so the client sees a truncated body rather than a clean end."""
@@ -222,7 +222,7 @@ class Forwarder:
             reason = heads.reason(conn.reason)
             hdrs = heads.client_headers(conn.headers)
             if extra:
-                hdrs.extend(extra)
+                hdrs.extend(wire.header_pairs(extra))
             try:
                 out = web.StreamResponse(status=conn.status, reason=reason, headers=hdrs)
                 await out.prepare(request)

@@ -27,7 +27,7 @@ class Route:
         self.limits = (policy,)
 
 
-def general(gate: LimitGate, route: Route) -> RawResponse | tuple[tuple[str, str], ...]:
+def general(gate: LimitGate, route: Route) -> RawResponse | bytes:
     plan = gate.plan(route, IDENT)  # type: ignore[arg-type]
     return gate.answer(gate.local.admit(plan.buckets, gate._now()), plan)
 
@@ -45,7 +45,9 @@ def shape(answer: object) -> object:
     steps=st.lists(st.floats(0, 3, allow_nan=False), min_size=1, max_size=80),
     headers=st.booleans(),
 )
-def test_the_fast_path_answers_as_the_general_one(limit: int, window: float, steps: list[float], headers: bool) -> None:
+def test_the_fast_path_answers_as_the_general_one(
+    limit: int, window: float, steps: list[float], headers: bool
+) -> None:
     route = Route(Policy("burst", limit, window))
     fast_clock, slow_clock = ManualClock(), ManualClock()
     cfg = LimitsConfig(headers=headers)

@@ -163,3 +163,5 @@ async def test_two_instances_share_one_limit_exactly(
     assert statuses.count(200) == 50
     assert statuses.count(429) == 150
     assert len([r for r in upstream.received if r.raw_path.startswith("/limited")]) == 50
+    # ...with leases in play (each instance spent units Redis granted it ahead): still exact.
+    assert a.gateway.limits.leased + b.gateway.limits.leased > 0
