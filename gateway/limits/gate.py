@@ -77,6 +77,7 @@ class Plan:
     with only the numbers left to fill in, and (Redis) the plan's lease."""
 
     __slots__ = (
+        "accepted",
         "asking",
         "buckets",
         "demand",
@@ -109,6 +110,7 @@ class Plan:
         self.lease_tats: list[float] = []
         self.asking = False  # a request of this plan is asking for a lease
         self.demand = 0  # requests since the plan last asked
+        self.accepted = 0  # requests accepted, not yet counted by policy (LimitGate.decisions)
 
     def take_lease(self, old: Plan) -> None:
         """Carry ``old``'s lease over when the identity record changed but its buckets did not."""
@@ -158,8 +160,10 @@ class LimitGate:
         self.configure(cfg)
         # (policy, outcome) -> requests; outcomes: accepted, refused, unavailable
         self.decisions: Counter[tuple[str, str]] = Counter()
-        self.accepted: list[Sequence[Bucket]] = []
-        self._plans: dict[tuple[str, str], Plan] = {}
+        # route name -> key id -> plan (two lookups of strings that cache their hash: cheaper
+        # than building a tuple key per request)
+        self._plans: dict[str, dict[str, Plan]] = {}
+        self._plan_count = 0
         self.unavailable = 0
         self.outages = 0
         self.leases = 0  # leases granted
@@ -173,17 +177,30 @@ class LimitGate:
         self.lease_time = cfg.lease
 
     def plan(self, route: Route, ident: IdentityRecord) -> Plan:
-        key = (route.name, ident.key_id)
-        plan = self._plans.get(key)
+        per_route = self._plans.get(route.name)
+        plan = None if per_route is None else per_route.get(ident.key_id)
         # ``is``: a changed key (new limits, a new credit epoch) is a new record.
         if plan is None or plan.ident is not ident:
-            if len(self._plans) >= MAX_PLANS:
-                self._plans.clear()
-            old, plan = plan, Plan(route, ident)
-            if old is not None:
-                plan.take_lease(old)
-            self._plans[key] = plan
+            plan = self._new_plan(route, ident, plan)
         return plan
+
+    def _new_plan(self, route: Route, ident: IdentityRecord, old: Plan | None) -> Plan:
+        if self._plan_count >= MAX_PLANS:
+            self._count_accepted()
+            self._plans.clear()
+            self._plan_count = 0
+            old = None
+        plan = Plan(route, ident)
+        if old is not None:
+            plan.take_lease(old)
+            self._count_plan(old)
+        else:
+            self._plan_count += 1
+        self._plans.setdefault(route.name, {})[ident.key_id] = plan
+        return plan
+
+    def plans(self) -> list[Plan]:
+        return [p for per_route in self._plans.values() for p in per_route.values()]
 
     def admit_now(self, route: Route, ident: IdentityRecord) -> RawResponse | Fields | None:
         """The answer of ``admit`` when it needs no waiting: in-process state, or a request the
@@ -198,7 +215,7 @@ class LimitGate:
                 if now < plan.lease_until:
                     plan.lease_left -= 1
                     self.leased += 1
-                    self._accept(plan.buckets)
+                    plan.accepted += 1
                     return plan.lease_fields(now) if self.with_fields else NO_FIELDS
             return None
         if plan.interval:
@@ -207,7 +224,7 @@ class LimitGate:
             b = plan.buckets[0]
             tat = self.local.take_one(b, plan.interval, now)
             if tat is not None:
-                self._accept(plan.buckets)
+                plan.accepted += 1
                 if not self.with_fields:
                     return NO_FIELDS
                 p = b.policy
@@ -259,7 +276,11 @@ class LimitGate:
         if v.refused is not None:
             self.decisions[v.refused.policy.name, "refused"] += 1
             return answers.refused(v, self.with_fields)
-        self._accept(v.buckets)
+        if plan is not None:
+            plan.accepted += 1
+        else:
+            for b in v.buckets:
+                self.decisions[b.policy.name, "accepted"] += 1
         if not self.with_fields or not v.buckets:
             return NO_FIELDS
         if plan is None:
@@ -269,18 +290,18 @@ class LimitGate:
             vals += (r, math.ceil(t - EPSILON))
         return plan.state_format % tuple(vals)
 
-    def _accept(self, bs: Sequence[Bucket]) -> None:
-        accepted = self.accepted
-        accepted.append(bs)  # counted by policy in batches (metrics read, or when many)
-        if len(accepted) >= 4096:
-            self._count_accepted()
+    def _count_plan(self, plan: Plan) -> None:
+        n, plan.accepted = plan.accepted, 0
+        if n:
+            for b in plan.buckets:
+                self.decisions[b.policy.name, "accepted"] += n
 
     def _count_accepted(self) -> None:
-        batch, self.accepted = self.accepted, []
-        count = self.decisions
-        for bs in batch:
-            for b in bs:
-                count[b.policy.name, "accepted"] += 1
+        """Fold the plans' accepted requests into ``decisions`` (when metrics are read)."""
+        for per_route in self._plans.values():
+            for plan in per_route.values():
+                if plan.accepted:
+                    self._count_plan(plan)
 
     def failed(self, bs: list[Bucket], e: Exception) -> RawResponse | Fields:
         """Redis could not decide: the failure policy's answer."""

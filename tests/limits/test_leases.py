@@ -48,7 +48,7 @@ async def test_a_busy_key_is_decided_on_leases_with_exact_fields(
         assert gate.leased > 200 and trips < 100  # most requests never waited for Redis
 
         # A lease expires: what it did not use goes back with the next decision.
-        left = max(p.lease_left for p in gate._plans.values())
+        left = max(p.lease_left for p in gate.plans())
         assert left > 0
         clock.advance(0.05)
         assert await _remaining(s, ks.url, key) == (200, 699)
@@ -66,7 +66,7 @@ async def test_near_the_limit_every_request_is_decided_in_redis(
     assert seen[:40] == [(200, 39 - i) for i in range(40)]
     assert [st for st, _ in seen[40:]] == [429] * 20
     # Leases were granted while more than half the quota was left, never after.
-    plans = list(ks.gateway.limits._plans.values())
+    plans = ks.gateway.limits.plans()
     assert ks.gateway.limits.leased > 0 and all(p.lease_left == 0 for p in plans)
     assert len(upstream.received) == 40
 
