@@ -254,6 +254,10 @@ class Bench:
             self.stores[count] = seed.seeded_store(self.cache, count, self.secret)
         return self.stores[count]
 
+    def _base_has_limits(self) -> bool:
+        """A baseline may predate rate limits (then its servers get no ``/limited`` route)."""
+        return self.baseline is not None and (self.baseline / "gateway" / "limits").is_dir()
+
     def base_store(self, count: int) -> Path:
         """The seeded store for the baseline's servers, built by the baseline's own code (its
         migrations may be older than this checkout's); the same keys as ``store``."""
@@ -388,7 +392,7 @@ class Bench:
             redis_url=self.args.redis_url if tier not in ("store", "inproc") and self.redis_ok else "",
             local_ttl=0.0 if tier in ("redis", "store") else None,
             redis_namespace=self.redis_namespace,
-            limited_route=not base,  # a baseline may predate rate limits
+            limited_route=not base or self._base_has_limits(),
         )
         env = {k: v for k, v in os.environ.items() if not k.startswith("KEYSTILE_")}
         env["KEYSTILE_KEY_HASH_SECRET"] = self.secret

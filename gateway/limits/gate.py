@@ -135,6 +135,13 @@ class Plan:
         """The fields of a request accepted on the lease: each bucket as if the units still
         leased were not taken."""
         left = self.lease_left
+        if self.interval:  # one bucket: as ``fields``, without the lists
+            p = self.buckets[0].policy
+            tat = self.lease_tats[0] - left * self.interval
+            if tat < now:
+                tat = now
+            n = int((now + p.window - tat) * p.limit / p.window + EPSILON)
+            return self.state_format % (n if n > 0 else 0, math.ceil(tat - now - EPSILON))
         tats = []
         for tat, interval in zip(self.lease_tats, self.intervals, strict=True):
             tat -= left * interval

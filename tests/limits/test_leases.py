@@ -86,3 +86,22 @@ async def test_lease_zero_decides_every_request_in_redis(
     assert seen == [(200, 999 - i) for i in range(50)]
     gate = ks.gateway.limits
     assert gate.leased == 0 and gate.redis is not None and gate.redis.round_trips >= 50
+
+
+async def test_leases_over_two_policies_keep_both_counts_exact(
+    keystile: GatewayFactory, upstream: RecordingUpstream, private_redis: RedisServer
+) -> None:
+    limits = [{"name": "q", "limit": 1000, "window": "1h"}, {"name": "d", "limit": 5000, "window": "1d"}]
+    routes = [{"prefix": "/limited", "upstream": upstream.url, "limits": limits}]
+    ks = await keystile(routes=routes, redis={"url": private_redis.url}, clock=ManualClock())
+    key = await ks.key()
+    async with aiohttp.ClientSession() as s:
+        fields = []
+        for _ in range(200):
+            async with s.get(ks.url + "/limited/x", headers={"X-API-Key": key}) as r:
+                await r.read()
+                fields.append(r.headers["RateLimit"])
+    assert ks.gateway.limits.leased > 100
+    pattern = re.compile(r'"q";r=(\d+);t=\d+, "d";r=(\d+);t=\d+')
+    got = [tuple(int(x) for x in pattern.fullmatch(f).groups()) for f in fields]  # type: ignore[union-attr]
+    assert got == [(999 - i, 4999 - i) for i in range(200)]
