@@ -88,11 +88,13 @@ class Plan:
         "lease_tats",
         "lease_until",
         "redis",
+        "route",
         "state_format",
     )
 
     def __init__(self, route: Route, ident: IdentityRecord) -> None:
         self.ident = ident
+        self.route = route
         bs = self.buckets = buckets(route, ident)
         # "RateLimit-Policy: ...\r\nRateLimit: "name";r=%d;t=%d, ...\r\n" (names are tokens: no '%')
         head = (
@@ -186,8 +188,9 @@ class LimitGate:
     def plan(self, route: Route, ident: IdentityRecord) -> Plan:
         per_route = self._plans.get(route.name)
         plan = None if per_route is None else per_route.get(ident.key_id)
-        # ``is``: a changed key (new limits, a new credit epoch) is a new record.
-        if plan is None or plan.ident is not ident:
+        # ``is``: a changed key (new limits, a new credit epoch) is a new record, and a reload
+        # makes new routes (perhaps with other limits).
+        if plan is None or plan.ident is not ident or plan.route is not route:
             plan = self._new_plan(route, ident, plan)
         return plan
 

@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import msgspec
 import pytest
 
+from gateway.config import LimitConfig
 from tests.conftest import ADMIN_TOKEN, GatewayFactory
 from tests.servers import RedisServer
 from tests.upstream import RecordingUpstream
@@ -165,3 +167,20 @@ async def test_two_instances_share_one_limit_exactly(
     assert len([r for r in upstream.received if r.raw_path.startswith("/limited")]) == 50
     # ...with leases in play (each instance spent units Redis granted it ahead): still exact.
     assert a.gateway.limits.leased + b.gateway.limits.leased > 0
+
+
+async def test_a_reload_that_changes_a_routes_limit_applies_it_to_keys_already_seen(
+    keystile: GatewayFactory, upstream: RecordingUpstream
+) -> None:
+    ks = await keystile(routes=_routes(upstream))
+    key = await ks.key()
+    async with aiohttp.ClientSession() as s:
+        first = [(await _get(s, ks.url + "/limited/x", key))[1]["RateLimit"] for _ in range(2)]
+        assert first == ['"burst";r=2;t=20', '"burst";r=1;t=40']
+        bigger = msgspec.convert([{"name": "burst", "limit": 10, "window": 60}], tuple[LimitConfig, ...])
+        routes = tuple(msgspec.structs.replace(r, limits=bigger) if r.limits else r for r in ks.cfg.routes)
+        assert await ks.gateway.reload(msgspec.structs.replace(ks.cfg, routes=routes)) is not None
+        status, fields, _ = await _get(s, ks.url + "/limited/x", key)
+    assert status == 200
+    assert fields["RateLimit-Policy"] == '"burst";q=10;w=60'
+    assert fields["RateLimit"].startswith('"burst";r=9;')
