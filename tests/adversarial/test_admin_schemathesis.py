@@ -121,6 +121,12 @@ def _run(admin_url: str) -> Outcome:
                 },
             },
             "phases": {"stateful": {"max-steps": MAX_STEPS}},
+            # A project's policy always exists: GET shows the values in force, DELETE forgets the
+            # project's stored ones so the config's apply again. A GET after the DELETE answering
+            # 200 is the design, not a deleted resource still served.
+            "operations": [
+                {"include-path": "/v1/projects/{project}/policy", "checks": {"use_after_free": {"enabled": False}}}
+            ],
         }
     )
     schema = schemathesis.openapi.from_url(f"{admin_url}/v1/openapi.json", config=config)
